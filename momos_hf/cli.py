@@ -1,0 +1,93 @@
+"""`momos-hf` command line. With no arguments it runs the demo (the main job on an embedded default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from .config import INITS, SCOPES
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, default=256, help="motifs per dictionary")
+    parser.add_argument("--s", type=int, default=16, help="values per block")
+    parser.add_argument("--scope", choices=SCOPES, default="layer", help="one dictionary per layer or one for all")
+    parser.add_argument("--init", choices=INITS, default="kmeans")
+    parser.add_argument("--kmeans_iters", type=int, default=15)
+    parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="module names (default: attention and MLP projections)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def config_from_args(args: argparse.Namespace):
+    from .config import MoMosConfig
+
+    targets = args.target_modules
+    if targets is not None and len(targets) == 1 and (targets[0] == "all-linear" or not targets[0].isidentifier()):
+        targets = targets[0]  # "all-linear" or a regex
+    return MoMosConfig(
+        k=args.k, s=args.s, motif_scope=args.scope, init=args.init, kmeans_iters=args.kmeans_iters,
+        scale=args.scale, target_modules=targets, seed=args.seed,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(steps=args.steps, k=args.k, s=args.s, scope=args.scope, seed=args.seed, show_layers=args.layers)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .complexity import complexity_report
+    from .demo import tiny_llama
+    from .model import get_momos_model
+
+    if args.model_path is None:
+        model = tiny_llama(args.seed)
+    else:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(args.model_path)
+    mm = get_momos_model(model, config_from_args(args))
+    report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
+    print(report.format(per_layer=not args.totals_only))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(report.to_json())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="convert a small Llama, train it on embedded text, print the report (default)")
+    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--k", type=int, default=256)
+    demo.add_argument("--s", type=int, default=16)
+    demo.add_argument("--scope", choices=SCOPES, default="global")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--layers", action="store_true", help="print the per-layer table")
+    demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser("report", help="convert a local model and print its size/complexity report")
+    report.add_argument("model_path", nargs="?", help="local Hugging Face model folder (default: a small Llama built from a config)")
+    add_fit_arguments(report)
+    report.add_argument("--max_bytes", type=int, default=4 * 2**20, help="bytes of weights given to the compressors and BDM (0: skip)")
+    report.add_argument("--totals_only", action="store_true")
+    report.add_argument("--json", help="also write the report as JSON to this file")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv or ["demo"])
+    try:
+        args.func(args)
+    except ValueError as err:  # configuration and input errors: one clear line, no traceback
+        sys.exit(f"momos-hf: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

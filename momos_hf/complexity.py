@@ -1,0 +1,216 @@
+"""Size, description length and complexity of a MoMos model.
+
+Description length of one dictionary (the paper's bound, `MOMOS.md`):
+    DL = k * s * b_motif + n_blocks * ceil(log2 k)   bits,
+plus the row scales of the layers that have them and every untouched parameter at its storage width.
+Complexity figures are measured on the float32 bytes of the converted layers' weights: lossless
+compression ratios (raw bytes / compressed bytes) and BDM over their sign bits (needs `pybdm`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .fitting import index_bits
+from .layer import MoMosLinear
+
+DEFAULT_MAX_BYTES = 4 * 2**20
+
+
+@dataclass
+class LayerStats:
+    """Size of one MoMos layer. `dictionary_bits` is 0 when the dictionary is shared (counted once in
+    `ComplexityReport.shared_dictionary_bits`)."""
+
+    name: str
+    shape: tuple[int, int]
+    params: int
+    blocks: int
+    k: int
+    s: int
+    mosaic_bits: int
+    dictionary_bits: int
+    scale_bits: int
+    rel_error: Optional[float]
+    usage_entropy: float
+
+    @property
+    def description_length_bits(self) -> int:
+        return self.mosaic_bits + self.dictionary_bits + self.scale_bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.description_length_bits / self.params
+
+
+@dataclass
+class ComplexityReport:
+    """Per-layer and total sizes, and complexity figures of the converted weights."""
+
+    layers: list[LayerStats]
+    shared_dictionary_bits: int
+    other_params: int
+    other_bits: int
+    compression_ratios: dict[str, float] = field(default_factory=dict)
+    measured_bytes: int = 0
+    bdm_bits: Optional[float] = None
+    bdm_sign_bits: int = 0
+
+    @property
+    def converted_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def converted_bits(self) -> int:
+        return sum(layer.description_length_bits for layer in self.layers) + self.shared_dictionary_bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per converted weight, dictionaries and scales included."""
+        return self.converted_bits / self.converted_params
+
+    @property
+    def total_bits(self) -> int:
+        return self.converted_bits + self.other_bits
+
+    def to_dict(self) -> dict:
+        totals = {
+            "converted_params": self.converted_params,
+            "converted_description_length_bits": self.converted_bits,
+            "bits_per_weight": self.bits_per_weight,
+            "ratio_vs_fp32": 32 / self.bits_per_weight,
+            "ratio_vs_fp16": 16 / self.bits_per_weight,
+            "total_params": self.converted_params + self.other_params,
+            "total_description_length_bits": self.total_bits,
+        }
+        layers = [dict(asdict(l), description_length_bits=l.description_length_bits, bits_per_weight=l.bits_per_weight) for l in self.layers]
+        return {**asdict(self), "layers": layers, "totals": totals}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format(self, per_layer: bool = True) -> str:
+        """A plain-text table for the console."""
+        lines = []
+        if per_layer:
+            head = f"{'layer':<44} {'shape':>11} {'k':>6} {'s':>3} {'bits/w':>7} {'DL KiB':>9} {'x fp32':>7} {'x fp16':>7} {'rel.err':>7} {'use H':>6}"
+            lines += [head, "-" * len(head)]
+            for l in self.layers:
+                err = "-" if l.rel_error is None else f"{l.rel_error:.3f}"
+                lines.append(
+                    f"{l.name[-44:]:<44} {l.shape[0]:>5}x{l.shape[1]:<5} {l.k:>6} {l.s:>3} {l.bits_per_weight:>7.3f} "
+                    f"{l.description_length_bits / 8192:>9.1f} {32 / l.bits_per_weight:>7.1f} {16 / l.bits_per_weight:>7.1f} "
+                    f"{err:>7} {l.usage_entropy:>6.2f}"
+                )
+            lines.append("")
+        mib = 8 * 2**20
+        total_params = self.converted_params + self.other_params
+        lines += [
+            f"converted layers     {len(self.layers)} ({self.converted_params:,d} weights, {self.converted_params / total_params:.1%} of parameters)",
+            f"bits per weight      {self.bits_per_weight:.4f} (mosaic, dictionaries and scales)",
+            f"converted size       {self.converted_bits / mib:.3f} MiB = {32 / self.bits_per_weight:.1f}x smaller than fp32, {16 / self.bits_per_weight:.1f}x than fp16",
+            f"whole model          {self.total_bits / mib:.3f} MiB vs {32 * total_params / mib:.3f} MiB fp32 ({32 * total_params / self.total_bits:.2f}x)",
+        ]
+        if self.compression_ratios:
+            ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in self.compression_ratios.items())
+            lines.append(f"lossless compression {ratios} (on {self.measured_bytes / 2**20:.2f} MiB of float32 weights)")
+        if self.bdm_bits is not None:
+            lines.append(f"BDM of sign bits     {self.bdm_bits:,.0f} bits over {self.bdm_sign_bits:,d} signs ({self.bdm_bits / self.bdm_sign_bits:.4f} bits/sign)")
+        return "\n".join(lines)
+
+
+def usage_entropy(mosaic: torch.Tensor, k: int) -> float:
+    """Shannon entropy (bits) of motif use: what an ideal entropy coder spends per mosaic entry."""
+    counts = torch.bincount(mosaic.flatten().long(), minlength=k).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def compression_ratios(data: bytes) -> dict[str, float]:
+    """Raw size / compressed size for gzip, bz2, lzma (level 9) and zstd (level 19, if installed)."""
+    ratios = {
+        "gzip": len(data) / len(gzip.compress(data, compresslevel=9)),
+        "bz2": len(data) / len(bz2.compress(data, compresslevel=9)),
+        "lzma": len(data) / len(lzma.compress(data, preset=9)),
+    }
+    try:
+        import zstandard
+    except ImportError:
+        return ratios
+    ratios["zstd"] = len(data) / len(zstandard.ZstdCompressor(level=19).compress(data))
+    return ratios
+
+
+def bdm_of_signs(values: torch.Tensor) -> Optional[float]:
+    """1-D BDM (bits) of the sign bits of `values`, or `None` when `pybdm` is not installed."""
+    try:
+        with warnings.catch_warnings():  # pybdm imports the deprecated pkg_resources
+            warnings.simplefilter("ignore")
+            from pybdm import BDM
+    except ImportError:  # optional extra: pip install "momos-hf[bdm]"
+        return None
+    signs = (values.flatten() > 0).numpy().astype(np.int64)
+    return float(BDM(ndim=1).bdm(signs))
+
+
+def complexity_report(
+    model: torch.nn.Module,
+    fit_errors: Optional[dict[str, float]] = None,
+    max_bytes: Optional[int] = DEFAULT_MAX_BYTES,
+) -> ComplexityReport:
+    """Report on every `MoMosLinear` of `model` (a `MoMosModel` or its base model).
+
+    `fit_errors` (layer name -> relative error at fit time, as `MoMosModel.fit_errors`) fills the error
+    column. Compressors and BDM read at most `max_bytes` of weights (`None`: all; `0`: skip them).
+    """
+    model = getattr(model, "base_model", model)
+    momos = {name: m for name, m in model.named_modules() if isinstance(m, MoMosLinear)}
+    dictionaries: dict[int, torch.Tensor] = {}
+    for layer in momos.values():
+        dictionaries[id(layer.motifs)] = layer.motifs
+    users = {key: sum(layer.motifs is motifs for layer in momos.values()) for key, motifs in dictionaries.items()}
+    layers = []
+    for name, layer in momos.items():
+        shared = users[id(layer.motifs)] > 1
+        layers.append(
+            LayerStats(
+                name=name,
+                shape=(layer.out_features, layer.in_features),
+                params=layer.out_features * layer.in_features,
+                blocks=layer.mosaic.numel(),
+                k=layer.k,
+                s=layer.s,
+                mosaic_bits=layer.mosaic.numel() * index_bits(layer.k),
+                dictionary_bits=0 if shared else _bits(layer.motifs),
+                scale_bits=0 if layer.scale is None else _bits(layer.scale),
+                rel_error=(fit_errors or {}).get(name),
+                usage_entropy=usage_entropy(layer.mosaic, layer.k),
+            )
+        )
+    shared_bits = sum(_bits(m) for key, m in dictionaries.items() if users[key] > 1)
+    momos_params = {id(p) for layer in momos.values() for p in layer.parameters()}
+    others = [p for p in model.parameters() if id(p) not in momos_params]
+    report = ComplexityReport(layers, shared_bits, sum(p.numel() for p in others), sum(_bits(p) for p in others))
+    if max_bytes != 0 and momos:
+        with torch.no_grad():
+            weights = torch.cat([layer.dense_weight().float().flatten() for layer in momos.values()])
+        if max_bytes is not None:
+            weights = weights[: max_bytes // 4]
+        report.compression_ratios = compression_ratios(weights.numpy().tobytes())
+        report.measured_bytes = weights.numel() * 4
+        report.bdm_bits = bdm_of_signs(weights)
+        report.bdm_sign_bits = weights.numel() if report.bdm_bits is not None else 0
+    return report
+
+
+def _bits(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size() * 8

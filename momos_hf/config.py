@@ -1,0 +1,149 @@
+"""`MoMosConfig`: what to convert and how, validated, with a JSON round trip (PEFT's config shape)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+CONFIG_NAME = "momos_config.json"
+
+INITS = ("sample", "kmeans")
+SCOPES = ("layer", "global")
+MOTIF_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class MoMosConfig:
+    """Settings of a Mosaic-of-Motifs conversion.
+
+    Each target weight matrix `W[out, in]` is cut along `in` into blocks of `s` values; every block is
+    replaced by one of `k` shared motifs. The mosaic costs `ceil(log2 k) / s` bits per weight
+    (`k=256, s=16`: 0.5 bits/weight).
+
+    Args:
+        k: number of motifs per dictionary (default 256). Give `k` or `capacity`, not both.
+        capacity: the paper's fraction of blocks kept as motifs: `k = max(1, min(int(capacity * m), m))`
+            with `m` the number of blocks the dictionary serves.
+        s: block size (values per block).
+        target_modules: which modules to convert. `None` (default): every `nn.Linear` / GPT-2 `Conv1D`
+            inside the model's repeated transformer blocks, i.e. the attention and MLP projections, never
+            the embeddings or the LM head. A list of names matches a module whose full name equals an
+            entry or ends with `"." + entry`; a string is a regular expression matched against full
+            names; `"all-linear"` takes every linear layer except the output embeddings (LM head).
+        motif_scope: `"layer"`: one dictionary per layer; `"global"`: one dictionary shared by all targets,
+            as in the paper.
+        init: `"sample"`: the paper's `k` randomly sampled existing blocks; `"kmeans"`: k-means++ start
+            (random blocks when `k > 4096`) refined by `kmeans_iters` Lloyd steps.
+        kmeans_iters: Lloyd steps for `init="kmeans"`.
+        zero_motif: pin motif 0 to the all-zero block (block sparsity).
+        scale: learn one scale per output row; motifs are fitted to the rows divided by their RMS.
+        motif_dtype: storage dtype of the motifs (`None`: the dtype of the converted weights).
+        seed: seed of every random choice of the fit, so a conversion is reproducible.
+        modules_to_save: modules (same matching as a list `target_modules`) kept dense and trainable.
+        max_assign_bytes: memory budget of one chunk of the block-to-motif distance matrix.
+    """
+
+    k: Optional[int] = None
+    s: int = 16
+    capacity: Optional[float] = None
+    target_modules: Optional[Union[list[str], str]] = None
+    motif_scope: str = "layer"
+    init: str = "kmeans"
+    kmeans_iters: int = 15
+    zero_motif: bool = False
+    scale: bool = False
+    motif_dtype: Optional[str] = None
+    seed: int = 0
+    modules_to_save: Optional[list[str]] = None
+    max_assign_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.capacity is not None:
+            if self.k is not None:
+                raise ValueError(f"give either k ({self.k}) or capacity ({self.capacity}), not both")
+            if not 0.0 < self.capacity <= 1.0:
+                raise ValueError(f"capacity must be in (0, 1] (a fraction of the blocks), got {self.capacity}")
+        elif self.k is None:
+            self.k = 256
+        elif not _is_int(self.k) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1 (number of motifs), got {self.k!r}")
+        if not _is_int(self.s) or self.s < 1:
+            raise ValueError(f"s must be an integer >= 1 (values per block), got {self.s!r}")
+        _check_choice("motif_scope", self.motif_scope, SCOPES)
+        _check_choice("init", self.init, INITS)
+        if self.motif_dtype is not None:
+            _check_choice("motif_dtype", self.motif_dtype, MOTIF_DTYPES)
+        if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
+        if not _is_int(self.max_assign_bytes) or self.max_assign_bytes < 1:
+            raise ValueError(f"max_assign_bytes must be a positive integer, got {self.max_assign_bytes!r}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(f"target_modules {self.target_modules!r} is not a valid regex: {err}") from err
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    def num_motifs(self, n_blocks: int) -> int:
+        """`k` for a dictionary serving `n_blocks` blocks (resolves `capacity`)."""
+        if self.k is not None:
+            return self.k
+        return max(1, min(int(self.capacity * n_blocks), n_blocks))
+
+    @property
+    def torch_motif_dtype(self) -> Optional[torch.dtype]:
+        return None if self.motif_dtype is None else getattr(torch, self.motif_dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MoMosConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MoMosConfig fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> "MoMosConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write `momos_config.json` into `directory` (atomically: temporary name, then rename)."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "MoMosConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, encoding="utf-8") as f:
+            try:
+                return cls.from_json_string(f.read())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

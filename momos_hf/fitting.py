@@ -1,0 +1,264 @@
+"""The tensor math of MoMos, as pure functions: blocking, motif initialisation, k-means, chunked
+nearest-motif assignment and reconstruction. No modules, no I/O.
+
+Shapes: a weight matrix `W[out, in]` is cut along `in` into `nb = ceil(in / s)` blocks per row (the last
+one zero-padded), giving `blocks[out * nb, s]`. A dictionary is `motifs[k, s]`; a mosaic is an integer map
+`mosaic[out, nb]` with values in `0..k-1`; the constrained weight is `motifs[mosaic]` with padding dropped.
+
+Optional per-value weights `w[n, s] >= 0` turn every squared error into `sum_j w_j (x_j - m_j)^2`. They
+mark padding (weight 0, so padding never pulls on a motif) and carry data-aware importances.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+KMEANS_PLUS_PLUS_MAX_K = 4096  # k-means++ is k sequential passes; above this a random start is as good and cheaper
+
+
+def index_bits(k: int) -> int:
+    """Bits of one mosaic entry: `ceil(log2 k)` (0 when there is a single motif)."""
+    return max(0, math.ceil(math.log2(k)))
+
+
+def index_dtype(k: int) -> torch.dtype:
+    """Smallest integer dtype that holds every index `0..k-1`."""
+    if k <= 2**8:
+        return torch.uint8
+    if k <= 2**16:
+        return torch.uint16
+    return torch.int32
+
+
+def num_blocks_per_row(in_features: int, s: int) -> int:
+    return -(-in_features // s)
+
+
+def to_blocks(weight: torch.Tensor, s: int) -> torch.Tensor:
+    """`W[out, in]` -> `blocks[out * nb, s]`, zero-padding each row to a multiple of `s`."""
+    out_features, in_features = weight.shape
+    pad = num_blocks_per_row(in_features, s) * s - in_features
+    return torch.nn.functional.pad(weight, (0, pad)).reshape(-1, s)
+
+
+def padding_weights(out_features: int, in_features: int, s: int) -> Optional[torch.Tensor]:
+    """Per-value weights `[out * nb, s]` that are 0 on padding and 1 elsewhere; `None` without padding."""
+    if in_features % s == 0:
+        return None
+    nb = num_blocks_per_row(in_features, s)
+    row = torch.zeros(nb * s)
+    row[:in_features] = 1.0
+    return row.reshape(nb, s).repeat(out_features, 1)
+
+
+def reconstruct(
+    motifs: torch.Tensor, mosaic: torch.Tensor, in_features: int, scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`motifs[k, s]`, `mosaic[out, nb]` (and optional row scales `[out]`) -> `W_hat[out, in]`."""
+    out_features = mosaic.shape[0]
+    weight = motifs[mosaic.long()].reshape(out_features, -1)[:, :in_features]
+    if scale is not None:
+        weight = weight * scale.unsqueeze(1)
+    return weight
+
+
+def assign(
+    blocks: torch.Tensor,
+    motifs: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    max_bytes: int = 256 * 2**20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest motif of every block and its squared (weighted) distance.
+
+    Uses `||x - m||^2 = ||x||^2 + ||m||^2 - 2 x.m`, evaluated chunk by chunk so that at most about
+    `max_bytes` of the `n x k` distance matrix exist at once. Computed in float32.
+    Returns `(index[n] int64, distance[n] float32)`.
+    """
+    n, k = blocks.shape[0], motifs.shape[0]
+    motifs = motifs.float()
+    matrices_per_chunk = 1 if weights is None else 2
+    chunk = max(1, max_bytes // (4 * k * matrices_per_chunk))
+    motif_sq = motifs.square()
+    index = torch.empty(n, dtype=torch.long, device=blocks.device)
+    distance = torch.empty(n, dtype=torch.float32, device=blocks.device)
+    for start in range(0, n, chunk):
+        x = blocks[start : start + chunk].float()
+        if weights is None:
+            d = (x.square().sum(1, keepdim=True) + motif_sq.sum(1)).addmm_(x, motifs.T, alpha=-2.0)
+        else:
+            w = weights[start : start + chunk].float()
+            wx = w * x
+            d = (wx * x).sum(1, keepdim=True) + (w @ motif_sq.T).addmm_(wx, motifs.T, alpha=-2.0)
+        best, index[start : start + chunk] = d.min(1)
+        distance[start : start + chunk] = best.clamp_(min=0.0)
+    return index, distance
+
+
+def sample_motifs(blocks: torch.Tensor, k: int, generator: torch.Generator, zero_motif: bool = False) -> torch.Tensor:
+    """The paper's dictionary: `k` distinct existing blocks drawn uniformly (motif 0 zero if asked)."""
+    n_drawn = k - int(zero_motif)
+    chosen = torch.randperm(blocks.shape[0], generator=generator)[:n_drawn].to(blocks.device)
+    motifs = blocks[chosen].float()
+    if zero_motif:
+        motifs = torch.cat([motifs.new_zeros(1, blocks.shape[1]), motifs])
+    return motifs
+
+
+def kmeans_plus_plus(
+    blocks: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    weights: Optional[torch.Tensor] = None,
+    zero_motif: bool = False,
+) -> torch.Tensor:
+    """k-means++ seeding on a random subsample of at most `max(4096, 16 k)` blocks."""
+    n = blocks.shape[0]
+    sub = torch.randperm(n, generator=generator)[: max(4096, 16 * k)].to(blocks.device)
+    x = blocks[sub].float()
+    w = torch.ones_like(x) if weights is None else weights[sub].float()
+    motifs = x.new_empty(k, x.shape[1])
+    if zero_motif:
+        motifs[0] = 0.0
+    else:
+        motifs[0] = x[torch.randint(x.shape[0], (1,), generator=generator).item()]
+    closest = (w * (x - motifs[0]).square()).sum(1)
+    for i in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # every block already has an exact copy: fill with any blocks
+            pick = torch.randint(x.shape[0], (1,), generator=generator).item()
+        else:
+            pick = torch.multinomial((closest / total).cpu(), 1, generator=generator).item()
+        motifs[i] = x[pick]
+        closest = torch.minimum(closest, (w * (x - motifs[i]).square()).sum(1))
+    return motifs
+
+
+def kmeans(
+    blocks: torch.Tensor,
+    k: int,
+    iters: int,
+    generator: torch.Generator,
+    weights: Optional[torch.Tensor] = None,
+    zero_motif: bool = False,
+    max_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """Lloyd's algorithm on the blocks from a k-means++ start; returns `motifs[k, s]` (float32).
+
+    An empty cluster takes the block that is currently worst represented, so all `k` motifs stay in use.
+    """
+    if k <= KMEANS_PLUS_PLUS_MAX_K:
+        motifs = kmeans_plus_plus(blocks, k, generator, weights, zero_motif)
+    else:
+        motifs = sample_motifs(blocks, k, generator, zero_motif)
+    for _ in range(iters):
+        index, distance = assign(blocks, motifs, weights, max_bytes)
+        motifs = _update_motifs(blocks, index, distance, motifs, weights, zero_motif)
+    return motifs
+
+
+def _update_motifs(
+    blocks: torch.Tensor,
+    index: torch.Tensor,
+    distance: torch.Tensor,
+    motifs: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    zero_motif: bool,
+) -> torch.Tensor:
+    """Each motif becomes the (weighted, per value) mean of its blocks; empty ones are re-seeded."""
+    k, s = motifs.shape
+    x = blocks.float()
+    w = torch.ones_like(x) if weights is None else weights.float()
+    sums = motifs.new_zeros(k, s).index_add_(0, index, w * x)
+    mass = motifs.new_zeros(k, s).index_add_(0, index, w)
+    updated = torch.where(mass > 0, sums / mass.clamp(min=1e-30), motifs)
+    empty = (mass.sum(1) == 0).nonzero().flatten()
+    if zero_motif:
+        updated[0] = 0.0
+        empty = empty[empty != 0]
+    if len(empty):
+        worst = distance.topk(min(len(empty), len(distance))).indices
+        updated[empty[: len(worst)]] = x[worst]
+    return updated
+
+
+@dataclass
+class MosaicFit:
+    """One dictionary and the mosaics (and row scales) of the matrices it serves."""
+
+    motifs: torch.Tensor
+    mosaics: list[torch.Tensor]
+    scales: list[Optional[torch.Tensor]]
+
+
+def fit_mosaic(
+    matrices: list[torch.Tensor],
+    k: int,
+    s: int,
+    init: str = "kmeans",
+    iters: int = 15,
+    seed: int = 0,
+    zero_motif: bool = False,
+    scale: bool = False,
+    max_bytes: int = 256 * 2**20,
+) -> MosaicFit:
+    """Fit one dictionary of `k` motifs to all blocks of `matrices` (each `[out, in]`, any widths).
+
+    With `scale`, each row is divided by its RMS before blocking, and after assignment its scale is set
+    to the least-squares optimum `<w, r> / <r, r>` for the reconstruction `r` of the normalised row.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    matrices = [m.detach().float() for m in matrices]
+    row_rms = [_row_rms(m) if scale else None for m in matrices]
+    normalised = [m if r is None else m / r.unsqueeze(1) for m, r in zip(matrices, row_rms)]
+    blocks = torch.cat([to_blocks(m, s) for m in normalised])
+    weights = _stacked_padding_weights(normalised, s, blocks.device)
+    if k > blocks.shape[0]:
+        raise ValueError(f"k={k} motifs exceed the {blocks.shape[0]} blocks of size s={s} to fit")
+    if init == "sample":
+        motifs = sample_motifs(blocks, k, generator, zero_motif)
+    elif init == "kmeans":
+        motifs = kmeans(blocks, k, iters, generator, weights, zero_motif, max_bytes)
+    else:
+        raise ValueError(f"unknown init {init!r}; expected 'sample' or 'kmeans'")
+    index, _ = assign(blocks, motifs, weights, max_bytes)
+    mosaics, scales, start = [], [], 0
+    for matrix, norm in zip(matrices, normalised):
+        nb = num_blocks_per_row(matrix.shape[1], s)
+        mosaic = index[start : start + matrix.shape[0] * nb].reshape(matrix.shape[0], nb)
+        start += mosaic.numel()
+        mosaics.append(mosaic.to(index_dtype(k)))
+        scales.append(None if not scale else least_squares_scale(matrix, reconstruct(motifs, mosaic, matrix.shape[1])))
+    return MosaicFit(motifs, mosaics, scales)
+
+
+def least_squares_scale(matrix: torch.Tensor, unscaled: torch.Tensor) -> torch.Tensor:
+    """Per-row `c` minimising `||matrix - c * unscaled||^2` (1 where the row of `unscaled` is zero)."""
+    dot = (matrix * unscaled).sum(1)
+    norm = unscaled.square().sum(1)
+    return torch.where(norm > 0, dot / norm.clamp(min=1e-30), torch.ones_like(dot))
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """`||W - W_hat||^2 / ||W - mean(W)||^2`, the measure of `MOMOS.md` (1.0 = as bad as the mean)."""
+    weight, approx = weight.float(), approx.float()
+    denom = (weight - weight.mean()).square().sum()
+    return float((weight - approx).square().sum() / denom.clamp(min=1e-30))
+
+
+def _row_rms(matrix: torch.Tensor) -> torch.Tensor:
+    rms = matrix.square().mean(1).sqrt()
+    return torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
+def _stacked_padding_weights(matrices: list[torch.Tensor], s: int, device: torch.device) -> Optional[torch.Tensor]:
+    if all(m.shape[1] % s == 0 for m in matrices):
+        return None
+    parts = []
+    for m in matrices:
+        w = padding_weights(m.shape[0], m.shape[1], s)
+        parts.append(torch.ones(m.shape[0] * num_blocks_per_row(m.shape[1], s), s) if w is None else w)
+    return torch.cat(parts).to(device)

@@ -1,0 +1,119 @@
+"""`MoMosLinear`: the module that replaces an `nn.Linear` or a GPT-2 `Conv1D` by motifs and a mosaic."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .fitting import index_bits, index_dtype, num_blocks_per_row, reconstruct
+
+LinearLike = Union[nn.Linear, Conv1D]
+
+
+class MoMosLinear(nn.Module):
+    """A linear layer whose weight is `motifs[mosaic]`, optionally times a scale per output row.
+
+    - `motifs[k, s]`: trainable parameter, possibly the same object in several layers (global scope).
+    - `mosaic[out, ceil(in / s)]`: integer buffer of the smallest dtype that holds `k` (uint8 for k <= 256).
+    - `scale[out]`: optional trainable parameter.
+    - `bias[out]`: the original layer's bias, kept as it was.
+
+    The weight is stored as `[out, in]` whatever the original layer was; `conv1d=True` remembers that it
+    replaced a GPT-2 `Conv1D` (weight `[in, out]`), so `weight` and `merge()` give that layout back.
+    Rows are padded internally to a multiple of `s`; the padding is cut before any product.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        motifs: nn.Parameter,
+        mosaic: torch.Tensor,
+        scale: Optional[nn.Parameter] = None,
+        bias: Optional[nn.Parameter] = None,
+        zero_motif: bool = False,
+        conv1d: bool = False,
+    ) -> None:
+        super().__init__()
+        k, s = motifs.shape
+        expected = (out_features, num_blocks_per_row(in_features, s))
+        if tuple(mosaic.shape) != expected:
+            raise ValueError(f"mosaic shape {tuple(mosaic.shape)} does not fit a {out_features}x{in_features} layer with s={s}; expected {expected}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.zero_motif = zero_motif
+        self.conv1d = conv1d
+        self.motifs = motifs
+        self.register_buffer("mosaic", mosaic.to(index_dtype(k)))
+        self.scale = scale
+        self.bias = bias
+
+    @classmethod
+    def from_module(
+        cls,
+        module: LinearLike,
+        motifs: nn.Parameter,
+        mosaic: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        zero_motif: bool = False,
+    ) -> "MoMosLinear":
+        """Wrap `module`'s shape and bias around a fitted dictionary and mosaic."""
+        conv1d = isinstance(module, Conv1D)
+        in_features, out_features = module.weight.shape if conv1d else module.weight.shape[::-1]
+        device = module.weight.device
+        scale_param = None if scale is None else nn.Parameter(scale.to(device=device, dtype=motifs.dtype))
+        return cls(in_features, out_features, motifs, mosaic.to(device), scale_param, module.bias, zero_motif, conv1d)
+
+    @property
+    def k(self) -> int:
+        return self.motifs.shape[0]
+
+    @property
+    def s(self) -> int:
+        return self.motifs.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits of the mosaic per weight, `ceil(log2 k) / s` (the dictionary and scales are extra)."""
+        return index_bits(self.k) / self.s
+
+    def dense_weight(self) -> torch.Tensor:
+        """The constrained weight `[out, in]` (autograd flows to motifs and scale)."""
+        motifs = self.motifs
+        if self.zero_motif:  # motif 0 stays exactly zero whatever training does to the stored value
+            motifs = torch.cat([torch.zeros_like(motifs[:1]), motifs[1:]])
+        return reconstruct(motifs, self.mosaic, self.in_features, self.scale)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in the original layer's layout (`[in, out]` for `Conv1D`), for code that reads it."""
+        weight = self.dense_weight()
+        return weight.T if self.conv1d else weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dense_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, weight, bias)
+
+    def merge(self) -> LinearLike:
+        """A plain `nn.Linear` (or `Conv1D`) holding the constrained weight."""
+        with torch.no_grad():
+            weight = self.dense_weight()
+        with torch.device("meta"):  # shapes only: both parameters are replaced right below
+            if self.conv1d:
+                layer = Conv1D(self.out_features, self.in_features)
+            else:
+                layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight = nn.Parameter(weight.T.contiguous() if self.conv1d else weight)
+        layer.bias = self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}, "
+            f"bits_per_weight={self.bits_per_weight:.3g}, scale={self.scale is not None}, "
+            f"bias={self.bias is not None}{', conv1d=True' if self.conv1d else ''}"
+        )

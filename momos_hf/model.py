@@ -1,0 +1,227 @@
+"""`get_momos_model` / `MoMosModel`: find the target layers of a Transformers model, fit their motifs and
+mosaics, swap in `MoMosLinear` modules, and undo it all with `merge_and_unload` (PEFT's tuner shape)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers.utils.logging import tqdm
+
+from .config import MoMosConfig
+from .fitting import fit_mosaic, num_blocks_per_row, reconstruct, relative_error
+from .layer import MoMosLinear
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def in_repeated_block(name: str) -> bool:
+    """True for modules inside an indexed stack of blocks (`layers.3.`, `h.0.`, `encoder.layer.5.`)."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def find_targets(model: nn.Module, target_modules: Optional[list[str] | str]) -> list[str]:
+    """Full names of the modules that `target_modules` selects (see `MoMosConfig.target_modules`)."""
+    output_embeddings = _output_embeddings(model)
+    candidates = {
+        name: module
+        for name, module in model.named_modules()
+        if is_linear_like(module) and module is not output_embeddings
+    }
+    if target_modules is None:
+        targets = [name for name in candidates if in_repeated_block(name)]
+    elif target_modules == "all-linear":
+        targets = list(candidates)
+    elif isinstance(target_modules, str):
+        targets = [name for name, _ in model.named_modules() if re.fullmatch(target_modules, name)]
+        _check_linear_like(model, targets)
+    else:
+        targets = match_names(model, target_modules, "target_modules")
+        _check_linear_like(model, targets)
+    if not targets:
+        raise ValueError(
+            f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
+            f"linear layers are named like {_leaf_names(candidates)}"
+        )
+    return targets
+
+
+def match_names(model: nn.Module, entries: Iterable[str], option: str) -> list[str]:
+    """Modules whose full name equals an entry or ends with `"." + entry`; every entry must match."""
+    entries = list(entries)
+    names = [name for name, _ in model.named_modules() if name]
+    matched = [n for n in names if any(n == e or n.endswith("." + e) for e in entries)]
+    unknown = [e for e in entries if not any(n == e or n.endswith("." + e) for n in names)]
+    if unknown:
+        linear = {n: m for n, m in model.named_modules() if is_linear_like(m)}
+        raise ValueError(
+            f"{option} {unknown} match no module of {type(model).__name__}; "
+            f"its linear layers are named like {_leaf_names(linear)}"
+        )
+    return matched
+
+
+class MoMosModel(nn.Module):
+    """A Transformers model whose target layers are `MoMosLinear`; behaves like the model it wraps.
+
+    Construction fits one dictionary per layer (or one for all, `motif_scope="global"`), replaces the
+    layers, freezes everything except the motifs, scales and `modules_to_save` (as PEFT does), and leaves
+    the model untouched if any check fails.
+    """
+
+    def __init__(self, model: nn.Module, config: MoMosConfig) -> None:
+        super().__init__()
+        self.base_model = model
+        self.momos_config = config
+        targets = find_targets(model, config.target_modules)
+        self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
+        overlap = sorted(set(targets) & set(self.modules_to_save))
+        if overlap:
+            raise ValueError(f"modules {overlap} are both MoMos targets and modules_to_save")
+        originals = {name: model.get_submodule(name) for name in targets}
+        for name, module in originals.items():
+            if not torch.isfinite(module.weight).all():
+                raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.fit_errors: dict[str, float] = {}
+        fitted = self._fit({name: _weight_out_in(m) for name, m in originals.items()})
+        for name, (motifs, mosaic, scale) in fitted.items():
+            layer = MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif)
+            self._set_submodule(name, layer)
+        self._mark_trainable()
+
+    # -- fitting -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _fit(self, weights: dict[str, torch.Tensor]) -> dict[str, tuple[nn.Parameter, torch.Tensor, Optional[torch.Tensor]]]:
+        """Fit every dictionary; returns `name -> (motifs, mosaic, scale)`; checks all before fitting."""
+        config = self.momos_config
+        names = list(weights)
+        groups = [names] if config.motif_scope == "global" else [[n] for n in names]
+        ks = [self._num_motifs(group, weights) for group in groups]
+        fitted = {}
+        for i, (group, k) in enumerate(tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict")):
+            matrices = [weights[n] for n in group]
+            fit = fit_mosaic(
+                matrices, k, config.s, config.init, config.kmeans_iters, config.seed + i,
+                config.zero_motif, config.scale, config.max_assign_bytes,
+            )
+            dtype = config.torch_motif_dtype or matrices[0].dtype
+            motifs = nn.Parameter(fit.motifs.to(dtype))
+            for name, matrix, mosaic, scale in zip(group, matrices, fit.mosaics, fit.scales):
+                fitted[name] = (motifs, mosaic, scale)
+                approx = reconstruct(fit.motifs, mosaic, matrix.shape[1], scale)
+                self.fit_errors[name] = relative_error(matrix, approx)
+        return fitted
+
+    def _num_motifs(self, group: list[str], weights: dict[str, torch.Tensor]) -> int:
+        s = self.momos_config.s
+        n_blocks = sum(weights[n].shape[0] * num_blocks_per_row(weights[n].shape[1], s) for n in group)
+        k = self.momos_config.num_motifs(n_blocks)
+        if k > n_blocks:
+            shapes = ", ".join(f"{n} {tuple(weights[n].shape)}" for n in group[:3])
+            raise ValueError(
+                f"k={k} motifs do not fit: {shapes}{' ...' if len(group) > 3 else ''} has only {n_blocks} blocks "
+                f"of s={s} values; use k <= {n_blocks}, a smaller s, motif_scope='global', or capacity"
+            )
+        return k
+
+    @torch.no_grad()
+    def project(self) -> dict[str, float]:
+        """Refit motifs and mosaics from the current weights (the paper's projection step).
+
+        Parameters are updated in place, so optimizers keep referring to them. Returns the relative
+        error of each layer's new fit against its weight before the projection.
+        """
+        layers = self.momos_layers()
+        fitted = self._fit({name: layer.dense_weight() for name, layer in layers.items()})
+        for name, (motifs, mosaic, scale) in fitted.items():
+            layer = layers[name]
+            layer.motifs.copy_(motifs)
+            layer.mosaic.copy_(mosaic)
+            if scale is not None:
+                layer.scale.copy_(scale)
+        return dict(self.fit_errors)
+
+    # -- PEFT-style API ----------------------------------------------------------------------------
+
+    def momos_layers(self) -> dict[str, MoMosLinear]:
+        """Every `MoMosLinear` of the model by full name (names relative to the base model)."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MoMosLinear)}
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """`(trainable, total)` parameter counts; a shared dictionary counts once."""
+        params = list(self.base_model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def merge_and_unload(self) -> nn.Module:
+        """Replace every MoMos layer by a plain `nn.Linear`/`Conv1D` holding the mosaic weight and return
+        the base model, with the `requires_grad` flags it had before conversion."""
+        for name, layer in self.momos_layers().items():
+            self._set_submodule(name, layer.merge())
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, True))
+        return self.base_model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _set_submodule(self, name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.base_model.get_submodule(parent_name), child, module)
+
+    def _mark_trainable(self) -> None:
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        for layer in self.momos_layers().values():
+            layer.motifs.requires_grad_(True)
+            if layer.scale is not None:
+                layer.scale.requires_grad_(True)
+        for name in self.modules_to_save:
+            self.base_model.get_submodule(name).requires_grad_(True)
+
+
+def get_momos_model(model: nn.Module, config: MoMosConfig) -> MoMosModel:
+    """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`."""
+    return MoMosModel(model, config)
+
+
+def _weight_out_in(module: nn.Module) -> torch.Tensor:
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _check_linear_like(model: nn.Module, names: list[str]) -> None:
+    wrong = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in names if not is_linear_like(model.get_submodule(n))]
+    if wrong:
+        raise ValueError(f"target_modules selects modules that are not nn.Linear or Conv1D: {wrong}")
+
+
+def _leaf_names(modules: dict[str, nn.Module]) -> list[str]:
+    return sorted({name.rpartition(".")[2] for name in modules})

@@ -1,0 +1,27 @@
+import pytest
+from conftest import build
+
+from momos_hf.cli import main
+
+
+def test_demo_trains_and_reports(capsys):
+    main(["demo", "--steps", "8", "--k", "64"])
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("validation loss"))
+    before, after = (float(x) for x in line.split()[2:5:2])
+    assert after < before - 0.5
+    assert "bits per weight" in out and "BDM" in out
+
+
+def test_report_on_a_local_model(tmp_path, capsys):
+    build("bert").save_pretrained(tmp_path / "bert")
+    main(["report", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--max_bytes", "4096", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert "encoder.layer.1.output.dense" in out and "x fp32" in out
+    assert '"bits_per_weight"' in (tmp_path / "r.json").read_text()
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    build("bert").save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit, match=r"momos-hf: error: k=4096 motifs do not fit"):
+        main(["report", str(tmp_path / "bert"), "--k", "4096", "--s", "4"])

@@ -1,0 +1,56 @@
+import pytest
+
+from momos_hf import MoMosConfig
+
+
+def test_defaults_are_the_headline_rate():
+    config = MoMosConfig()
+    assert (config.k, config.s, config.motif_scope, config.init) == (256, 16, "layer", "kmeans")
+
+
+def test_json_round_trip(tmp_path):
+    config = MoMosConfig(k=64, s=8, target_modules=["q_proj", "v_proj"], motif_scope="global", scale=True,
+                         zero_motif=True, motif_dtype="bfloat16", seed=3, modules_to_save=["lm_head"])
+    assert MoMosConfig.from_json_string(config.to_json_string()) == config
+    config.save_pretrained(tmp_path)
+    assert MoMosConfig.from_pretrained(tmp_path) == config
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_capacity_resolves_k_per_dictionary():
+    config = MoMosConfig(capacity=0.01)
+    assert config.k is None
+    assert config.num_motifs(10_000) == 100
+    assert config.num_motifs(10) == 1
+    assert MoMosConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k": 0}, "k must be an integer >= 1"),
+        ({"k": 2.5}, "k must be an integer >= 1"),
+        ({"s": 0}, "s must be an integer >= 1"),
+        ({"k": 8, "capacity": 0.1}, "not both"),
+        ({"capacity": 1.5}, "capacity must be in (0, 1]"),
+        ({"motif_scope": "model"}, "motif_scope must be one of ['layer', 'global']"),
+        ({"init": "random"}, "init must be one of ['sample', 'kmeans']"),
+        ({"motif_dtype": "int8"}, "motif_dtype must be one of"),
+        ({"kmeans_iters": -1}, "kmeans_iters must be an integer >= 0"),
+        ({"target_modules": "q_proj("}, "not a valid regex"),
+    ],
+)
+def test_impossible_values_say_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
+        MoMosConfig(**kwargs)
+
+
+def test_unknown_fields_are_named():
+    with pytest.raises(ValueError, match=r"unknown MoMosConfig fields \['kk'\]"):
+        MoMosConfig.from_dict({"kk": 3})
+
+
+def test_corrupt_json_names_the_file(tmp_path):
+    (tmp_path / "momos_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="momos_config.json is not valid JSON"):
+        MoMosConfig.from_pretrained(tmp_path)

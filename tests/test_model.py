@@ -1,0 +1,209 @@
+import copy
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, build, main_output, model_inputs
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from momos_hf import MoMosConfig, MoMosLinear, get_momos_model
+from momos_hf.fitting import to_blocks
+
+ARCHS = list(ARCHITECTURES)
+
+
+def converted(arch, **config):
+    model = build(arch)
+    return model, get_momos_model(model, MoMosConfig(**{"k": 16, "s": 4, "kmeans_iters": 3, **config}))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_targets_are_the_block_projections_and_nothing_else(arch):
+    model = build(arch)
+    leaves = ARCHITECTURES[arch][1]
+    expected = {
+        name for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and any(name.endswith("." + leaf) for leaf in leaves)
+        and any(part.isdigit() for part in name.split("."))
+    }
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2))
+    assert set(mm.momos_layers()) == expected
+    remaining = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    assert remaining == ({"pooler.dense"} if arch == "bert" else {"lm_head"})  # heads stay dense
+    assert model.get_input_embeddings().__class__ is nn.Embedding
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_weight_uses_at_most_k_distinct_blocks(arch):
+    _, mm = converted(arch, k=8, s=4)
+    for layer in mm.momos_layers().values():
+        blocks = to_blocks(layer.dense_weight().detach(), layer.s)
+        assert len(torch.unique(blocks, dim=0)) <= 8
+        assert layer.mosaic.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_backward_reach_the_motifs_and_merge_matches(arch):
+    model, mm = converted(arch)
+    inputs = model_inputs(arch)
+    out = main_output(mm(**inputs))
+    out.square().mean().backward()
+    layers = mm.momos_layers().values()
+    assert all(layer.motifs.grad is not None and layer.motifs.grad.abs().sum() > 0 for layer in layers)
+    frozen = [p for n, p in mm.named_parameters() if "motifs" not in n]
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+    with torch.no_grad():
+        before = main_output(mm(**inputs))
+        plain = mm.merge_and_unload()
+        after = main_output(plain(**inputs))
+    assert not any(isinstance(m, MoMosLinear) for m in plain.modules())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_motif_per_block_is_lossless(arch):
+    # capacity=1 gives every block its own motif: the MoMos model must equal the dense one, which checks
+    # orientation (GPT-2's Conv1D is [in, out]) and padding (s=5 divides none of the widths).
+    model = build(arch)
+    inputs = model_inputs(arch)
+    with torch.no_grad():
+        reference = main_output(model(**inputs))
+    mm = get_momos_model(model, MoMosConfig(capacity=1.0, s=5, kmeans_iters=1))
+    assert all(layer.in_features % 5 for layer in mm.momos_layers().values())
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(mm(**inputs)), reference, rtol=1e-4, atol=1e-5)
+    assert max(mm.fit_errors.values()) < 1e-10
+
+
+def test_gpt2_conv1d_layout_round_trips():
+    model, mm = converted("gpt2")
+    layer = mm.base_model.transformer.h[0].attn.c_attn
+    assert layer.conv1d and (layer.in_features, layer.out_features) == (32, 96)
+    assert layer.weight.shape == (32, 96)  # the original Conv1D layout, for code that reads .weight
+    merged = layer.merge()
+    assert isinstance(merged, Conv1D) and merged.weight.shape == (32, 96)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(merged(x), layer(x))
+
+
+def test_causal_lm_generates_and_trains():
+    model, mm = converted("llama", modules_to_save=["lm_head"])
+    assert mm.config is model.config
+    ids = model_inputs("llama")["input_ids"]
+    generated = mm.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (2, 16)
+    optimizer = torch.optim.Adam([p for p in mm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = mm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert mm.base_model.lm_head.weight.requires_grad
+
+
+def test_print_trainable_parameters(capsys):
+    _, mm = converted("llama", modules_to_save=["lm_head"])
+    trainable, total = mm.get_nb_trainable_parameters()
+    motif_params = sum(l.motifs.numel() for l in mm.momos_layers().values())
+    assert trainable == motif_params + mm.base_model.lm_head.weight.numel()
+    mm.print_trainable_parameters()
+    assert f"trainable params: {trainable:,d} || all params: {total:,d}" in capsys.readouterr().out
+
+
+def test_global_scope_shares_one_dictionary():
+    _, mm = converted("llama", motif_scope="global", k=64)
+    dictionaries = {id(layer.motifs) for layer in mm.momos_layers().values()}
+    assert len(dictionaries) == 1
+    trainable, _ = mm.get_nb_trainable_parameters()
+    assert trainable == 64 * 4
+
+
+def test_scales_and_zero_motif():
+    _, mm = converted("llama", scale=True, zero_motif=True)
+    layer = next(iter(mm.momos_layers().values()))
+    assert layer.scale is not None and layer.scale.requires_grad
+    with torch.no_grad():
+        layer.motifs[0] = 5.0  # training may move the stored value; motif 0 still reads as zero
+    used_zero = (layer.mosaic == 0).any(1)
+    assert used_zero.any()
+    blocks = to_blocks(layer.dense_weight().detach(), layer.s).reshape(layer.out_features, -1, layer.s)
+    assert (blocks[layer.mosaic == 0] == 0).all()
+
+
+def test_project_refits_in_place():
+    model, mm = converted("llama", k=16)
+    layer = mm.base_model.model.layers[0].mlp.down_proj
+    motifs = layer.motifs
+    with torch.no_grad():
+        motifs.add_(torch.randn_like(motifs))
+    errors = mm.project()
+    assert layer.motifs is motifs  # same Parameter: optimizers keep tracking it
+    assert set(errors) == set(mm.momos_layers())
+    assert all(0 <= e < 0.2 for e in errors.values())  # refit from a weight that is already a 16-motif mosaic
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_follows_the_model(dtype):
+    model = build("llama").to(dtype)
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2))
+    layer = next(iter(mm.momos_layers().values()))
+    assert layer.motifs.dtype == dtype
+    out = mm(**model_inputs("llama")).logits
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_motif_dtype_overrides():
+    model = build("llama")
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2, motif_dtype="bfloat16"))
+    assert next(iter(mm.momos_layers().values())).motifs.dtype == torch.bfloat16
+    assert mm(**model_inputs("llama")).logits.dtype == torch.float32
+
+
+def test_target_selection_by_list_regex_and_all_linear():
+    model = build("llama")
+    mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules=["q_proj", "v_proj"]))
+    assert {n.rsplit(".", 1)[1] for n in mm.momos_layers()} == {"q_proj", "v_proj"}
+    mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules=r".*\.1\.mlp\..*_proj"))
+    assert len(mm.momos_layers()) == 3
+    mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules="all-linear"))
+    assert len(mm.momos_layers()) == 14 and "lm_head" not in mm.momos_layers()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"target_modules": ["q_proj", "qkv"]}, r"target_modules \['qkv'\] match no module of LlamaForCausalLM; its linear layers are named like \['down_proj'"),
+        ({"target_modules": ["mlp"]}, r"not nn.Linear or Conv1D: \['model.layers.0.mlp \(LlamaMLP\)'"),
+        ({"target_modules": "nothing.*"}, "selects no linear layer"),
+        ({"k": 1000}, r"k=1000 motifs do not fit: model.layers.0.self_attn.q_proj \(32, 32\) has only 256 blocks"),
+        ({"modules_to_save": ["q_proj"]}, "both MoMos targets and modules_to_save"),
+        ({"modules_to_save": ["head"]}, r"modules_to_save \['head'\] match no module"),
+    ],
+)
+def test_bad_input_is_refused_and_the_model_is_untouched(config, message):
+    model = build("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        get_momos_model(model, MoMosConfig(**{"k": 16, "s": 4, **config}))
+    assert not any(isinstance(m, MoMosLinear) for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_weights_are_named():
+    model = build("gpt2")
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"weight of transformer.h.1.mlp.c_fc has NaN or inf"):
+        get_momos_model(model, MoMosConfig(k=16, s=4))
+    assert not any(isinstance(m, MoMosLinear) for m in model.modules())
+
+
+def test_conversion_is_deterministic():
+    a = converted("bert", seed=7)[1].momos_layers()
+    b = converted("bert", seed=7)[1].momos_layers()
+    for name in a:
+        assert torch.equal(a[name].motifs, b[name].motifs) and torch.equal(a[name].mosaic, b[name].mosaic)
