@@ -174,6 +174,8 @@ def complexity_report(
     """
     model = getattr(model, "base_model", model)
     momos = {name: m for name, m in model.named_modules() if isinstance(m, MoMosLinear)}
+    if not momos:
+        raise ValueError(f"{type(model).__name__} has no MoMos layers to report on (convert it with get_momos_model)")
     dictionaries: dict[int, torch.Tensor] = {}
     for layer in momos.values():
         dictionaries[id(layer.motifs)] = layer.motifs

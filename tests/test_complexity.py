@@ -63,3 +63,8 @@ def test_bdm_ranks_regular_signs_below_random_ones():
     regular = torch.tensor([1.0, -1.0] * 2048)
     noisy = torch.randn(4096, generator=torch.Generator().manual_seed(0))
     assert bdm_of_signs(regular) < 0.2 * bdm_of_signs(noisy)
+
+
+def test_report_needs_momos_layers():
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no MoMos layers"):
+        complexity_report(build("llama"))
