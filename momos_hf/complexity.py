@@ -22,6 +22,7 @@ import torch
 
 from .fitting import index_bits
 from .layer import MoMosLinear
+from .model import MoMosModel
 
 DEFAULT_MAX_BYTES = 4 * 2**20
 
@@ -172,7 +173,8 @@ def complexity_report(
     `fit_errors` (layer name -> relative error at fit time, as `MoMosModel.fit_errors`) fills the error
     column. Compressors and BDM read at most `max_bytes` of weights (`None`: all; `0`: skip them).
     """
-    model = getattr(model, "base_model", model)
+    if isinstance(model, MoMosModel):
+        model = model.base_model
     momos = {name: m for name, m in model.named_modules() if isinstance(m, MoMosLinear)}
     if not momos:
         raise ValueError(f"{type(model).__name__} has no MoMos layers to report on (convert it with get_momos_model)")
