@@ -3,6 +3,9 @@
 from .config import MoMosConfig
 from .layer import MoMosLinear
 from .model import MoMosModel, get_momos_model
+from .quantizer import MoMosQuantizationConfig, register
 
-__all__ = ["MoMosConfig", "MoMosLinear", "MoMosModel", "get_momos_model"]
+register()  # AutoModel*.from_pretrained now rebuilds MoMos checkpoints
+
+__all__ = ["MoMosConfig", "MoMosLinear", "MoMosModel", "MoMosQuantizationConfig", "get_momos_model"]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .fitting import index_bits, index_dtype, num_blocks_per_row, reconstruct
+from .packing import pack_indices, packed_size, unpack_indices
 
 LinearLike = Union[nn.Linear, Conv1D]
 
@@ -47,9 +48,17 @@ class MoMosLinear(nn.Module):
         self.zero_motif = zero_motif
         self.conv1d = conv1d
         self.motifs = motifs
-        self.register_buffer("mosaic", mosaic.to(index_dtype(k)))
+        # `mosaic` is what forward reads; `mosaic_packed` (ceil(log2 k) bits per block) is what state
+        # dicts and checkpoints carry. `set_mosaic` keeps them in step; loading refills `mosaic`.
+        self.register_buffer("mosaic", mosaic.to(index_dtype(k)), persistent=False)
+        packed_bytes = packed_size(mosaic.numel(), index_bits(k))
+        self.register_buffer("mosaic_packed", torch.empty(packed_bytes, dtype=torch.uint8, device=mosaic.device))
+        self._needs_unpack = mosaic.device.type == "meta"  # a skeleton whose weights are yet to load
+        if not self._needs_unpack:
+            self.set_mosaic(mosaic)
         self.scale = scale
         self.bias = bias
+        self.register_load_state_dict_post_hook(lambda module, _: module.unpack_mosaic())
 
     @classmethod
     def from_module(
@@ -67,6 +76,24 @@ class MoMosLinear(nn.Module):
         scale_param = None if scale is None else nn.Parameter(scale.to(device=device, dtype=motifs.dtype))
         return cls(in_features, out_features, motifs, mosaic.to(device), scale_param, module.bias, zero_motif, conv1d)
 
+    @torch.no_grad()
+    def set_mosaic(self, mosaic: torch.Tensor) -> None:
+        """Replace the mosaic (`[out, ceil(in / s)]`, values in `0..k-1`) and its packed copy."""
+        if tuple(mosaic.shape) != tuple(self.mosaic.shape):
+            raise ValueError(f"mosaic shape {tuple(mosaic.shape)} != {tuple(self.mosaic.shape)}")
+        self.mosaic = mosaic.to(device=self.mosaic.device, dtype=index_dtype(self.k))
+        self.mosaic_packed = pack_indices(self.mosaic, index_bits(self.k)).to(self.mosaic.device)
+
+    @torch.no_grad()
+    def unpack_mosaic(self) -> None:
+        """Rebuild `mosaic` from `mosaic_packed` (after loading a checkpoint), checking every index."""
+        count = self.mosaic.numel()
+        mosaic = unpack_indices(self.mosaic_packed, index_bits(self.k), count)
+        if count and int(mosaic.max()) >= self.k:
+            raise ValueError(f"mosaic holds index {int(mosaic.max())} but the layer has only k={self.k} motifs")
+        self.mosaic = mosaic.reshape(self.mosaic.shape).to(device=self.mosaic_packed.device, dtype=index_dtype(self.k))
+        self._needs_unpack = False
+
     @property
     def k(self) -> int:
         return self.motifs.shape[0]
@@ -82,6 +109,8 @@ class MoMosLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The constrained weight `[out, in]` (autograd flows to motifs and scale)."""
+        if self._needs_unpack:  # Transformers' weight init may read `.weight` before loading finishes
+            self.unpack_mosaic()
         motifs = self.motifs
         if self.zero_motif:  # motif 0 stays exactly zero whatever training does to the stored value
             motifs = torch.cat([torch.zeros_like(motifs[:1]), motifs[1:]])

@@ -3,14 +3,18 @@ mosaics, swap in `MoMosLinear` modules, and undo it all with `merge_and_unload` 
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.logging import tqdm
 
+from .checkpoint import QUANT_METHOD, save_checkpoint
 from .config import MoMosConfig
 from .fitting import fit_mosaic, num_blocks_per_row, reconstruct, relative_error
 from .layer import MoMosLinear
@@ -71,15 +75,24 @@ class MoMosModel(nn.Module):
 
     Construction fits one dictionary per layer (or one for all, `motif_scope="global"`), replaces the
     layers, freezes everything except the motifs, scales and `modules_to_save` (as PEFT does), and leaves
-    the model untouched if any check fails.
+    the model untouched if any check fails. A model that already holds MoMos layers (loaded from a MoMos
+    checkpoint) is wrapped as it is.
     """
 
-    def __init__(self, model: nn.Module, config: MoMosConfig) -> None:
+    def __init__(self, model: nn.Module, config: MoMosConfig, fit_errors: Optional[dict[str, float]] = None) -> None:
         super().__init__()
         self.base_model = model
         self.momos_config = config
-        targets = find_targets(model, config.target_modules)
+        self.fit_errors: dict[str, float] = dict(fit_errors or {})
         self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        if not self.momos_layers():
+            self._convert()
+        self._mark_trainable()
+
+    def _convert(self) -> None:
+        model, config = self.base_model, self.momos_config
+        targets = find_targets(model, config.target_modules)
         overlap = sorted(set(targets) & set(self.modules_to_save))
         if overlap:
             raise ValueError(f"modules {overlap} are both MoMos targets and modules_to_save")
@@ -87,13 +100,9 @@ class MoMosModel(nn.Module):
         for name, module in originals.items():
             if not torch.isfinite(module.weight).all():
                 raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        self.fit_errors: dict[str, float] = {}
         fitted = self._fit({name: _weight_out_in(m) for name, m in originals.items()})
         for name, (motifs, mosaic, scale) in fitted.items():
-            layer = MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif)
-            self._set_submodule(name, layer)
-        self._mark_trainable()
+            self._set_submodule(name, MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif))
 
     # -- fitting -----------------------------------------------------------------------------------
 
@@ -143,10 +152,33 @@ class MoMosModel(nn.Module):
         for name, (motifs, mosaic, scale) in fitted.items():
             layer = layers[name]
             layer.motifs.copy_(motifs)
-            layer.mosaic.copy_(mosaic)
+            layer.set_mosaic(mosaic)
             if scale is not None:
                 layer.scale.copy_(scale)
         return dict(self.fit_errors)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self, save_directory: Union[str, os.PathLike], tokenizer: Any = None, max_shard_size: Union[int, str] = "5GB"
+    ) -> None:
+        """Write the compact checkpoint (see `momos_hf.checkpoint`); any `from_pretrained` loads it back."""
+        save_checkpoint(self.base_model, save_directory, self.momos_config.to_dict(), self.fit_errors, tokenizer, max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, model_id: Union[str, os.PathLike], model_class: Any = None, **kwargs: Any) -> "MoMosModel":
+        """Load a MoMos checkpoint (local folder or Hub id) and wrap it. `model_class` defaults to the
+        architecture recorded in its `config.json`; `kwargs` go to `from_pretrained` (dtype, revision, ...)."""
+        config = AutoConfig.from_pretrained(model_id, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
+        quantization = getattr(config, "quantization_config", None) or {}
+        if dict(quantization).get("quant_method") != QUANT_METHOD:
+            raise ValueError(f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with quant_method 'momos'")
+        if model_class is None:
+            model_class = getattr(transformers, config.architectures[0])
+        model = model_class.from_pretrained(model_id, **kwargs)
+        quantization = model.config.quantization_config
+        fit_errors = {n: spec["fit_error"] for n, spec in quantization.layers.items() if "fit_error" in spec}
+        return cls(model, quantization.config, fit_errors)
 
     # -- PEFT-style API ----------------------------------------------------------------------------
 

@@ -1,0 +1,185 @@
+"""Compact MoMos checkpoints on disk: what is written, how it is written safely, how files are checked.
+
+A checkpoint folder is an ordinary Transformers one: `config.json` (with a `quantization_config` of
+`quant_method: "momos"` listing every MoMos layer and the sha256 of every weight file), `model.safetensors`
+(or shards and `model.safetensors.index.json`) holding each layer's `motifs` (once per dictionary),
+`mosaic_packed` (ceil(log2 k) bits per block), `scale` and `bias`, and every other weight as usual.
+Safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+from torch import nn
+
+from .layer import MoMosLinear
+
+QUANT_METHOD = "momos"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_PATTERN = "model{suffix}.safetensors"
+
+
+def layer_specs(model: nn.Module, fit_errors: Optional[dict[str, float]] = None) -> dict[str, dict]:
+    """The `quantization_config.layers` entry of every MoMos layer of `model` (dictionary owners first)."""
+    owners: dict[int, str] = {}
+    specs = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoMosLinear):
+            continue
+        owner = owners.setdefault(id(layer.motifs), name)
+        specs[name] = {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "k": layer.k,
+            "s": layer.s,
+            "scale": layer.scale is not None,
+            "conv1d": layer.conv1d,
+            "motifs": owner,
+        }
+        if fit_errors and name in fit_errors:
+            specs[name]["fit_error"] = fit_errors[name]
+    return specs
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with each shared tensor kept once, under its first name (a shared dictionary
+    under its owner layer, tied embeddings under the input embeddings); loading re-ties them."""
+    seen: set[tuple[torch.device, int]] = set()
+    unique = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().contiguous()
+    return unique
+
+
+def sha256_of(path: Union[str, os.PathLike]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target`; on success it becomes `target`.
+
+    Files already in `target` that the new save does not write are kept (a README, a tokenizer saved
+    earlier), except stale weight files of an earlier save. If anything fails, or the process dies, before
+    the swap, `target` is left exactly as it was and the staging folder is removed (or left as a hidden
+    `.NAME.tmp-*` folder beside it).
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot save into {target}: it is a file, not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            for entry in target.iterdir():
+                stale_weights = entry.name == INDEX_NAME or (entry.name.startswith("model") and entry.name.endswith(".safetensors"))
+                if not (staging / entry.name).exists() and not stale_weights:
+                    os.replace(entry, staging / entry.name)
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    momos_config: dict[str, Any],
+    fit_errors: Optional[dict[str, float]] = None,
+    tokenizer: Any = None,
+    max_shard_size: Union[int, str] = "5GB",
+) -> Path:
+    """Write `model` (a Transformers model holding MoMos layers) as a compact checkpoint into `directory`."""
+    specs = layer_specs(model, fit_errors)
+    if not specs:
+        raise ValueError(f"{type(model).__name__} has no MoMos layers to save (convert it with get_momos_model)")
+    state = unique_state_dict(model)
+    split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    with atomic_directory(directory) as staging:
+        checksums = {}
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: state[n] for n in names}, staging / filename, metadata={"format": "pt"})
+            checksums[filename] = sha256_of(staging / filename)
+        if split.is_sharded:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": split.tensor_to_filename}
+            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        config = json.loads(model.config.to_json_string())
+        config["architectures"] = [type(model).__name__]
+        config["quantization_config"] = {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "momos_config": momos_config,
+            "layers": specs,
+            "checksums": checksums,
+        }
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and model.can_generate():
+            generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(directory)
+
+
+def safetensors_header(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking that the file is whole."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path.name} is truncated: {size} bytes, too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise ValueError(f"{path.name} is corrupted or truncated: its header claims {header_len} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path.name} is corrupted: its safetensors header is not valid JSON ({err})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise ValueError(f"{path.name} is truncated or corrupted: its header describes {8 + header_len + end} bytes, the file has {size}")
+    return header
+
+
+def verify_files(files: list[Union[str, os.PathLike]], checksums: dict[str, str]) -> None:
+    """Check every weight file of a checkpoint: present, whole, and with the sha256 recorded at save time."""
+    by_name = {Path(f).name: Path(f) for f in files}
+    missing = sorted(set(checksums) - set(by_name))
+    if missing:
+        raise ValueError(f"MoMos checkpoint is missing weight files {missing}")
+    for name, path in by_name.items():
+        if not path.exists():
+            raise ValueError(f"MoMos checkpoint is missing weight file {name}")
+        safetensors_header(path)
+        if name in checksums and sha256_of(path) != checksums[name]:
+            raise ValueError(f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time")
