@@ -183,3 +183,16 @@ def verify_files(files: list[Union[str, os.PathLike]], checksums: dict[str, str]
         safetensors_header(path)
         if name in checksums and sha256_of(path) != checksums[name]:
             raise ValueError(f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time")
+
+
+def local_weight_files(directory: Union[str, os.PathLike]) -> list[Path]:
+    """The weight files a local checkpoint folder refers to (from its index when sharded)."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{INDEX_NAME} is corrupted: {err!r}") from None
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    return [directory / WEIGHTS_NAME]

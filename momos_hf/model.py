@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.logging import tqdm
 
-from .checkpoint import QUANT_METHOD, save_checkpoint
+from .checkpoint import QUANT_METHOD, local_weight_files, save_checkpoint, verify_files
 from .config import MoMosConfig
 from .fitting import fit_mosaic, num_blocks_per_row, reconstruct, relative_error
 from .layer import MoMosLinear
@@ -173,6 +173,8 @@ class MoMosModel(nn.Module):
         quantization = getattr(config, "quantization_config", None) or {}
         if dict(quantization).get("quant_method") != QUANT_METHOD:
             raise ValueError(f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with quant_method 'momos'")
+        if os.path.isdir(model_id):  # check before Transformers reads them: its errors do not name the file
+            verify_files(local_weight_files(model_id), dict(quantization).get("checksums", {}))
         if model_class is None:
             model_class = getattr(transformers, config.architectures[0])
         model = model_class.from_pretrained(model_id, **kwargs)
