@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -116,6 +117,7 @@ def save_checkpoint(
     fit_errors: Optional[dict[str, float]] = None,
     tokenizer: Any = None,
     max_shard_size: Union[int, str] = "5GB",
+    base_model: str = "",
 ) -> Path:
     """Write `model` (a Transformers model holding MoMos layers) as a compact checkpoint into `directory`."""
     specs = layer_specs(model, fit_errors)
@@ -137,6 +139,7 @@ def save_checkpoint(
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,
             "format_version": FORMAT_VERSION,
+            "base_model": base_model,
             "momos_config": momos_config,
             "layers": specs,
             "checksums": checksums,
@@ -196,3 +199,68 @@ def local_weight_files(directory: Union[str, os.PathLike]) -> list[Path]:
             raise ValueError(f"{INDEX_NAME} is corrupted: {err!r}") from None
         return [directory / name for name in sorted(set(weight_map.values()))]
     return [directory / WEIGHTS_NAME]
+
+
+def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Sizes of a local MoMos checkpoint, read from `config.json` and the safetensors headers alone.
+
+    Returns the MoMos settings, parameter counts, the bytes the MoMos layers take on disk next to their
+    description length (`k*s*b_motif + n_blocks*ceil(log2 k)` per dictionary, plus scales), and the whole
+    checkpoint's bytes next to the same model stored dense in fp16 and fp32.
+    """
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{directory} is not a MoMos checkpoint: config.json has no quantization_config with quant_method 'momos'")
+    layers = quantization["layers"]
+    tensors = {}
+    files = local_weight_files(directory)
+    for path in files:
+        for name, meta in safetensors_header(path).items():
+            if name != "__metadata__":
+                tensors[name] = meta
+    bits_of = {"F32": 32, "BF16": 16, "F16": 16, "F64": 64, "U8": 8}
+    momos_names = {f"{n}.{part}" for n in layers for part in ("motifs", "mosaic_packed", "scale")}
+    momos_bytes = sum(tensors[n]["data_offsets"][1] - tensors[n]["data_offsets"][0] for n in momos_names if n in tensors)
+    description_bits = 0
+    for name, spec in layers.items():
+        blocks = spec["out_features"] * -(-spec["in_features"] // spec["s"])
+        description_bits += blocks * max(0, math.ceil(math.log2(spec["k"])))
+        if spec["motifs"] == name:
+            description_bits += spec["k"] * spec["s"] * bits_of[tensors[f"{name}.motifs"]["dtype"]]
+        if spec["scale"]:
+            description_bits += spec["out_features"] * bits_of[tensors[f"{name}.scale"]["dtype"]]
+    converted = sum(spec["out_features"] * spec["in_features"] for spec in layers.values())
+    other = sum(math.prod(meta["shape"]) for name, meta in tensors.items() if name not in momos_names)
+    return {
+        "base_model": quantization.get("base_model", ""),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "momos_config": quantization["momos_config"],
+        "layers": len(layers),
+        "dictionaries": sum(spec["motifs"] == name for name, spec in layers.items()),
+        "converted_params": converted,
+        "other_params": other,
+        "bits_per_weight": description_bits / converted,
+        "description_length_bytes": description_bits / 8,
+        "momos_bytes_on_disk": momos_bytes,
+        "checkpoint_bytes": sum(p.stat().st_size for p in files),
+        "dense_fp32_bytes": 4 * (converted + other),
+        "dense_fp16_bytes": 2 * (converted + other),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """`checkpoint_info` as the console text of `momos-hf info`."""
+    mib = 2**20
+    settings = info["momos_config"]
+    k = settings["k"] if settings.get("k") is not None else f"capacity {settings['capacity']}"
+    return "\n".join([
+        f"architecture         {info['architecture']} (base model: {info['base_model'] or 'not recorded'})",
+        f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, init={settings['init']}, scale={settings['scale']}",
+        f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), {info['converted_params']:,d} weights; {info['other_params']:,d} other parameters",
+        f"bits per weight      {info['bits_per_weight']:.4f} (mosaic, dictionaries and scales)",
+        f"MoMos layers on disk {info['momos_bytes_on_disk'] / mib:.3f} MiB = {info['momos_bytes_on_disk'] / info['description_length_bytes']:.4f}x their description length",
+        f"checkpoint           {info['checkpoint_bytes'] / mib:.3f} MiB vs dense fp16 {info['dense_fp16_bytes'] / mib:.3f} MiB "
+        f"({info['dense_fp16_bytes'] / info['checkpoint_bytes']:.2f}x) and fp32 {info['dense_fp32_bytes'] / mib:.3f} MiB ({info['dense_fp32_bytes'] / info['checkpoint_bytes']:.2f}x)",
+    ])

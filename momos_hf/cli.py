@@ -38,23 +38,55 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps, k=args.k, s=args.s, scope=args.scope, seed=args.seed, show_layers=args.layers)
 
 
+def load_dense(path: str):
+    from transformers import AutoConfig
+
+    from .model import architecture_class
+
+    return architecture_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .complexity import complexity_report
     from .demo import tiny_llama
     from .model import get_momos_model
 
-    if args.model_path is None:
-        model = tiny_llama(args.seed)
-    else:
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(args.model_path)
+    model = tiny_llama(args.seed) if args.model_path is None else load_dense(args.model_path)
     mm = get_momos_model(model, config_from_args(args))
     report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
     print(report.format(per_layer=not args.totals_only))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(report.to_json())
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from .checkpoint import checkpoint_info, format_info
+    from .model import get_momos_model
+
+    mm = get_momos_model(load_dense(args.model_path), config_from_args(args))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    except (OSError, ValueError, TypeError):  # a model folder without a tokenizer is fine
+        tokenizer = None
+    mm.save_pretrained(args.out, tokenizer=tokenizer)
+    print(format_info(checkpoint_info(args.out)))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint import checkpoint_info, format_info
+
+    print(format_info(checkpoint_info(args.directory)))
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_folder
+
+    url = push_folder(args.directory, args.repo_id, private=args.private or None, token=args.token,
+                      revision=args.revision, commit_message=args.commit_message)
+    print(f"pushed {args.directory} to {args.repo_id}: {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--totals_only", action="store_true")
     report.add_argument("--json", help="also write the report as JSON to this file")
     report.set_defaults(func=cmd_report)
+
+    compress = sub.add_parser("compress", help="convert a local model and save the compact MoMos checkpoint")
+    compress.add_argument("model_path", help="local Hugging Face model folder")
+    compress.add_argument("--out", required=True, help="folder of the MoMos checkpoint")
+    add_fit_arguments(compress)
+    compress.set_defaults(func=cmd_compress)
+
+    info = sub.add_parser("info", help="settings and sizes of a MoMos checkpoint folder (reads no weights)")
+    info.add_argument("directory")
+    info.set_defaults(func=cmd_info)
+
+    push = sub.add_parser("push", help="upload a MoMos checkpoint folder to a Hub repository (HF_ENDPOINT)")
+    push.add_argument("directory")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None)
+    push.add_argument("--revision", default=None, help="branch to commit to (created if needed)")
+    push.add_argument("--commit_message", default="Upload MoMos model")
+    push.set_defaults(func=cmd_push)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -79,10 +80,17 @@ class MoMosModel(nn.Module):
     checkpoint) is wrapped as it is.
     """
 
-    def __init__(self, model: nn.Module, config: MoMosConfig, fit_errors: Optional[dict[str, float]] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MoMosConfig,
+        fit_errors: Optional[dict[str, float]] = None,
+        base_model_name: Optional[str] = None,
+    ) -> None:
         super().__init__()
         self.base_model = model
         self.momos_config = config
+        self.base_model_name = base_model_name if base_model_name is not None else getattr(model, "name_or_path", "")
         self.fit_errors: dict[str, float] = dict(fit_errors or {})
         self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -163,7 +171,28 @@ class MoMosModel(nn.Module):
         self, save_directory: Union[str, os.PathLike], tokenizer: Any = None, max_shard_size: Union[int, str] = "5GB"
     ) -> None:
         """Write the compact checkpoint (see `momos_hf.checkpoint`); any `from_pretrained` loads it back."""
-        save_checkpoint(self.base_model, save_directory, self.momos_config.to_dict(), self.fit_errors, tokenizer, max_shard_size)
+        save_checkpoint(
+            self.base_model, save_directory, self.momos_config.to_dict(), self.fit_errors, tokenizer, max_shard_size,
+            self.base_model_name,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        tokenizer: Any = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        commit_message: str = "Upload MoMos model",
+        max_shard_size: Union[int, str] = "5GB",
+    ) -> str:
+        """Save the compact checkpoint with a model card and upload it to the Hub (`HF_ENDPOINT`);
+        returns the commit URL."""
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, tokenizer, max_shard_size)
+            return push_folder(tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, model_id: Union[str, os.PathLike], model_class: Any = None, **kwargs: Any) -> "MoMosModel":
@@ -175,12 +204,10 @@ class MoMosModel(nn.Module):
             raise ValueError(f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with quant_method 'momos'")
         if os.path.isdir(model_id):  # check before Transformers reads them: its errors do not name the file
             verify_files(local_weight_files(model_id), dict(quantization).get("checksums", {}))
-        if model_class is None:
-            model_class = getattr(transformers, config.architectures[0])
-        model = model_class.from_pretrained(model_id, **kwargs)
+        model = (model_class or architecture_class(config)).from_pretrained(model_id, **kwargs)
         quantization = model.config.quantization_config
         fit_errors = {n: spec["fit_error"] for n, spec in quantization.layers.items() if "fit_error" in spec}
-        return cls(model, quantization.config, fit_errors)
+        return cls(model, quantization.config, fit_errors, quantization.base_model)
 
     # -- PEFT-style API ----------------------------------------------------------------------------
 
@@ -240,6 +267,12 @@ class MoMosModel(nn.Module):
 def get_momos_model(model: nn.Module, config: MoMosConfig) -> MoMosModel:
     """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`."""
     return MoMosModel(model, config)
+
+
+def architecture_class(config: Any) -> type:
+    """The Transformers class named first in `config.architectures` (`AutoModel` when none is named)."""
+    names = getattr(config, "architectures", None) or []
+    return getattr(transformers, names[0], transformers.AutoModel) if names else transformers.AutoModel
 
 
 def _weight_out_in(module: nn.Module) -> torch.Tensor:

@@ -37,6 +37,7 @@ class MoMosQuantizationConfig(QuantizationConfigMixin):
         layers: per converted layer (full name): `in_features`, `out_features`, `k`, `s`, `scale`, `conv1d`,
             and `motifs`, the name of the layer whose `motifs` tensor it uses (itself unless shared).
         checksums: sha256 of each weight file, checked before loading.
+        base_model: name or path of the model that was converted.
         format_version: version of this layout; a newer one than this library knows is refused.
     """
 
@@ -45,11 +46,13 @@ class MoMosQuantizationConfig(QuantizationConfigMixin):
         momos_config: dict,
         layers: dict[str, dict],
         checksums: Optional[dict[str, str]] = None,
+        base_model: str = "",
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
+        self.base_model = base_model
         self.momos_config = momos_config
         self.layers = layers
         self.checksums = checksums or {}

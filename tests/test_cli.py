@@ -25,3 +25,27 @@ def test_errors_are_one_clear_line(tmp_path):
     build("bert").save_pretrained(tmp_path / "bert")
     with pytest.raises(SystemExit, match=r"momos-hf: error: k=4096 motifs do not fit"):
         main(["report", str(tmp_path / "bert"), "--k", "4096", "--s", "4"])
+
+
+def test_compress_then_info(tmp_path, capsys):
+    import torch
+    from conftest import model_inputs
+    from transformers import AutoModelForCausalLM
+
+    build("llama").save_pretrained(tmp_path / "dense")
+    main(["compress", str(tmp_path / "dense"), "--out", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--scope", "global"])
+    compress_out = capsys.readouterr().out
+    main(["info", str(tmp_path / "momos")])
+    info = capsys.readouterr().out
+    assert info in compress_out + "\n"
+    assert "MoMos layers         14 (1 dictionaries)" in info
+    assert "= 1.0000x their description length" in info
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "momos")
+    with torch.no_grad():
+        assert torch.isfinite(model(**model_inputs("llama")).logits).all()
+
+
+def test_info_on_a_dense_folder_is_refused(tmp_path):
+    build("llama").save_pretrained(tmp_path)
+    with pytest.raises(SystemExit, match="is not a MoMos checkpoint"):
+        main(["info", str(tmp_path)])

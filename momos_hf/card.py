@@ -1,0 +1,70 @@
+"""Model cards for MoMos checkpoints, rendered from the template `model_cards/momos.md`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Union
+
+from huggingface_hub import ModelCardData
+
+from .checkpoint import checkpoint_info
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def load_class_for(architecture: str) -> str:
+    return "AutoModelForCausalLM" if architecture.endswith("ForCausalLM") else architecture
+
+
+def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = None) -> str:
+    """The model card (README.md) of the MoMos checkpoint in `directory`, with valid Hub metadata
+    (`library_name`, `base_model` when it is a Hub id, tags) and the sizes and complexity figures."""
+    from .complexity import complexity_report
+    from .model import MoMosModel
+
+    info = checkpoint_info(directory)
+    mm = MoMosModel.from_pretrained(directory)
+    report = complexity_report(mm, mm.fit_errors)
+    base = info["base_model"]
+    base_is_hub_id = bool(HUB_ID.match(base)) and not Path(base).exists()
+    metadata = ModelCardData(
+        library_name="transformers",
+        base_model=base if base_is_hub_id else None,
+        tags=["momos", "mosaic-of-motifs", "compression"],
+    )
+    rows = [f"| {name} compression ratio (float32 bytes) | {ratio:.3f} |" for name, ratio in report.compression_ratios.items()]
+    if report.bdm_bits is not None:
+        rows.append(f"| BDM of sign bits | {report.bdm_bits:,.0f} bits over {report.bdm_sign_bits:,d} signs |")
+    errors = [layer.rel_error for layer in report.layers if layer.rel_error is not None]
+    if errors:
+        rows.append(f"| mean relative weight error at fit time | {sum(errors) / len(errors):.4f} |")
+    mib = 2**20
+    settings = info["momos_config"]
+    template = resources.files("momos_hf").joinpath("model_cards/momos.md").read_text(encoding="utf-8")
+    return string.Template(template).substitute(
+        metadata=metadata.to_yaml(),
+        title=f"{repo_id.split('/')[-1] if repo_id else info['architecture']} (MoMos, {info['bits_per_weight']:.2f} bits/weight)",
+        base_model_text=f"[{base}](https://huggingface.co/{base})" if base_is_hub_id else (f"`{base}`" if base else "a model"),
+        layers=info["layers"],
+        s=settings["s"],
+        k=settings["k"] if settings.get("k") is not None else f"capacity {settings['capacity']} of the blocks as",
+        bits_per_weight=f"{info['bits_per_weight']:.4f}",
+        converted_params=f"{info['converted_params']:,d}",
+        dictionaries=info["dictionaries"],
+        other_params=f"{info['other_params']:,d}",
+        disk_over_dl=f"{info['momos_bytes_on_disk'] / info['description_length_bytes']:.4f}",
+        checkpoint_mib=f"{info['checkpoint_bytes'] / mib:.3f}",
+        fp16_mib=f"{info['dense_fp16_bytes'] / mib:.3f}",
+        fp16_ratio=f"{info['dense_fp16_bytes'] / info['checkpoint_bytes']:.2f}",
+        fp32_mib=f"{info['dense_fp32_bytes'] / mib:.3f}",
+        fp32_ratio=f"{info['dense_fp32_bytes'] / info['checkpoint_bytes']:.2f}",
+        complexity_rows="\n".join(rows) or "| (not measured) | |",
+        load_class=load_class_for(info["architecture"]),
+        repo_id=repo_id or str(directory),
+        settings=json.dumps(settings, indent=2, sort_keys=True),
+    )

@@ -1,0 +1,88 @@
+"""Push to and pull from a Hub over real HTTP: the real `huggingface_hub` client and Transformers talk to
+a Hub-API stand-in on 127.0.0.1 (tests/hub_server.py), the real Hub being out of reach here. Clients run in
+fresh processes, so that `HF_ENDPOINT` is read as users set it."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import build, model_inputs
+from huggingface_hub import ModelCard
+from hub_server import HubServer
+
+from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.card import render_card
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_client(endpoint, code, tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": TESTS}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture
+def hub():
+    with HubServer() as server:
+        yield server
+
+
+def test_push_then_pull_gives_identical_logits(hub, tmp_path):
+    out = run_client(hub.endpoint, f"""
+        import torch
+        from conftest import build, model_inputs
+        from transformers import AutoModelForCausalLM
+        from momos_hf import MoMosConfig, MoMosModel, get_momos_model
+
+        mm = get_momos_model(build("gpt2"), MoMosConfig(k=16, s=4, kmeans_iters=2, motif_scope="global"))
+        url = mm.push_to_hub("org/gpt2-momos", token="hf_test", private=True, commit_message="first")
+        assert url.startswith("{hub.endpoint}/org/gpt2-momos/commit/"), url
+        inputs = model_inputs("gpt2")
+        with torch.no_grad():
+            reference = mm(**inputs).logits
+            pulled = AutoModelForCausalLM.from_pretrained("org/gpt2-momos", token="hf_test")(**inputs).logits
+            wrapped = MoMosModel.from_pretrained("org/gpt2-momos", token="hf_test")(**inputs).logits
+        print("identical", torch.equal(pulled, reference), torch.equal(wrapped, reference))
+    """, tmp_path)
+    assert "identical True True" in out
+    files = hub.state.repos["org/gpt2-momos"]
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md"} <= set(files)
+    assert hub.state.private["org/gpt2-momos"] and set(hub.state.tokens_seen) == {"hf_test"}
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "transformers" and "momos" in card.data.tags
+
+
+def test_cli_push_uploads_a_saved_folder(hub, tmp_path):
+    mm = get_momos_model(build("bert"), MoMosConfig(k=16, s=4, kmeans_iters=2))
+    mm.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "README.md").write_text("---\nlicense: mit\n---\n# my own card\n")
+    out = run_client(hub.endpoint, f"""
+        from momos_hf.cli import main
+        main(["push", r"{tmp_path / 'ckpt'}", "me/bert-momos", "--token", "hf_cli", "--revision", "main"])
+    """, tmp_path)
+    assert "pushed" in out and "me/bert-momos" in out
+    files = hub.state.repos["me/bert-momos"]
+    assert files["README.md"].decode().endswith("# my own card\n")  # the user's card is kept
+    assert files["model.safetensors"] == (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+
+def test_card_renders_and_parses(tmp_path):
+    torch.manual_seed(0)
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=2))
+    mm.base_model_name = "HuggingFaceTB/SmolLM2-135M"
+    mm.save_pretrained(tmp_path)
+    card = ModelCard(render_card(tmp_path, "org/smol-momos"))
+    assert card.data.library_name == "transformers"
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
+    assert set(card.data.tags) == {"momos", "mosaic-of-motifs", "compression"}
+    text = card.text
+    assert "AutoModelForCausalLM.from_pretrained(\"org/smol-momos\")" in text
+    assert "| MoMos layers on disk / their description length | 1.0000 |" in text
+    assert "mean relative weight error at fit time" in text and "lzma" in text
+    assert "$" not in text  # every placeholder filled
