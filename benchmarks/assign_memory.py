@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 
+from common import write_json
+
 CHILD = """
 import json, resource, sys, time, torch
 from momos_hf.fitting import assign
@@ -52,9 +54,7 @@ def main() -> None:
         print(f"{budget / 2**20:>7.0f} MiB {row['extra_peak_mib']:>15.0f} {row['seconds']:>8.2f}")
     print(f"peak above inputs stays near the outputs ({outputs / 2**20:.0f} MiB) + one chunk; "
           f"{whole / 2**20 / max(r['extra_peak_mib'] for r in results):.0f}x below the whole matrix")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import zipfile
@@ -38,3 +39,10 @@ def shakespeare_lines(split: str = "valid", n: int = 128, min_chars: int = 40) -
     text = (SHARED / "data" / "shakespeare" / f"{split}.txt").read_text(encoding="utf-8")
     lines = [l.strip() for l in text.splitlines() if len(l.strip()) >= min_chars and not l.strip().isupper()]
     return lines[:: max(1, len(lines) // n)][:n]
+
+
+def write_json(path: str | None, results) -> None:
+    """Write a benchmark's results as JSON when `--json PATH` was given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)

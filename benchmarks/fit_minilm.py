@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
-from common import minilm_path, shakespeare_lines
+from common import minilm_path, shakespeare_lines, write_json
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging
 
@@ -68,9 +67,7 @@ def main() -> None:
         results.append(row)
         print(f"{init:<7} {s:>3} {k:>4} {bits:>6.2f} {error:>8.4f} {bound:>7.4f} {error / bound:>9.3f} {seconds:>6.1f} "
               f"{weights / seconds / 1e6:>10.2f} {cosine:>7.3f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.uint8)
     if len(flat) and (flat.min() < 0 or flat.max() >= 2**bits):
         raise ValueError(f"indices must lie in [0, {2**bits}) to pack into {bits} bits")
+    if bits % 8 == 0:  # whole bytes (k = 256, 65536): little-endian bytes, no bit matrix needed
+        return ((flat[:, None] >> (8 * torch.arange(bits // 8))) & 255).to(torch.uint8).flatten()
     shifts = torch.arange(bits)
     weights = 2 ** torch.arange(8)
     out = torch.empty(packed_size(len(flat), bits), dtype=torch.uint8)
@@ -45,6 +47,8 @@ def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 0:
         return torch.zeros(count, dtype=torch.long)
     data = packed.cpu().long()
+    if bits % 8 == 0:
+        return (data.reshape(count, bits // 8) << (8 * torch.arange(bits // 8))).sum(1)
     shifts = torch.arange(8)
     weights = 2 ** torch.arange(bits)
     out = torch.empty(count, dtype=torch.long)
