@@ -8,7 +8,7 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCardData
 
@@ -21,9 +21,11 @@ def load_class_for(architecture: str) -> str:
     return "AutoModelForCausalLM" if architecture.endswith("ForCausalLM") else architecture
 
 
-def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = None) -> str:
+def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = None,
+                results: Optional[dict[str, Any]] = None) -> str:
     """The model card (README.md) of the MoMos checkpoint in `directory`, with valid Hub metadata
-    (`library_name`, `base_model` when it is a Hub id, tags) and the sizes and complexity figures."""
+    (`library_name`, `base_model` when it is a Hub id, tags), the sizes and complexity figures, and the
+    evaluation `results` when given (name -> number)."""
     from .complexity import complexity_report
     from .model import MoMosModel
 
@@ -64,7 +66,16 @@ def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = Non
         fp32_mib=f"{info['dense_fp32_bytes'] / mib:.3f}",
         fp32_ratio=f"{info['dense_fp32_bytes'] / info['checkpoint_bytes']:.2f}",
         complexity_rows="\n".join(rows) or "| (not measured) | |",
+        evaluation=_evaluation_section(results),
         load_class=load_class_for(info["architecture"]),
         repo_id=repo_id or str(directory),
         settings=json.dumps(settings, indent=2, sort_keys=True),
     )
+
+
+def _evaluation_section(results: Optional[dict[str, Any]]) -> str:
+    if not results:
+        return ""
+    rows = "\n".join(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
+                     for name, value in results.items())
+    return f"## Evaluation\n\n| metric | value |\n|---|---|\n{rows}\n\n"

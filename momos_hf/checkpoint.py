@@ -57,11 +57,15 @@ def layer_specs(model: nn.Module, fit_errors: Optional[dict[str, float]] = None)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` with each shared tensor kept once, under its first name (a shared dictionary
-    under its owner layer, tied embeddings under the input embeddings); loading re-ties them."""
+    """`model.state_dict()` without latent weights and with each shared tensor kept once, under its first
+    name (a shared dictionary under its owner layer, tied embeddings under the input embeddings); loading
+    re-ties them."""
     seen: set[tuple[torch.device, int]] = set()
     unique = {}
+    latents = {f"{n}.latent" for n, m in model.named_modules() if isinstance(m, MoMosLinear) and m.latent is not None}
     for name, tensor in model.state_dict().items():
+        if name in latents:  # training state only: the checkpoint is the mosaic
+            continue
         key = (tensor.device, tensor.untyped_storage().data_ptr())
         if tensor.numel() and key in seen:
             continue

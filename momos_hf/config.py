@@ -14,6 +14,7 @@ import torch
 CONFIG_NAME = "momos_config.json"
 
 INITS = ("sample", "kmeans")
+TRAIN_MODES = ("motifs", "projected", "ste")
 SCOPES = ("layer", "global")
 MOTIF_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -47,6 +48,18 @@ class MoMosConfig:
         seed: seed of every random choice of the fit, so a conversion is reproducible.
         modules_to_save: modules (same matching as a list `target_modules`) kept dense and trainable.
         max_assign_bytes: memory budget of one chunk of the block-to-motif distance matrix.
+        train_mode: how the model trains.
+            `"motifs"` (default): the mosaic is frozen; motifs, scales and `modules_to_save` train, the rest
+            is frozen (PEFT-like: few trainable parameters, always in MoMos form). For adapting a converted
+            model cheaply.
+            `"projected"` (the paper): every layer keeps a dense latent weight that trains freely with the
+            rest of the model; `project()` refits motifs and mosaic to it and snaps it onto the mosaic.
+            For training from scratch, and for recovering a pretrained model's quality.
+            `"ste"`: the forward pass uses the mosaic weight while gradients pass straight through to the
+            dense latent weight; `project()` refits motifs and mosaic to the latent weight. The model is in
+            MoMos form at every step; usually the best quality at low rates.
+        project_every: optimizer steps between projections in `"projected"` and `"ste"` modes (0: at each
+            epoch end, as the paper). Training ends with a projection either way.
     """
 
     k: Optional[int] = None
@@ -62,6 +75,8 @@ class MoMosConfig:
     seed: int = 0
     modules_to_save: Optional[list[str]] = None
     max_assign_bytes: int = 256 * 2**20
+    train_mode: str = "motifs"
+    project_every: int = 0
 
     def __post_init__(self) -> None:
         if self.capacity is not None:
@@ -77,6 +92,9 @@ class MoMosConfig:
             raise ValueError(f"s must be an integer >= 1 (values per block), got {self.s!r}")
         _check_choice("motif_scope", self.motif_scope, SCOPES)
         _check_choice("init", self.init, INITS)
+        _check_choice("train_mode", self.train_mode, TRAIN_MODES)
+        if not _is_int(self.project_every) or self.project_every < 0:
+            raise ValueError(f"project_every must be an integer >= 0 (0: at each epoch end), got {self.project_every!r}")
         if self.motif_dtype is not None:
             _check_choice("motif_dtype", self.motif_dtype, MOTIF_DTYPES)
         if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:

@@ -21,11 +21,11 @@ def embedded_text() -> str:
     return resources.files("momos_hf").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A 1M-parameter Llama over byte tokens (vocab 256); every projection has >= 1024 blocks of 16."""
+def tiny_llama(seed: int = 0, vocab_size: int = 256) -> LlamaForCausalLM:
+    """A 1M-parameter Llama over byte tokens; every projection has >= 1024 blocks of 16."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
     )
     return LlamaForCausalLM(config)

@@ -22,6 +22,10 @@ class MoMosLinear(nn.Module):
     - `scale[out]`: optional trainable parameter.
     - `bias[out]`: the original layer's bias, kept as it was.
 
+    - `latent`: optional dense `[out, in]` weight for the `"projected"` and `"ste"` training modes
+      (`enable_latent`); forward then uses it directly (`projected`) or through the mosaic with a
+      straight-through gradient (`ste`). Checkpoints never store it.
+
     The weight is stored as `[out, in]` whatever the original layer was; `conv1d=True` remembers that it
     replaced a GPT-2 `Conv1D` (weight `[in, out]`), so `weight` and `merge()` give that layout back.
     Rows are padded internally to a multiple of `s`; the padding is cut before any product.
@@ -58,6 +62,8 @@ class MoMosLinear(nn.Module):
             self.set_mosaic(mosaic)
         self.scale = scale
         self.bias = bias
+        self.latent: Optional[nn.Parameter] = None
+        self.train_mode = "motifs"
         self.register_load_state_dict_post_hook(lambda module, _: module.unpack_mosaic())
 
     @classmethod
@@ -122,8 +128,28 @@ class MoMosLinear(nn.Module):
         weight = self.dense_weight()
         return weight.T if self.conv1d else weight
 
+    def enable_latent(self, train_mode: str, weight: Optional[torch.Tensor] = None) -> None:
+        """Give the layer a trainable dense latent weight (`weight`, default the mosaic weight)."""
+        if train_mode not in ("projected", "ste"):
+            raise ValueError(f"a latent weight serves train_mode 'projected' or 'ste', not {train_mode!r}")
+        with torch.no_grad():
+            start = self.dense_weight() if weight is None else weight.to(self.motifs.dtype)
+        self.latent = nn.Parameter(start.detach().clone())
+        self.train_mode = train_mode
+
+    def training_weight(self) -> torch.Tensor:
+        """The weight forward uses: the mosaic weight, the latent (`projected`), or the mosaic weight with
+        the latent's straight-through gradient (`ste`)."""
+        if self.latent is None:
+            return self.dense_weight()
+        if self.train_mode == "projected":
+            return self.latent
+        with torch.no_grad():
+            mosaic_weight = self.dense_weight()
+        return self.latent + (mosaic_weight - self.latent).detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dense_weight().to(x.dtype)
+        weight = self.training_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, weight, bias)
 

@@ -89,16 +89,22 @@ class MoMosModel(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = model
+        # Calls go straight to the base model, whose signature Trainer and pipelines read to pick inputs.
+        self.forward = model.forward
         self.momos_config = config
         self.base_model_name = base_model_name if base_model_name is not None else getattr(model, "name_or_path", "")
         self.fit_errors: dict[str, float] = dict(fit_errors or {})
         self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        if not self.momos_layers():
-            self._convert()
+        originals = {} if self.momos_layers() else self._convert()
+        if config.train_mode != "motifs":  # latent weights start from the dense weights where known
+            for layer in self.momos_layers().values():
+                if layer.latent is None:
+                    layer.enable_latent(config.train_mode, originals.get(layer))
         self._mark_trainable()
 
-    def _convert(self) -> None:
+    def _convert(self) -> dict[MoMosLinear, torch.Tensor]:
+        """Fit and swap in every target layer; returns each new layer's dense weight `[out, in]`."""
         model, config = self.base_model, self.momos_config
         targets = find_targets(model, config.target_modules)
         overlap = sorted(set(targets) & set(self.modules_to_save))
@@ -109,8 +115,12 @@ class MoMosModel(nn.Module):
             if not torch.isfinite(module.weight).all():
                 raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
         fitted = self._fit({name: _weight_out_in(m) for name, m in originals.items()})
+        dense = {}
         for name, (motifs, mosaic, scale) in fitted.items():
-            self._set_submodule(name, MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif))
+            layer = MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif)
+            dense[layer] = _weight_out_in(originals[name]).detach()
+            self._set_submodule(name, layer)
+        return dense
 
     # -- fitting -----------------------------------------------------------------------------------
 
@@ -152,17 +162,22 @@ class MoMosModel(nn.Module):
     def project(self) -> dict[str, float]:
         """Refit motifs and mosaics from the current weights (the paper's projection step).
 
+        The current weight is the latent weight where there is one (`"projected"`/`"ste"`), else the
+        mosaic weight. In `"projected"` mode the latent weight then snaps onto the new mosaic weight.
         Parameters are updated in place, so optimizers keep referring to them. Returns the relative
         error of each layer's new fit against its weight before the projection.
         """
         layers = self.momos_layers()
-        fitted = self._fit({name: layer.dense_weight() for name, layer in layers.items()})
+        current = {name: layer.dense_weight() if layer.latent is None else layer.latent for name, layer in layers.items()}
+        fitted = self._fit(current)
         for name, (motifs, mosaic, scale) in fitted.items():
             layer = layers[name]
             layer.motifs.copy_(motifs)
             layer.set_mosaic(mosaic)
             if scale is not None:
                 layer.scale.copy_(scale)
+            if layer.train_mode == "projected":
+                layer.latent.copy_(layer.dense_weight())
         return dict(self.fit_errors)
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -236,9 +251,6 @@ class MoMosModel(nn.Module):
             param.requires_grad_(self._requires_grad.get(name, True))
         return self.base_model
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -254,12 +266,15 @@ class MoMosModel(nn.Module):
         setattr(self.base_model.get_submodule(parent_name), child, module)
 
     def _mark_trainable(self) -> None:
+        """`motifs` mode: motifs, scales and modules_to_save train. `projected`/`ste`: every parameter
+        trains except motifs and scales, which projections refit."""
+        latent_mode = self.momos_config.train_mode != "motifs"
         for param in self.base_model.parameters():
-            param.requires_grad_(False)
+            param.requires_grad_(latent_mode)
         for layer in self.momos_layers().values():
-            layer.motifs.requires_grad_(True)
+            layer.motifs.requires_grad_(not latent_mode)
             if layer.scale is not None:
-                layer.scale.requires_grad_(True)
+                layer.scale.requires_grad_(not latent_mode)
         for name in self.modules_to_save:
             self.base_model.get_submodule(name).requires_grad_(True)
 

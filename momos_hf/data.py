@@ -1,0 +1,80 @@
+"""Text data for training: an embedded byte-level tokenizer, loading through `datasets`, and the
+tokenize-then-group-into-blocks step of the Transformers language-modelling examples."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from datasets import Dataset, DatasetDict, load_dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from .demo import embedded_text
+
+EOS = "<|endoftext|>"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer with one token per byte (256) plus `<|endoftext|>`; needs no download and can encode
+    any text. Used when a model is trained from a config without a tokenizer."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    vocab[EOS] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+def load_text_datasets(
+    dataset_name: Optional[str] = None,
+    dataset_config_name: Optional[str] = None,
+    train_file: Optional[str] = None,
+    validation_file: Optional[str] = None,
+    validation_split_percentage: int = 10,
+) -> DatasetDict:
+    """`train` and `validation` splits from a Hub/local dataset name, from text/json/csv files, or (with no
+    argument) from the embedded sonnets. Without a validation split, the last percentage of train is used."""
+    if dataset_name is not None:
+        raw = load_dataset(dataset_name, dataset_config_name)
+    elif train_file is not None:
+        files = {"train": train_file, **({"validation": validation_file} if validation_file else {})}
+        extension = os.path.splitext(train_file)[1].lstrip(".")
+        builder = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "csv": "csv"}.get(extension)
+        if builder is None:
+            raise ValueError(f"--train_file {train_file}: expected a .txt, .json, .jsonl or .csv file")
+        raw = load_dataset(builder, data_files=files)
+    else:
+        raw = DatasetDict({"train": Dataset.from_dict({"text": embedded_text().splitlines(keepends=True)})})
+    if "validation" not in raw:
+        cut = len(raw["train"]) * (100 - validation_split_percentage) // 100
+        raw = DatasetDict({"train": raw["train"].select(range(cut)), "validation": raw["train"].select(range(cut, len(raw["train"])))})
+    return raw
+
+
+def tokenize_and_group(raw: DatasetDict, tokenizer, block_size: int, text_column: Optional[str] = None,
+                       num_proc: Optional[int] = None) -> DatasetDict:
+    """Tokenize every split, concatenate the token streams and cut them into `block_size` blocks with
+    `labels` (the remainder is dropped). `datasets` caches both steps for file-backed data."""
+    column = text_column or ("text" if "text" in raw["train"].column_names else raw["train"].column_names[0])
+    if column not in raw["train"].column_names:
+        raise ValueError(f"--text_column {column!r} is not a column of the data: {raw['train'].column_names}")
+
+    def tokenize(batch):
+        return tokenizer(batch[column])
+
+    def group(batch):
+        ids = [token for row in batch["input_ids"] for token in row]
+        total = len(ids) // block_size * block_size
+        blocks = [ids[i : i + block_size] for i in range(0, total, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=raw["train"].column_names,
+                        desc="tokenize")
+    grouped = tokenized.map(group, batched=True, num_proc=num_proc, remove_columns=tokenized["train"].column_names,
+                            desc=f"group into blocks of {block_size}")
+    for split, data in grouped.items():
+        if len(data) == 0:
+            raise ValueError(f"the {split} split has fewer than block_size={block_size} tokens; lower --block_size")
+    return grouped

@@ -1,0 +1,100 @@
+"""Pieces of MoMos-aware training shared by the recipe, `transformers.Trainer` and plain loops:
+the projection schedule, keeping ranks in agreement, and distillation from the dense model."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from .model import MoMosModel
+
+
+def unwrap(model: Any) -> MoMosModel:
+    """The `MoMosModel` inside DDP/FSDP/Accelerate wrappers."""
+    while not isinstance(model, MoMosModel) and hasattr(model, "module"):
+        model = model.module
+    if not isinstance(model, MoMosModel):
+        raise TypeError(f"expected a MoMosModel (get_momos_model), got {type(model).__name__}")
+    return model
+
+
+def projection_due(config_project_every: int, step: int, epoch_end: bool) -> bool:
+    """Whether the `projected`/`ste` schedule projects now: every `project_every` optimizer steps, or at
+    each epoch end when `project_every` is 0."""
+    return epoch_end if config_project_every == 0 else (not epoch_end and step > 0 and step % config_project_every == 0)
+
+
+@torch.no_grad()
+def project_in_sync(model: Any) -> None:
+    """Project on every rank, then copy rank 0's motifs, mosaics, scales and latent weights to the others.
+
+    The fit is deterministic for equal weights and seed, so the copy only guards against floating-point
+    drift between ranks; it costs one broadcast of the (small) MoMos state.
+    """
+    mm = unwrap(model)
+    mm.project()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for layer in mm.momos_layers().values():
+        tensors = [layer.motifs, layer.mosaic_packed] + [t for t in (layer.scale, layer.latent) if t is not None]
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+        layer.unpack_mosaic()
+
+
+def momos_state_digest(model: Any) -> str:
+    """sha256 of every MoMos layer's motifs, packed mosaic and scale: equal digests mean equal MoMos state."""
+    digest = hashlib.sha256()
+    for name, layer in unwrap(model).momos_layers().items():
+        digest.update(name.encode())
+        for tensor in (layer.motifs, layer.mosaic_packed, layer.scale):
+            if tensor is not None:
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL(teacher || student) of the softened token distributions, times `temperature**2` (Hinton et al.),
+    averaged over the positions where `mask` is true (all when `None`)."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
+    if mask is not None:
+        per_position = per_position[mask.bool()]
+    return per_position.mean() * temperature**2
+
+
+def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean squared error between student and teacher hidden states, averaged over layers."""
+    losses = [F.mse_loss(s.float(), t.float()) for s, t in zip(student_hidden, teacher_hidden)]
+    return torch.stack(losses).mean()
+
+
+class MoMosCallback(TrainerCallback):
+    """Projection schedule of the `projected`/`ste` train modes for `transformers.Trainer`.
+
+    Projects every `project_every` optimizer steps (from the model's `MoMosConfig`), or at each epoch end
+    when it is 0, and once more when training ends so that the model finishes in MoMos form.
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._maybe_project(model, state.global_step, epoch_end=False)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._maybe_project(model, state.global_step, epoch_end=True)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if unwrap(model).momos_config.train_mode != "motifs":
+            project_in_sync(model)
+
+    @staticmethod
+    def _maybe_project(model: Any, step: int, epoch_end: bool) -> None:
+        config = unwrap(model).momos_config
+        if config.train_mode != "motifs" and projection_due(config.project_every, step, epoch_end):
+            project_in_sync(model)

@@ -1,0 +1,280 @@
+"""MoMos-aware training of a causal language model with Accelerate, from one CPU process to many GPUs.
+
+    accelerate launch recipes/finetune.py                       # tiny Llama, byte tokenizer, embedded sonnets
+    accelerate launch recipes/finetune.py --model_name_or_path PATH --train_file train.txt --k 256 --s 16 \\
+        --train_mode ste --distill --max_steps 1000 --output_dir out/
+
+Trains in one of the `MoMosConfig.train_mode`s (`motifs`, `projected`, `ste`) or `dense` (no conversion, the
+baseline), optionally distilling from the dense starting model, evaluates validation loss and perplexity,
+logs them with bits per weight and complexity figures, and writes the compact MoMos checkpoint with a model
+card holding the evaluation results. Where no GPU exists it runs on CPU processes (gloo), so
+`accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py` gives two real ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
+
+from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.card import render_card
+from momos_hf.complexity import complexity_report
+from momos_hf.config import INITS, SCOPES, TRAIN_MODES
+from momos_hf.data import byte_tokenizer, load_text_datasets, tokenize_and_group
+from momos_hf.demo import tiny_llama
+from momos_hf.training import distillation_loss, hidden_state_loss, momos_state_digest, project_in_sync, projection_due
+
+STEP_FILE = "momos_step.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="MoMos-aware training of a causal LM with Accelerate")
+    model = p.add_argument_group("model")
+    model.add_argument("--model_name_or_path", help="local folder or Hub id of a pretrained causal LM")
+    model.add_argument("--model_config", help="JSON config to train from scratch (default: a 1M-parameter Llama)")
+    model.add_argument("--tokenizer_name", help="tokenizer folder or Hub id (default: the model's, else an embedded byte tokenizer)")
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset_name", help="a `datasets` name (Hub or local script/folder)")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--train_file", help=".txt, .json/.jsonl or .csv")
+    data.add_argument("--validation_file")
+    data.add_argument("--validation_split_percentage", type=int, default=10)
+    data.add_argument("--text_column")
+    data.add_argument("--block_size", type=int, default=128)
+    data.add_argument("--preprocessing_num_workers", type=int)
+    momos = p.add_argument_group("MoMos")
+    momos.add_argument("--k", type=int, default=256)
+    momos.add_argument("--s", type=int, default=16)
+    momos.add_argument("--motif_scope", choices=SCOPES, default="layer")
+    momos.add_argument("--init", choices=INITS, default="kmeans")
+    momos.add_argument("--scale", action="store_true")
+    momos.add_argument("--train_mode", choices=("dense",) + TRAIN_MODES, default="ste")
+    momos.add_argument("--project_every", type=int, default=50,
+                       help="optimizer steps between projections in projected/ste modes (0: each epoch end, as the paper)")
+    momos.add_argument("--modules_to_save", nargs="*", default=None, help="dense modules trained in `motifs` mode")
+    momos.add_argument("--distill", action="store_true", help="distil from the dense starting model")
+    momos.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on the LM loss)")
+    momos.add_argument("--distill_temperature", type=float, default=2.0)
+    momos.add_argument("--distill_hidden_weight", type=float, default=0.0, help="weight of a hidden-state MSE term")
+    train = p.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--lr_scheduler_type", default="linear")
+    train.add_argument("--num_warmup_steps", type=int, default=0)
+    train.add_argument("--num_train_epochs", type=int, default=1)
+    train.add_argument("--max_steps", type=int, default=None, help="overrides --num_train_epochs")
+    train.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end only)")
+    train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--checkpointing_steps", type=int, default=0, help="save the training state every N steps")
+    train.add_argument("--resume_from_checkpoint", help="a step_N folder written by --checkpointing_steps")
+    train.add_argument("--output_dir", default="momos-out")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--report_to", default="none", help="an Accelerate tracker (tensorboard, wandb, ...) or 'none'")
+    train.add_argument("--push_to_hub", action="store_true")
+    train.add_argument("--hub_model_id")
+    train.add_argument("--hub_token")
+    args = p.parse_args(argv)
+    if args.model_name_or_path and args.model_config:
+        p.error("give --model_name_or_path or --model_config, not both")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id")
+    return args
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    if args.tokenizer_name or args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+    else:
+        tokenizer = byte_tokenizer()
+    if args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    elif args.model_config:
+        config = AutoConfig.for_model(**json.loads(Path(args.model_config).read_text()))
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = tiny_llama(args.seed, vocab_size=len(tokenizer))
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
+
+
+def training_loss(model, teacher, batch, args) -> torch.Tensor:
+    """Language-model loss, blended with distillation from the dense teacher when asked."""
+    want_hidden = teacher is not None and args.distill_hidden_weight > 0
+    out = model(**batch, output_hidden_states=want_hidden)
+    if teacher is None:
+        return out.loss
+    with torch.no_grad():
+        reference = teacher(input_ids=batch["input_ids"], output_hidden_states=want_hidden)
+    loss = (1 - args.distill_alpha) * out.loss + args.distill_alpha * distillation_loss(
+        out.logits, reference.logits, args.distill_temperature)
+    if want_hidden:
+        loss = loss + args.distill_hidden_weight * hidden_state_loss(out.hidden_states, reference.hidden_states)
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator) -> dict[str, float]:
+    model.eval()
+    losses = []
+    for batch in dataloader:
+        loss = model(**batch).loss
+        losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(batch["input_ids"].shape[0])))
+    model.train()
+    eval_loss = torch.cat(losses).mean().item()
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def momos_figures(model) -> dict[str, float]:
+    report = complexity_report(model, max_bytes=2**20)
+    figures = {"bits_per_weight": report.bits_per_weight}
+    figures.update({f"{name}_ratio": ratio for name, ratio in report.compression_ratios.items()})
+    if report.bdm_bits is not None:
+        figures["bdm_bits_per_sign"] = report.bdm_bits / report.bdm_sign_bits
+    return figures
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    # Without a GPU, Accelerate must be told to use the CPU, or each launched process silently runs alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
+    accelerator.print(f"world size {accelerator.num_processes}, device {accelerator.device}, "
+                      f"mixed precision {accelerator.mixed_precision}, train mode {args.train_mode}")
+    set_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args)
+    with accelerator.main_process_first():
+        raw = load_text_datasets(args.dataset_name, args.dataset_config_name, args.train_file, args.validation_file,
+                                 args.validation_split_percentage)
+        data = tokenize_and_group(raw, tokenizer, args.block_size, args.text_column, args.preprocessing_num_workers)
+    train_dl = DataLoader(data["train"], shuffle=True, batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator)
+    eval_dl = DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator)
+
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None
+    momos_mode = args.train_mode != "dense"
+    if momos_mode:
+        config = MoMosConfig(k=args.k, s=args.s, motif_scope=args.motif_scope, init=args.init, scale=args.scale,
+                             train_mode=args.train_mode, project_every=args.project_every,
+                             modules_to_save=args.modules_to_save, seed=args.seed)
+        model = get_momos_model(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    accelerator.print(f"trainable parameters {sum(p.numel() for p in trainable):,d} of {sum(p.numel() for p in model.parameters()):,d}")
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
+    max_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps * accelerator.num_processes,
+                              max_steps * accelerator.num_processes)
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device)
+    accelerator.init_trackers("momos-finetune", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    step, skip_batches = 0, 0
+    if args.resume_from_checkpoint:
+        accelerator.load_state(args.resume_from_checkpoint)
+        step = json.loads((Path(args.resume_from_checkpoint) / STEP_FILE).read_text())["step"]
+        skip_batches = (step % steps_per_epoch) * args.gradient_accumulation_steps
+        accelerator.print(f"resumed from step {step}")
+    initial = evaluate(model, eval_dl, accelerator)
+    accelerator.print(f"step {step}: eval loss {initial['eval_loss']:.4f}, perplexity {initial['perplexity']:.2f}")
+    latent_mode = args.train_mode in ("projected", "ste")
+    last_projection = None
+    projection_seconds = 0.0
+    train_start = time.perf_counter()
+
+    def project() -> None:
+        nonlocal last_projection, projection_seconds
+        start = time.perf_counter()
+        project_in_sync(model)
+        projection_seconds += time.perf_counter() - start
+        last_projection = step
+
+    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    for epoch in range(step // steps_per_epoch, math.ceil(max_steps / steps_per_epoch)):
+        batches = accelerator.skip_first_batches(train_dl, skip_batches) if skip_batches else train_dl
+        skip_batches = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = training_loss(model, teacher, batch, args)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            if latent_mode and projection_due(args.project_every, step, epoch_end=False):
+                project()
+            if step % args.logging_steps == 0:
+                train_loss = accelerator.gather(loss.detach().float()).mean().item()
+                progress.set_postfix(loss=f"{train_loss:.3f}")
+                accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+            if args.eval_steps and step % args.eval_steps == 0:
+                metrics = evaluate(model, eval_dl, accelerator) | (momos_figures(model) if momos_mode else {})
+                accelerator.log(metrics, step=step)
+                accelerator.print(f"step {step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                folder = Path(args.output_dir) / f"step_{step}"
+                accelerator.save_state(folder)
+                if accelerator.is_main_process:
+                    (folder / STEP_FILE).write_text(json.dumps({"step": step}))
+            if step >= max_steps:
+                break
+        if latent_mode and projection_due(args.project_every, step, epoch_end=True):
+            project()
+        if step >= max_steps:
+            break
+    progress.close()
+    if latent_mode and last_projection != step:
+        project()  # finish exactly in MoMos form
+    train_seconds = time.perf_counter() - train_start
+    metrics = evaluate(model, eval_dl, accelerator)
+    metrics.update({"initial_eval_loss": initial["eval_loss"], "steps": step, "world_size": accelerator.num_processes,
+                    "train_seconds": train_seconds, "projection_seconds": projection_seconds})
+    if momos_mode:
+        metrics.update(momos_figures(model))
+        digests = accelerator.gather_for_metrics([momos_state_digest(model)], use_gather_object=True)
+        metrics["ranks_agree"] = len(set(digests)) == 1
+        accelerator.print(f"MoMos state identical on all {accelerator.num_processes} ranks: {metrics['ranks_agree']}")
+    accelerator.print(f"final: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} "
+                      f"(from {initial['eval_loss']:.4f})")
+    accelerator.log(metrics, step=step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if momos_mode:
+            unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer)
+        else:
+            unwrapped.save_pretrained(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
+        (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        if momos_mode:
+            card = render_card(args.output_dir, args.hub_model_id, results=metrics)
+            (Path(args.output_dir) / "README.md").write_text(card, encoding="utf-8")
+            if args.push_to_hub:
+                from momos_hf.hub import push_folder
+
+                push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, commit_message=f"MoMos training, step {step}")
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,77 @@
+import pytest
+import torch
+from conftest import build, model_inputs
+from transformers import Trainer, TrainingArguments
+
+from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.training import MoMosCallback, distillation_loss, momos_state_digest, projection_due
+
+
+def test_projected_mode_starts_dense_and_snaps_onto_the_mosaic():
+    model = build("llama")
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2, train_mode="projected"))
+    layer = mm.base_model.model.layers[0].mlp.down_proj
+    assert layer.latent.requires_grad and not layer.motifs.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(mm(**inputs).logits, dense)  # the latent weights are the dense ones
+    mm.project()
+    assert torch.equal(layer.latent, layer.dense_weight())
+    assert len(torch.unique(layer.latent.reshape(-1, 4), dim=0)) <= 16
+
+
+def test_ste_mode_uses_the_mosaic_and_trains_the_latent():
+    mm = get_momos_model(build("gpt2"), MoMosConfig(k=16, s=4, kmeans_iters=2, train_mode="ste"))
+    layer = mm.base_model.transformer.h[0].mlp.c_fc
+    torch.testing.assert_close(layer.training_weight(), layer.dense_weight())
+    ids = model_inputs("gpt2")["input_ids"]
+    mm(input_ids=ids, labels=ids).loss.backward()
+    assert layer.latent.grad is not None and layer.latent.grad.abs().sum() > 0
+    assert layer.motifs.grad is None
+    before = momos_state_digest(mm)
+    with torch.no_grad():
+        layer.latent.add_(0.5 * torch.randn_like(layer.latent))
+    mm.project()
+    assert momos_state_digest(mm) != before
+
+
+def test_checkpoints_never_hold_latent_weights(tmp_path):
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste"))
+    mm.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if k.endswith(".latent")]
+
+
+@pytest.mark.parametrize("every, step, epoch_end, due", [(0, 5, False, False), (0, 5, True, True), (2, 4, False, True),
+                                                         (2, 3, False, False), (2, 4, True, False)])
+def test_projection_schedule(every, step, epoch_end, due):
+    assert projection_due(every, step, epoch_end) is due
+
+
+def test_distillation_loss():
+    logits = torch.randn(2, 5, 11)
+    assert distillation_loss(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, torch.randn(2, 5, 11), temperature=2.0) > 0.01
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    other = logits.clone()
+    other[:, 2:] += 10 * torch.randn(2, 3, 11)
+    assert distillation_loss(logits, other, mask=mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_trainer_callback_projects_on_schedule(tmp_path):
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=2))
+    ids = model_inputs("llama", batch=8)["input_ids"]
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    projections = []
+    original = mm.project
+    mm.project = lambda: projections.append(1) or original()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    Trainer(model=mm, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train()
+    assert len(projections) == 3  # steps 2 and 4, and at the end of training
+    layer = mm.base_model.model.layers[1].self_attn.o_proj
+    assert torch.equal(layer.latent, layer.dense_weight())
