@@ -46,3 +46,23 @@ def write_json(path: str | None, results) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
+
+
+def load_minilm():
+    """The real all-MiniLM-L6-v2 in eval mode and its tokenizer (see `minilm_path`)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), path
+
+
+def encode(tokenizer, lines: list[str]):
+    return tokenizer(lines, padding=True, truncation=True, max_length=64, return_tensors="pt")
+
+
+def sentence_embeddings(hidden, attention_mask):
+    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe of MiniLM)."""
+    import torch.nn.functional as F
+
+    mask = attention_mask.unsqueeze(-1).float()
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)

@@ -14,8 +14,7 @@ import copy
 import time
 
 import torch
-from common import minilm_path, shakespeare_lines, write_json
-from transformers import AutoModel, AutoTokenizer
+from common import encode, load_minilm, sentence_embeddings, shakespeare_lines, write_json
 from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
@@ -25,10 +24,8 @@ SETTINGS = [("sample", 16, 256), ("kmeans", 16, 256), ("sample", 4, 256), ("kmea
 
 
 @torch.no_grad()
-def sentence_embeddings(model, batch) -> torch.Tensor:
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+def embed(model, batch) -> torch.Tensor:
+    return sentence_embeddings(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def main() -> None:
@@ -38,11 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable_progress_bar()
     torch.manual_seed(0)
-    path = minilm_path()
-    dense = AutoModel.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    batch = tokenizer(shakespeare_lines(), padding=True, truncation=True, max_length=64, return_tensors="pt")
-    reference = sentence_embeddings(dense, batch)
+    dense, tokenizer, path = load_minilm()
+    batch = encode(tokenizer, shakespeare_lines())
+    reference = embed(dense, batch)
     print(f"all-MiniLM-L6-v2 from {path}, torch threads: {torch.get_num_threads()}")
     head = f"{'init':<7} {'s':>3} {'k':>4} {'bits/w':>6} {'rel.err':>8} {'bound':>7} {'err/bound':>9} {'fit s':>6} {'Mweights/s':>10} {'emb.cos':>7}"
     print(head)
@@ -60,7 +55,7 @@ def main() -> None:
         weights = sum(originals[n].numel() for n in layers)
         bits = index_bits(k) / s
         error, bound = squared_error / spread, 2 ** (-2 * bits)
-        cosine = float((sentence_embeddings(mm, batch) * reference).sum(-1).mean())
+        cosine = float((embed(mm, batch) * reference).sum(-1).mean())
         row = dict(init=init, s=s, k=k, bits_per_weight=bits, rel_error=error, gaussian_bound=bound,
                    error_over_bound=error / bound, fit_seconds=seconds, weights_per_second=weights / seconds,
                    embedding_cosine=cosine, layers=len(layers), weights=weights)

@@ -56,14 +56,14 @@ def layer_specs(model: nn.Module, fit_errors: Optional[dict[str, float]] = None)
     return specs
 
 
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """`model.state_dict()` without latent weights and with each shared tensor kept once, under its first
     name (a shared dictionary under its owner layer, tied embeddings under the input embeddings); loading
-    re-ties them."""
+    re-ties them. `state_dict` replaces `model.state_dict()` (a gathered one, for sharded models)."""
     seen: set[tuple[torch.device, int]] = set()
     unique = {}
     latents = {f"{n}.latent" for n, m in model.named_modules() if isinstance(m, MoMosLinear) and m.latent is not None}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if name in latents:  # training state only: the checkpoint is the mosaic
             continue
         key = (tensor.device, tensor.untyped_storage().data_ptr())
@@ -122,12 +122,13 @@ def save_checkpoint(
     tokenizer: Any = None,
     max_shard_size: Union[int, str] = "5GB",
     base_model: str = "",
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Write `model` (a Transformers model holding MoMos layers) as a compact checkpoint into `directory`."""
     specs = layer_specs(model, fit_errors)
     if not specs:
         raise ValueError(f"{type(model).__name__} has no MoMos layers to save (convert it with get_momos_model)")
-    state = unique_state_dict(model)
+    state = unique_state_dict(model, state_dict)
     split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
     with atomic_directory(directory) as staging:
         checksums = {}

@@ -206,7 +206,7 @@ def complexity_report(
     report = ComplexityReport(layers, shared_bits, sum(p.numel() for p in others), sum(_bits(p) for p in others))
     if max_bytes != 0 and momos:
         with torch.no_grad():
-            weights = torch.cat([layer.dense_weight().float().flatten() for layer in momos.values()])
+            weights = torch.cat([layer.dense_weight().float().flatten().cpu() for layer in momos.values()])
         if max_bytes is not None:
             weights = weights[: max_bytes // 4]
         report.compression_ratios = compression_ratios(weights.numpy().tobytes())

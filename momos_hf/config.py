@@ -57,7 +57,7 @@ class MoMosConfig:
             For training from scratch, and for recovering a pretrained model's quality.
             `"ste"`: the forward pass uses the mosaic weight while gradients pass straight through to the
             dense latent weight; `project()` refits motifs and mosaic to the latent weight. The model is in
-            MoMos form at every step; usually the best quality at low rates.
+            MoMos form at every step, so what is evaluated during training is what will be saved.
         project_every: optimizer steps between projections in `"projected"` and `"ste"` modes (0: at each
             epoch end, as the paper). Training ends with a projection either way.
     """

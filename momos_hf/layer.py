@@ -6,12 +6,26 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
 from .fitting import index_bits, index_dtype, num_blocks_per_row, reconstruct
 from .packing import pack_indices, packed_size, unpack_indices
 
 LinearLike = Union[nn.Linear, Conv1D]
+
+
+def full_tensor(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The whole value of a parameter that FSDP 2 has sharded (a DTensor outside forward), else itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def assign_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """`param.copy_(value)` that also fills a sharded DTensor (rank 0's value is scattered to all ranks)."""
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
 
 
 class MoMosLinear(nn.Module):
@@ -21,7 +35,6 @@ class MoMosLinear(nn.Module):
     - `mosaic[out, ceil(in / s)]`: integer buffer of the smallest dtype that holds `k` (uint8 for k <= 256).
     - `scale[out]`: optional trainable parameter.
     - `bias[out]`: the original layer's bias, kept as it was.
-
     - `latent`: optional dense `[out, in]` weight for the `"projected"` and `"ste"` training modes
       (`enable_latent`); forward then uses it directly (`projected`) or through the mosaic with a
       straight-through gradient (`ste`). Checkpoints never store it.
@@ -117,10 +130,10 @@ class MoMosLinear(nn.Module):
         """The constrained weight `[out, in]` (autograd flows to motifs and scale)."""
         if self._needs_unpack:  # Transformers' weight init may read `.weight` before loading finishes
             self.unpack_mosaic()
-        motifs = self.motifs
+        motifs = full_tensor(self.motifs)
         if self.zero_motif:  # motif 0 stays exactly zero whatever training does to the stored value
             motifs = torch.cat([torch.zeros_like(motifs[:1]), motifs[1:]])
-        return reconstruct(motifs, self.mosaic, self.in_features, self.scale)
+        return reconstruct(motifs, self.mosaic, self.in_features, full_tensor(self.scale))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -146,7 +159,7 @@ class MoMosLinear(nn.Module):
             return self.latent
         with torch.no_grad():
             mosaic_weight = self.dense_weight()
-        return self.latent + (mosaic_weight - self.latent).detach()
+        return mosaic_weight + (self.latent - self.latent.detach())  # exactly the mosaic weight in value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.training_weight().to(x.dtype)

@@ -18,7 +18,7 @@ from transformers.utils.logging import tqdm
 from .checkpoint import QUANT_METHOD, local_weight_files, save_checkpoint, verify_files
 from .config import MoMosConfig
 from .fitting import fit_mosaic, num_blocks_per_row, reconstruct, relative_error
-from .layer import MoMosLinear
+from .layer import MoMosLinear, assign_, full_tensor
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -168,27 +168,36 @@ class MoMosModel(nn.Module):
         error of each layer's new fit against its weight before the projection.
         """
         layers = self.momos_layers()
-        current = {name: layer.dense_weight() if layer.latent is None else layer.latent for name, layer in layers.items()}
+        current = {name: layer.dense_weight() if layer.latent is None else full_tensor(layer.latent) for name, layer in layers.items()}
         fitted = self._fit(current)
         for name, (motifs, mosaic, scale) in fitted.items():
             layer = layers[name]
-            layer.motifs.copy_(motifs)
+            assign_(layer.motifs, motifs)
             layer.set_mosaic(mosaic)
             if scale is not None:
-                layer.scale.copy_(scale)
+                assign_(layer.scale, scale)
             if layer.train_mode == "projected":
-                layer.latent.copy_(layer.dense_weight())
+                assign_(layer.latent, layer.dense_weight())
         return dict(self.fit_errors)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save_pretrained(
-        self, save_directory: Union[str, os.PathLike], tokenizer: Any = None, max_shard_size: Union[int, str] = "5GB"
+        self,
+        save_directory: Union[str, os.PathLike],
+        tokenizer: Any = None,
+        max_shard_size: Union[int, str] = "5GB",
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
-        """Write the compact checkpoint (see `momos_hf.checkpoint`); any `from_pretrained` loads it back."""
+        """Write the compact checkpoint (see `momos_hf.checkpoint`); any `from_pretrained` loads it back.
+
+        `state_dict`: the full state dict when the model is sharded (e.g. `accelerator.get_state_dict`);
+        keys may carry this wrapper's `base_model.` prefix."""
+        if state_dict is not None:
+            state_dict = {name.removeprefix("base_model."): tensor for name, tensor in state_dict.items()}
         save_checkpoint(
             self.base_model, save_directory, self.momos_config.to_dict(), self.fit_errors, tokenizer, max_shard_size,
-            self.base_model_name,
+            self.base_model_name, state_dict,
         )
 
     def push_to_hub(

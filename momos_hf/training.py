@@ -9,8 +9,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
+from .layer import full_tensor
 from .model import MoMosModel
 
 
@@ -43,7 +45,8 @@ def project_in_sync(model: Any) -> None:
     for layer in mm.momos_layers().values():
         tensors = [layer.motifs, layer.mosaic_packed] + [t for t in (layer.scale, layer.latent) if t is not None]
         for tensor in tensors:
-            dist.broadcast(tensor.data, src=0)
+            if not isinstance(tensor, DTensor):  # sharded (FSDP) parameters were scattered from rank 0 already
+                dist.broadcast(tensor.data, src=0)
         layer.unpack_mosaic()
 
 
@@ -54,7 +57,7 @@ def momos_state_digest(model: Any) -> str:
         digest.update(name.encode())
         for tensor in (layer.motifs, layer.mosaic_packed, layer.scale):
             if tensor is not None:
-                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+                digest.update(full_tensor(tensor).detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -256,12 +256,13 @@ def main(argv=None) -> dict:
                       f"(from {initial['eval_loss']:.4f})")
     accelerator.log(metrics, step=step)
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathered whole from every rank when sharded (FSDP)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if momos_mode:
-            unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer)
+            unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer, state_dict=state_dict)
         else:
-            unwrapped.save_pretrained(args.output_dir)
+            unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
             tokenizer.save_pretrained(args.output_dir)
         (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         if momos_mode:

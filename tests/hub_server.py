@@ -93,7 +93,7 @@ def make_handler(state: HubState):
             match = re.fullmatch(r"/api/models/(.+)/(preupload|commit)/([^/]+)", path)
             if not match:
                 return self._error(404, "NotFound", f"no route {path}")
-            repo_id, action, _revision = unquote(match[1]), match[2], unquote(match[3])
+            repo_id, action = unquote(match[1]), match[2]  # one history: the revision is not modelled
             if repo_id not in state.repos:
                 return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
             if action == "preupload":
@@ -116,7 +116,7 @@ def make_handler(state: HubState):
             path = urlparse(self.path).path
             match = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
             if match:
-                repo_id, _revision, filename = unquote(match[1]), unquote(match[2]), unquote(match[3])
+                repo_id, filename = unquote(match[1]), unquote(match[3])
                 if repo_id not in state.repos:
                     return self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head_only)
                 data = state.repos[repo_id].get(filename)

@@ -201,3 +201,12 @@ def test_dense_checkpoint_is_not_a_momos_one(tmp_path):
 def test_saving_a_model_without_momos_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no MoMos layers to save"):
         checkpoint.save_checkpoint(build("llama"), tmp_path, {})
+
+
+def test_save_from_a_gathered_state_dict(tmp_path):
+    # What the recipe does under FSDP: the wrapper's full state dict (keys prefixed `base_model.`) is saved.
+    mm = converted("llama", train_mode="ste")
+    mm.project()
+    reference = outputs(mm, "llama")
+    mm.save_pretrained(tmp_path, state_dict=mm.state_dict())
+    assert torch.equal(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), reference)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import build, model_inputs
+from conftest import build
 from huggingface_hub import ModelCard
 from hub_server import HubServer
 
