@@ -29,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--project_every", type=int, default=50)
+    parser.add_argument("--motif_scope", choices=("layer", "global"), default="layer")
     parser.add_argument("--json")
     args = parser.parse_args()
     data = SHARED / "data" / "shakespeare"
@@ -37,7 +38,8 @@ def main() -> None:
     common = ["--train_file", str(data / "train.txt"), "--validation_file", str(data / "valid.txt"),
               "--block_size", "128", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
               "--learning_rate", "2e-3", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "30",
-              "--logging_steps", "50", "--seed", "0", "--k", "256", "--s", "16", "--project_every", str(args.project_every)]
+              "--logging_steps", "50", "--seed", "0", "--k", "256", "--s", "16", "--project_every", str(args.project_every),
+              "--motif_scope", args.motif_scope]
     scratch = ["--model_config", str(work / "model.json")]
 
     def run(name, *extra):
