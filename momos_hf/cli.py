@@ -16,16 +16,19 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", choices=INITS, default="kmeans")
     parser.add_argument("--kmeans_iters", type=int, default=15)
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
-    parser.add_argument("--target_modules", nargs="+", default=None, help="module names (default: attention and MLP projections)")
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--target_modules", nargs="+", default=None,
+                         help="module names, or all-linear (default: the attention and MLP projections)")
+    targets.add_argument("--target_regex", default=None, help="regular expression over full module names")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def config_from_args(args: argparse.Namespace):
     from .config import MoMosConfig
 
-    targets = args.target_modules
-    if targets is not None and len(targets) == 1 and (targets[0] == "all-linear" or not targets[0].isidentifier()):
-        targets = targets[0]  # "all-linear" or a regex
+    targets = args.target_regex or args.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
     return MoMosConfig(
         k=args.k, s=args.s, motif_scope=args.scope, init=args.init, kmeans_iters=args.kmeans_iters,
         scale=args.scale, target_modules=targets, seed=args.seed,

@@ -18,6 +18,11 @@ def test_report_on_a_local_model(tmp_path, capsys):
     main(["report", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--max_bytes", "4096", "--json", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
     assert "encoder.layer.1.output.dense" in out and "x fp32" in out
+    main(["report", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--max_bytes", "0", "--target_regex", r".*\.1\..*dense"])
+    regex_out = capsys.readouterr().out
+    assert "converted layers     3 " in regex_out
+    main(["report", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--max_bytes", "0", "--target_modules", "all-linear"])
+    assert "converted layers     13 " in capsys.readouterr().out  # the pooler too
     assert '"bits_per_weight"' in (tmp_path / "r.json").read_text()
 
 
