@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --model_name_or_path or --model_config, not both")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
+    if args.push_to_hub and args.train_mode == "dense":
+        p.error("--push_to_hub publishes MoMos checkpoints; upload a dense run with `hf upload`")
     return args
 
 

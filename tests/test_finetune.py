@@ -95,6 +95,8 @@ def test_distillation_from_the_dense_model(text_files, monkeypatch):
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         finetune.parse_args(["--model_name_or_path", "a", "--model_config", "b.json"])
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--push_to_hub", "--hub_model_id", "me/x", "--train_mode", "dense"])
     with pytest.raises(ValueError, match="expected a .txt, .json, .jsonl or .csv file"):
         load_text_datasets(train_file="data.parquet")
 
