@@ -101,9 +101,6 @@ class MoMosHfQuantizer(HfQuantizer):
                 raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
         return model
 
-    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return dtype
-
     @property
     def is_trainable(self) -> bool:
         return True
