@@ -21,6 +21,28 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                          help="module names, or all-linear (default: the attention and MLP projections)")
     targets.add_argument("--target_regex", default=None, help="regular expression over full module names")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration_file", default=None,
+                        help="text file for --init data-aware: windows of it are run through the model")
+    parser.add_argument("--calibration_samples", type=int, default=128, help="calibration windows")
+    parser.add_argument("--calibration_seq_len", type=int, default=128, help="tokens per calibration window")
+
+
+def calibration_from_args(args: argparse.Namespace, model, tokenizer):
+    """Calibration batches for `--init data-aware` (`None` otherwise), checking the flags agree."""
+    if args.init != "data-aware":
+        if args.calibration_file:
+            raise ValueError("--calibration_file is used by --init data-aware only")
+        return None
+    if not args.calibration_file:
+        raise ValueError("--init data-aware needs --calibration_file TEXT")
+    if tokenizer is None:
+        raise ValueError("--init data-aware needs a tokenizer in the model folder to tokenize --calibration_file")
+    from .data import calibration_batches
+
+    batches = calibration_batches(tokenizer, args.calibration_file, args.calibration_samples, args.calibration_seq_len)
+    if model.config.is_encoder_decoder:
+        batches = [dict(b, decoder_input_ids=b["input_ids"]) for b in batches]
+    return batches
 
 
 def config_from_args(args: argparse.Namespace):
@@ -49,13 +71,28 @@ def load_dense(path: str):
     return architecture_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
 
 
+def load_tokenizer(path: Optional[str]):
+    """The tokenizer of a model folder (`None` if it has none); the byte tokenizer for the default model."""
+    from transformers import AutoTokenizer
+
+    from .data import byte_tokenizer
+
+    if path is None:
+        return byte_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):  # a model folder without a tokenizer is fine
+        return None
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .complexity import complexity_report
     from .demo import tiny_llama
     from .model import get_momos_model
 
     model = tiny_llama(args.seed) if args.model_path is None else load_dense(args.model_path)
-    mm = get_momos_model(model, config_from_args(args))
+    calibration = calibration_from_args(args, model, load_tokenizer(args.model_path))
+    mm = get_momos_model(model, config_from_args(args), calibration)
     report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
     print(report.format(per_layer=not args.totals_only))
     if args.json:
@@ -64,16 +101,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     from .checkpoint import checkpoint_info, format_info
     from .model import get_momos_model
 
-    mm = get_momos_model(load_dense(args.model_path), config_from_args(args))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_path)
-    except (OSError, ValueError, TypeError):  # a model folder without a tokenizer is fine
-        tokenizer = None
+    tokenizer = load_tokenizer(args.model_path)
+    model = load_dense(args.model_path)
+    mm = get_momos_model(model, config_from_args(args), calibration_from_args(args, model, tokenizer))
     mm.save_pretrained(args.out, tokenizer=tokenizer)
     print(format_info(checkpoint_info(args.out)))
 

@@ -13,7 +13,7 @@ import torch
 
 CONFIG_NAME = "momos_config.json"
 
-INITS = ("sample", "kmeans")
+INITS = ("sample", "kmeans", "data-aware")
 TRAIN_MODES = ("motifs", "projected", "ste")
 SCOPES = ("layer", "global")
 MOTIF_DTYPES = ("float32", "bfloat16", "float16")
@@ -40,8 +40,11 @@ class MoMosConfig:
         motif_scope: `"layer"`: one dictionary per layer; `"global"`: one dictionary shared by all targets,
             as in the paper.
         init: `"sample"`: the paper's `k` randomly sampled existing blocks; `"kmeans"`: k-means++ start
-            (random blocks when `k > 4096`) refined by `kmeans_iters` Lloyd steps.
-        kmeans_iters: Lloyd steps for `init="kmeans"`.
+            (random blocks when `k > 4096`) refined by `kmeans_iters` Lloyd steps; `"data-aware"`:
+            minimise each layer's output error on calibration inputs (`get_momos_model(...,
+            calibration_data=...)`): importance-weighted k-means, assignment with GPTQ-style error
+            feedback, then motifs solved exactly for that mosaic (see `momos_hf.data_aware`).
+        kmeans_iters: Lloyd steps for `init="kmeans"` and `"data-aware"`.
         zero_motif: pin motif 0 to the all-zero block (block sparsity).
         scale: learn one scale per output row; motifs are fitted to the rows divided by their RMS.
         motif_dtype: storage dtype of the motifs (`None`: the dtype of the converted weights).

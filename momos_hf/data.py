@@ -1,11 +1,12 @@
-"""Text data for training: an embedded byte-level tokenizer, loading through `datasets`, and the
-tokenize-then-group-into-blocks step of the Transformers language-modelling examples."""
+"""Text data: an embedded byte-level tokenizer, loading through `datasets`, the tokenize-then-group-into-
+blocks step of the Transformers language-modelling examples, and calibration batches from a text file."""
 
 from __future__ import annotations
 
 import os
 from typing import Optional
 
+import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -78,3 +79,17 @@ def tokenize_and_group(raw: DatasetDict, tokenizer, block_size: int, text_column
         if len(data) == 0:
             raise ValueError(f"the {split} split has fewer than block_size={block_size} tokens; lower --block_size")
     return grouped
+
+
+def calibration_batches(tokenizer, text_file: str, num_samples: int = 128, seq_len: int = 128,
+                        batch_size: int = 8) -> list[dict]:
+    """`num_samples` windows of `seq_len` tokens, evenly spaced over a text file (loaded with `datasets`),
+    in batches of model inputs for `get_momos_model(..., calibration_data=...)`. Deterministic."""
+    lines = load_dataset("text", data_files=text_file, split="train")["text"]
+    ids = tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    seq_len = min(seq_len, getattr(tokenizer, "model_max_length", seq_len) or seq_len)
+    if len(ids) < seq_len:
+        raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than one calibration window of {seq_len}")
+    starts = torch.linspace(0, len(ids) - seq_len, num_samples).long()
+    windows = torch.stack([ids[s : s + seq_len] for s in starts])
+    return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]

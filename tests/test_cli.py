@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from conftest import build
 
@@ -54,3 +56,24 @@ def test_info_on_a_dense_folder_is_refused(tmp_path):
     build("llama").save_pretrained(tmp_path)
     with pytest.raises(SystemExit, match="is not a MoMos checkpoint"):
         main(["info", str(tmp_path)])
+
+
+def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
+    from momos_hf.data import byte_tokenizer
+    from momos_hf.demo import embedded_text
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(embedded_text(), encoding="utf-8")
+    model = build("gpt2")
+    model.resize_token_embeddings(257)
+    model.save_pretrained(tmp_path / "dense")
+    byte_tokenizer().save_pretrained(tmp_path / "dense")
+    args = ["compress", str(tmp_path / "dense"), "--out", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--init", "data-aware"]
+    with pytest.raises(SystemExit, match="--init data-aware needs --calibration_file"):
+        main(args)
+    main(args + ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"])
+    assert "MoMos layers         8" in capsys.readouterr().out
+    config = json.loads((tmp_path / "momos" / "config.json").read_text())
+    assert config["quantization_config"]["momos_config"]["init"] == "data-aware"
+    with pytest.raises(SystemExit, match="--calibration_file is used by --init data-aware only"):
+        main(args[:-2] + ["--calibration_file", str(text)])

@@ -34,7 +34,7 @@ def test_capacity_resolves_k_per_dictionary():
         ({"k": 8, "capacity": 0.1}, "not both"),
         ({"capacity": 1.5}, "capacity must be in (0, 1]"),
         ({"motif_scope": "model"}, "motif_scope must be one of ['layer', 'global']"),
-        ({"init": "random"}, "init must be one of ['sample', 'kmeans']"),
+        ({"init": "random"}, "init must be one of ['sample', 'kmeans', 'data-aware']"),
         ({"motif_dtype": "int8"}, "motif_dtype must be one of"),
         ({"kmeans_iters": -1}, "kmeans_iters must be an integer >= 0"),
         ({"target_modules": "q_proj("}, "not a valid regex"),

@@ -1,0 +1,139 @@
+"""Data-aware fitting: the math (output error, feedback, exact motifs) and `calibration_data` end to end."""
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, build, main_output, model_inputs
+from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.calibration import input_second_moments
+from momos_hf.data_aware import (
+    assign_with_feedback,
+    fit_data_aware,
+    inverse_cholesky,
+    output_error,
+    prepare_hessian,
+    solve_motifs,
+)
+from momos_hf.fitting import assign, fit_mosaic, kmeans, reconstruct, to_blocks
+
+
+def correlated_layer(out=48, inp=64, tokens=2048, seed=0):
+    """A weight and the second moment of correlated, unevenly scaled inputs (as real activations are)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(inp) + 2 * torch.randn(inp, inp, generator=g) / inp**0.5
+    x = torch.randn(tokens, inp, generator=g) @ mix * (3 * torch.rand(inp, generator=g))
+    return torch.randn(out, inp, generator=g) * 0.05, x.T @ x / tokens
+
+
+def test_inverse_cholesky_factors_the_inverse():
+    _, h = correlated_layer()
+    upper = inverse_cholesky(prepare_hessian(h, 4))
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(prepare_hessian(h, 4)))
+
+
+def test_prepare_hessian_pads_normalises_and_revives_dead_columns():
+    _, h = correlated_layer(inp=30)
+    h[:, 3] = h[3, :] = 0.0  # an input that is always zero
+    p = prepare_hessian(h, 8)
+    assert p.shape == (32, 32) and p.dtype == torch.float64
+    assert p[3, 3] > 1.0 and p[31, 31] < 1e-5  # dead column gets weight 1 (+ damping); padding almost none
+    assert abs(float(p.diagonal()[:30].mean()) - 1.03) < 0.05
+
+
+@pytest.mark.parametrize("s, k", [(4, 64), (8, 32)])
+def test_data_aware_beats_kmeans_on_output_error_and_kmeans_wins_on_weight_error(s, k):
+    w, h = correlated_layer()
+    km = fit_mosaic([w], k, s, "kmeans", 10, seed=0)
+    da = fit_data_aware([w], [h], k, s, 10, seed=0)
+    w_km = reconstruct(km.motifs, km.mosaics[0], w.shape[1])
+    w_da = reconstruct(da.motifs, da.mosaics[0], w.shape[1])
+    assert output_error(w, w_da, h) < 0.7 * output_error(w, w_km, h)
+    assert (w - w_km).square().sum() < (w - w_da).square().sum()  # it trades weight error for output error
+
+
+def test_error_feedback_lowers_the_output_error_for_the_same_motifs():
+    w, h = correlated_layer()
+    s = 4
+    p = prepare_hessian(h, s)
+    motifs = kmeans(to_blocks(w, s), 32, 5, torch.Generator().manual_seed(0)).double()
+    plain = assign(to_blocks(w, s), motifs.float())[0].reshape(w.shape[0], -1)
+    feedback = assign_with_feedback(w, motifs, inverse_cholesky(p))
+    assert feedback.shape == plain.shape
+    assert output_error(w, reconstruct(motifs, feedback, 64), p) < 0.8 * output_error(w, reconstruct(motifs, plain, 64), p)
+
+
+def test_solved_motifs_are_the_exact_minimiser():
+    w, h = correlated_layer(out=16, inp=24)
+    s, k = 4, 8
+    p = prepare_hessian(h, s)
+    mosaic = torch.randint(0, k, (16, 6), generator=torch.Generator().manual_seed(1))
+    start = torch.randn(k, s, dtype=torch.float64)
+    solved = solve_motifs(start, [w.double()], [mosaic], [p], iters=k * s).requires_grad_(True)
+    loss = ((w.double() - reconstruct(solved, mosaic, 24)) @ p * (w.double() - reconstruct(solved, mosaic, 24))).sum()
+    loss.backward()
+    assert solved.grad.abs().max() < 1e-6 * loss.item()
+    assert loss.item() < output_error(w, reconstruct(start, mosaic, 24), p)
+
+
+def test_padding_zero_motif_scales_and_shared_dictionary():
+    w1, h1 = correlated_layer(out=20, inp=30, seed=1)
+    w2, h2 = correlated_layer(out=12, inp=64, seed=2)
+    fit = fit_data_aware([w1, w2], [h1, h2], 16, 8, 5, seed=0, zero_motif=True, scale=True)
+    assert fit.motifs.shape == (16, 8) and torch.equal(fit.motifs[0], torch.zeros(8))
+    assert [m.shape for m in fit.mosaics] == [(20, 4), (12, 8)] and fit.mosaics[0].dtype == torch.uint8
+    assert [s.shape for s in fit.scales] == [(20,), (12,)]
+    assert all(bool((s > 0).all()) for s in fit.scales)
+    with pytest.raises(ValueError, match="exceed the 80 blocks"):
+        fit_data_aware([w1], [h1], 81, 8)
+
+
+def test_second_moments_skip_padding_positions():
+    model = build("bert")
+    ids = torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    name = "encoder.layer.0.intermediate.dense"
+    padded = input_second_moments(model, [name], [{"input_ids": ids, "attention_mask": mask}])[name]
+    rows = []
+    hook = model.get_submodule(name).register_forward_pre_hook(lambda m, a: rows.append(a[0][mask.bool()]))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    hook.remove()
+    x = rows[0]
+    torch.testing.assert_close(padded, x.T @ x / 16)
+    assert model.training is False
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_calibrated_conversion_tracks_the_dense_model_better(arch):
+    dense = build(arch)
+    calibration = [model_inputs(arch, batch=4, length=16, seed=i) for i in range(4)]
+    held_out = model_inputs(arch, batch=4, length=16, seed=99)
+    with torch.no_grad():
+        reference = main_output(dense(**held_out))
+        errors = {}
+        for init in ("kmeans", "data-aware"):
+            mm = get_momos_model(build(arch), MoMosConfig(k=32, s=4, init=init), calibration_data=calibration if init == "data-aware" else None)
+            errors[init] = float((main_output(mm(**held_out)) - reference).square().mean())
+    assert errors["data-aware"] < 0.9 * errors["kmeans"], errors
+
+
+def test_calibration_errors_are_clear():
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, init="data-aware"))
+    with pytest.raises(ValueError, match="only used by init='data-aware'"):
+        get_momos_model(build("llama"), MoMosConfig(k=8, s=4), calibration_data=[model_inputs("llama")])
+    with pytest.raises(ValueError, match="never reached"):
+        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, init="data-aware"), calibration_data=[])
+
+
+def test_projection_reuses_the_calibration_of_the_conversion():
+    calibration = [model_inputs("llama", batch=4, seed=i) for i in range(2)]
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, init="data-aware", train_mode="projected", motif_scope="global"),
+                         calibration_data=calibration)
+    layer = next(iter(mm.momos_layers().values()))
+    with torch.no_grad():
+        layer.latent.mul_(1.1)
+    errors = mm.project()
+    assert set(errors) == set(mm.momos_layers()) and all(0 < e < 1 for e in errors.values())

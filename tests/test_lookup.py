@@ -1,0 +1,84 @@
+"""The lookup-table product and how `MoMosLinear` picks its path."""
+
+import pytest
+import torch
+
+import momos_hf.layer
+from momos_hf.fitting import reconstruct
+from momos_hf.layer import MoMosLinear
+from momos_hf.lookup import LOOKUP_MAX_TOKENS, lookup_linear
+
+
+def random_mosaic(out=24, inp=37, k=16, s=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    motifs = torch.randn(k, s, generator=g)
+    mosaic = torch.randint(0, k, (out, -(-inp // s)), generator=g).to(torch.uint8)
+    return motifs, mosaic
+
+
+@pytest.mark.parametrize("shape", [(37,), (1, 37), (3, 5, 37), (40, 37)])
+def test_lookup_equals_the_dense_product(shape):
+    motifs, mosaic = random_mosaic()
+    scale = torch.rand(24) + 0.5
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    expected = x @ reconstruct(motifs, mosaic, 37, scale).T
+    torch.testing.assert_close(lookup_linear(x, motifs, mosaic, scale), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lookup_gradients_match_the_dense_product():
+    motifs, mosaic = random_mosaic()
+    x = torch.randn(3, 37)
+    grads = []
+    for product in (lambda m, x: lookup_linear(x, m, mosaic), lambda m, x: x @ reconstruct(m, mosaic, 37).T):
+        m, xx = motifs.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        product(m, xx).square().sum().backward()
+        grads.append((m.grad, xx.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+
+
+def layer(zero_motif=False):
+    motifs, mosaic = random_mosaic()
+    return MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic, bias=torch.nn.Parameter(torch.randn(24)), zero_motif=zero_motif)
+
+
+def test_layer_uses_lookup_for_few_rows_and_reconstruction_for_many(monkeypatch):
+    calls = []
+    monkeypatch.setattr(momos_hf.layer, "lookup_linear", lambda *a: calls.append(a) or lookup_linear(*a))
+    momos = layer(zero_motif=True)
+    for rows in (1, LOOKUP_MAX_TOKENS, LOOKUP_MAX_TOKENS + 1):
+        x = torch.randn(rows, 37)
+        expected = x @ momos.dense_weight().T + momos.bias
+        torch.testing.assert_close(momos(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+    assert torch.equal(calls[0][1][0], torch.zeros(8))  # the zero motif reaches the lookup as zero
+
+
+def test_cached_weight_follows_changes_and_is_skipped_with_grad():
+    momos = layer()
+    momos.cache_weight = True
+    x = torch.randn(64, 37)
+    with torch.no_grad():
+        before = momos(x)
+        assert momos._cached is not None
+        momos.motifs.mul_(2.0)  # an in-place update, as an optimizer step makes
+        torch.testing.assert_close(momos(x) - momos.bias, 2 * (before - momos.bias))
+        momos.set_mosaic(torch.zeros_like(momos.mosaic))
+        torch.testing.assert_close(momos(x), x @ momos.dense_weight().T + momos.bias)
+    momos(x).sum().backward()  # with grad the cache is not used: the motifs get a gradient
+    assert momos.motifs.grad is not None
+
+
+def test_model_cache_weights_switches_every_layer():
+    from conftest import build, model_inputs
+
+    from momos_hf import MoMosConfig, get_momos_model
+
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4))
+    inputs = model_inputs("llama", batch=4, length=16)
+    with torch.no_grad():
+        reference = mm(**inputs).logits
+        mm.cache_weights()
+        torch.testing.assert_close(mm(**inputs).logits, reference, rtol=1e-5, atol=1e-5)
+        assert all(layer._cached is not None for layer in mm.momos_layers().values())
+        mm.cache_weights(False)
+        assert all(layer._cached is None and not layer.cache_weight for layer in mm.momos_layers().values())
