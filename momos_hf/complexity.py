@@ -151,16 +151,36 @@ def compression_ratios(data: bytes) -> dict[str, float]:
     return ratios
 
 
-def bdm_of_signs(values: torch.Tensor) -> Optional[float]:
-    """1-D BDM (bits) of the sign bits of `values`, or `None` when `pybdm` is not installed."""
+BDM_2D_WIDTH = 256  # 2-D BDM reads the signs as rows of 256 (a multiple of its 4x4 blocks)
+
+
+def bdm_of_signs(values: torch.Tensor, ndim: int = 1) -> Optional[float]:
+    """BDM (bits) of the sign bits of `values`, or `None` when `pybdm` is not installed.
+
+    `ndim=1`: the flattened signs in blocks of 12 (as the reference code); `ndim=2`: the signs laid out in
+    rows of `BDM_2D_WIDTH`, in 4x4 blocks (an incomplete last row is dropped)."""
     try:
         with warnings.catch_warnings():  # pybdm imports the deprecated pkg_resources
             warnings.simplefilter("ignore")
             from pybdm import BDM
     except ImportError:  # optional extra: pip install "momos-hf[bdm]"
         return None
-    signs = (values.flatten() > 0).numpy().astype(np.int64)
-    return float(BDM(ndim=1).bdm(signs))
+    signs = (values.detach().flatten().cpu() > 0).numpy().astype(np.int64)
+    if ndim == 2:
+        rows = len(signs) // BDM_2D_WIDTH
+        if rows < 4:
+            raise ValueError(f"2-D BDM needs at least {4 * BDM_2D_WIDTH} values, got {len(signs)}")
+        signs = signs[: rows * BDM_2D_WIDTH].reshape(rows, BDM_2D_WIDTH)
+    return float(BDM(ndim=ndim).bdm(signs))
+
+
+def histogram_entropy(values: torch.Tensor, bins: int = 256) -> float:
+    """Shannon entropy (bits per value) of the histogram of `values` over `bins` equal-width bins
+    spanning their range: the seeds' entropy baseline for BDM."""
+    values = values.detach().flatten().float().cpu()
+    counts = torch.histc(values, bins=bins, min=float(values.min()), max=float(values.max())).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
 
 
 def complexity_report(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, defaul
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.card import render_card
 from momos_hf.complexity import complexity_report
+from momos_hf.tracking import ComplexityTracker
 from momos_hf.config import INITS, SCOPES, TRAIN_MODES
 from momos_hf.data import byte_tokenizer, load_text_datasets, tokenize_and_group
 from momos_hf.demo import tiny_llama
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     momos.add_argument("--motif_scope", choices=SCOPES, default="layer")
     momos.add_argument("--init", choices=INITS, default="kmeans")
     momos.add_argument("--scale", action="store_true")
+    momos.add_argument("--calibration_batches", type=int, default=16,
+                       help="training batches whose inputs calibrate --init data-aware")
     momos.add_argument("--train_mode", choices=("dense",) + TRAIN_MODES, default="ste")
     momos.add_argument("--project_every", type=int, default=50,
                        help="optimizer steps between projections in projected/ste modes (0: each epoch end, as the paper)")
@@ -80,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--max_steps", type=int, default=None, help="overrides --num_train_epochs")
     train.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end only)")
     train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--complexity_every", type=int, default=0,
+                       help="log compressibility, BDM and entropy of the weights every N steps (0: off); "
+                            "written to complexity.json")
     train.add_argument("--checkpointing_steps", type=int, default=0, help="save the training state every N steps")
     train.add_argument("--resume_from_checkpoint", help="a step_N folder written by --checkpointing_steps")
     train.add_argument("--output_dir", default="momos-out")
@@ -173,7 +180,8 @@ def main(argv=None) -> dict:
         config = MoMosConfig(k=args.k, s=args.s, motif_scope=args.motif_scope, init=args.init, scale=args.scale,
                              train_mode=args.train_mode, project_every=args.project_every,
                              modules_to_save=args.modules_to_save, seed=args.seed)
-        model = get_momos_model(model, config)
+        calibration = list(itertools.islice(train_dl, args.calibration_batches)) if args.init == "data-aware" else None
+        model = get_momos_model(model, config, calibration)
     trainable = [p for p in model.parameters() if p.requires_grad]
     accelerator.print(f"trainable parameters {sum(p.numel() for p in trainable):,d} of {sum(p.numel() for p in model.parameters()):,d}")
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -206,6 +214,9 @@ def main(argv=None) -> dict:
         projection_seconds += time.perf_counter() - start
         last_projection = step
 
+    tracker = ComplexityTracker(every=args.complexity_every) if args.complexity_every else None
+    if tracker is not None:
+        tracker.track(model, step)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     for epoch in range(step // steps_per_epoch, math.ceil(max_steps / steps_per_epoch)):
         batches = accelerator.skip_first_batches(train_dl, skip_batches) if skip_batches else train_dl
@@ -223,6 +234,8 @@ def main(argv=None) -> dict:
             progress.update(1)
             if latent_mode and projection_due(args.project_every, step, epoch_end=False):
                 project()
+            if tracker is not None and (row := tracker.track(model, step, loss.item())) is not None:
+                accelerator.log({f"complexity/{key}": value for key, value in row.items() if key not in ("step", "loss")}, step=step)
             if step % args.logging_steps == 0:
                 train_loss = accelerator.gather(loss.detach().float()).mean().item()
                 progress.set_postfix(loss=f"{train_loss:.3f}")
@@ -246,9 +259,16 @@ def main(argv=None) -> dict:
     if latent_mode and last_projection != step:
         project()  # finish exactly in MoMos form
     train_seconds = time.perf_counter() - train_start
+    if tracker is not None:
+        accelerator.print(f"complexity tracking: {len(tracker.history)} measurements, {tracker.overhead:.1%} of training time")
+        if accelerator.is_main_process:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.output_dir) / "complexity.json").write_text(json.dumps(tracker.history, indent=1))
     metrics = evaluate(model, eval_dl, accelerator)
     metrics.update({"initial_eval_loss": initial["eval_loss"], "steps": step, "world_size": accelerator.num_processes,
                     "train_seconds": train_seconds, "projection_seconds": projection_seconds})
+    if tracker is not None:
+        metrics["complexity_overhead"] = tracker.overhead
     if momos_mode:
         metrics.update(momos_figures(model))
         digests = accelerator.gather_for_metrics([momos_state_digest(model)], use_gather_object=True)

@@ -70,12 +70,17 @@ def text_files(tmp_path):
 @pytest.mark.parametrize("mode", ["motifs", "projected", "dense"])
 def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
     monkeypatch.chdir(text_files)
-    extra = ["--modules_to_save", "embed_tokens", "lm_head"] if mode == "motifs" else []
+    # motifs mode starts from a data-aware fit calibrated on two training batches
+    extra = ["--modules_to_save", "embed_tokens", "lm_head", "--init", "data-aware", "--calibration_batches", "2"] if mode == "motifs" else []
     metrics = finetune.main(["--train_file", "train.txt", "--validation_file", "valid.txt", "--max_steps", "12",
                              "--train_mode", mode, "--k", "64", "--project_every", "6", "--block_size", "64",
-                             "--learning_rate", "3e-3", "--output_dir", "out", *extra])
+                             "--learning_rate", "3e-3", "--output_dir", "out", "--complexity_every", "4", *extra])
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 0.5
     assert ("bits_per_weight" in metrics) == (mode != "dense")
+    history = json.loads((text_files / "out" / "complexity.json").read_text())
+    steps = [row["step"] for row in history]  # every 4 steps, less often if tracking costs over 10%
+    assert steps[0] == 0 and len(steps) >= 2 and all(s % 4 == 0 for s in steps)
+    assert 0 < metrics["complexity_overhead"] < 1 and history[-1]["gzip_ratio"] > 1
     model = AutoModelForCausalLM.from_pretrained(text_files / "out")
     assert any(isinstance(m, MoMosLinear) for m in model.modules()) == (mode != "dense")
 

@@ -1,0 +1,136 @@
+"""Complexity tracking during training: compressibility, BDM and entropy of the weights, every N steps.
+
+`complexity_snapshot` measures a model's weights as it uses them (MoMos layers through their mosaic);
+`ComplexityTracker` calls it on a schedule from a plain loop (`track`), the finetune recipe, or
+`transformers.Trainer` (it is a `TrainerCallback`), and keeps its own cost under a budget.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .complexity import bdm_of_signs, compression_ratios, histogram_entropy, usage_entropy
+from .fitting import index_bits
+from .layer import MoMosLinear, full_tensor
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MAX_VALUES = 2**16  # 256 KiB of float32: lzma, bz2 and BDM each take about 0.1 s on it
+
+
+def effective_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter as the model uses it: MoMos layers give their constrained weight (and bias), the
+    others their own parameters; a shared dictionary or latent weight is not counted separately. Sharded
+    (FSDP 2) parameters are gathered whole, so every rank must call this together."""
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, MoMosLinear):
+            tensors += [module.dense_weight()] + ([] if module.bias is None else [module.bias])
+        else:
+            tensors += list(module.parameters(recurse=False))
+    return [full_tensor(t).detach() for t in tensors]
+
+
+def sample_values(tensors: list[torch.Tensor], max_values: int) -> torch.Tensor:
+    """At most `max_values` values: the same leading share of every tensor (contiguous, so blocks and
+    rows stay whole), all of them when they fit."""
+    total = sum(t.numel() for t in tensors)
+    share = min(1.0, max_values / max(total, 1))
+    parts = [t.flatten()[: max(1, math.floor(t.numel() * share))] for t in tensors if t.numel()]
+    return torch.cat([p.float().cpu() for p in parts])
+
+
+def description_length_bits(model: nn.Module) -> int:
+    """MoMos layers at `k*s*b + n_blocks*ceil(log2 k)` (+ scales), every other parameter at its width."""
+    bits, dictionaries = 0, set()
+    for module in model.modules():
+        if isinstance(module, MoMosLinear):
+            bits += module.mosaic.numel() * index_bits(module.k)
+            if id(module.motifs) not in dictionaries:
+                dictionaries.add(id(module.motifs))
+                bits += module.motifs.numel() * module.motifs.element_size() * 8
+            if module.scale is not None:
+                bits += module.scale.numel() * module.scale.element_size() * 8
+            if module.bias is not None:
+                bits += module.bias.numel() * module.bias.element_size() * 8
+        else:
+            bits += sum(p.numel() * p.element_size() * 8 for p in module.parameters(recurse=False))
+    return bits
+
+
+@torch.no_grad()
+def complexity_snapshot(model: nn.Module, max_values: int = DEFAULT_MAX_VALUES) -> dict[str, float]:
+    """Complexity figures of `model`'s weights (see `sample_values` for what is measured):
+    `description_length_bits`; compression ratios (`gzip`, `bz2`, `lzma`, `zstd`) of their float32 bytes;
+    BDM of their sign bits in 1-D and 2-D (bits per sign, when `pybdm` is installed); the Shannon entropy
+    of their histogram (bits per value); and the mean motif-usage entropy of MoMos layers (if any)."""
+    values = sample_values(effective_weights(model), max_values)
+    figures: dict[str, float] = {"values": float(values.numel()), "description_length_bits": float(description_length_bits(model))}
+    figures.update({f"{name}_ratio": ratio for name, ratio in compression_ratios(values.numpy().tobytes()).items()})
+    for ndim in (1, 2):
+        bdm = bdm_of_signs(values, ndim) if values.numel() >= 1024 or ndim == 1 else None
+        if bdm is not None:
+            figures[f"bdm{ndim}d_bits_per_sign"] = bdm / values.numel()
+    figures["histogram_entropy"] = histogram_entropy(values)
+    layers = [m for m in model.modules() if isinstance(m, MoMosLinear)]
+    if layers:
+        figures["motif_usage_entropy"] = sum(usage_entropy(l.mosaic, l.k) for l in layers) / len(layers)
+    return figures
+
+
+class ComplexityTracker(TrainerCallback):
+    """Measure `complexity_snapshot` every `every` steps and keep the history.
+
+    Plain loops call `track(model, step, loss)` after each step; `Trainer` runs it as a callback (the loss
+    is the last one Trainer logged). When measuring takes more than `max_overhead` of the wall time since
+    the first call, `every` doubles, so tracking stays cheap whatever the model size; `overhead` says
+    what it cost.
+    """
+
+    def __init__(self, every: int = 100, max_values: int = DEFAULT_MAX_VALUES, max_overhead: float = 0.1) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1 step, got {every}")
+        self.every = every
+        self.max_values = max_values
+        self.max_overhead = max_overhead
+        self.history: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self._start: Optional[float] = None
+
+    def track(self, model: nn.Module, step: int, loss: Optional[float] = None) -> Optional[dict[str, Any]]:
+        """Measure if `step` is due (step 0 always is); returns the new history row, else `None`."""
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = now
+        if step % self.every:
+            return None
+        figures = complexity_snapshot(model, self.max_values)
+        self.seconds += time.perf_counter() - now
+        row = {"step": step, "loss": loss, **figures}
+        self.history.append(row)
+        if step and self.overhead > self.max_overhead:
+            self.every *= 2
+        return row
+
+    @property
+    def overhead(self) -> float:
+        """Fraction of the wall time since the first `track` call spent measuring."""
+        elapsed = 0.0 if self._start is None else time.perf_counter() - self._start
+        return self.seconds / elapsed if elapsed > 0 else 0.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.track(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        self.track(model, state.global_step, losses[-1] if losses else None)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        logger.info(f"complexity tracking: {len(self.history)} measurements, {self.overhead:.1%} of training time")

@@ -1,0 +1,63 @@
+"""The benchmarks' `--quick` modes run and print sane numbers (their speed is not checked here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SHAKESPEARE = BENCHMARKS.parents[1] / "shared" / "data" / "shakespeare"
+
+
+def run_quick(script: str, tmp_path) -> object:
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, script, "--quick", "--json", str(out)], cwd=BENCHMARKS, check=True,
+                   capture_output=True, text=True, env={**__import__("os").environ, "MOMOS_HF_CACHE": str(tmp_path / "cache")})
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/shakespeare beside the repository")
+def test_fidelity_quick(tmp_path):
+    rows = run_quick("fidelity.py", tmp_path)
+    assert {(r["method"], r["bits_per_weight"]) for r in rows} == {(m, b) for m in ("sample", "kmeans", "data-aware", "rtn") for b in (1.0, 2.0)}
+    for row in rows:
+        assert 0.9 < row["score"] < 3.0 and row["dense_perplexity"] > 1.0  # perplexity relative to dense
+        assert row["total_bits_per_weight"] >= row["bits_per_weight"]
+        assert 0 < row["rel_error"] < (10 if row["method"] == "rtn" else 1)
+    score = {(r["method"], r["bits_per_weight"]): r["score"] for r in rows}
+    for bits in (1.0, 2.0):
+        assert score[("data-aware", bits)] < score[("kmeans", bits)]
+        assert score[("data-aware", bits)] < score[("rtn", bits)]
+
+
+def test_inference_quick(tmp_path):
+    results = run_quick("inference.py", tmp_path)
+    paths = {r["path"] for r in results["layers"]}
+    assert paths == {"dense fp32", "dense bf16", "momos lookup", "momos reconstruct", "momos auto", "momos cached"}
+    for row in results["layers"]:
+        assert row["ms"] > 0
+        if row["path"] in ("momos lookup", "momos reconstruct", "momos auto"):
+            assert row["memory_saving"] > 16  # k=256, s=16 on a 512x512 layer: 21x less than fp32
+    assert [r["model"] for r in results["model"]] == ["dense fp32", "momos auto", "momos cached"]
+    assert all(r["tokens_per_second"] > 0 for r in results["model"])
+
+
+def test_size_quick(tmp_path):
+    rows = run_quick("size.py", tmp_path)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["momos_bytes"] == pytest.approx(row["description_length_bytes"], rel=1e-9)
+        assert row["converted_fp16_bytes"] > row["momos_bytes"]
+        assert row["entropy_mosaic_bytes"] <= row["packed_mosaic_bytes"]
+        assert 0 <= row["entropy_saving"] < 0.2
+
+
+def test_conversion_quick(tmp_path):
+    rows = run_quick("conversion.py", tmp_path)
+    assert [(r["init"], r["layers"]) for r in rows] == [(i, n) for i in ("kmeans", "data-aware") for n in (1, 2, 3)]
+    for init in ("kmeans", "data-aware"):
+        weights = [r["weights"] for r in rows if r["init"] == init]
+        assert weights[0] < weights[1] < weights[2]
+    assert all(r["seconds"] > 0 and r["peak_above_model_mib"] >= 0 for r in rows)
