@@ -8,11 +8,8 @@ Usage: python benchmarks/assign_memory.py [--rows 16384] [--cols 8192]
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 
-from common import write_json
+from common import run_child, write_json
 
 CHILD = """
 import json, resource, sys, time, torch
@@ -46,9 +43,7 @@ def main() -> None:
     print(f"{'budget':>10} {'extra peak MiB':>15} {'seconds':>8}")
     results = []
     for budget in (2**20, 16 * 2**20, 256 * 2**20):
-        run = subprocess.run([sys.executable, "-c", CHILD, str(args.rows), str(args.cols), str(args.s), str(args.k), str(budget)],
-                             capture_output=True, text=True, check=True)
-        row = json.loads(run.stdout)
+        row = run_child(CHILD, args.rows, args.cols, args.s, args.k, budget)
         row["budget_mib"] = budget / 2**20
         results.append(row)
         print(f"{budget / 2**20:>7.0f} MiB {row['extra_peak_mib']:>15.0f} {row['seconds']:>8.2f}")

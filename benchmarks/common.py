@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import zipfile
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -39,6 +41,13 @@ def shakespeare_lines(split: str = "valid", n: int = 128, min_chars: int = 40) -
     text = (SHARED / "data" / "shakespeare" / f"{split}.txt").read_text(encoding="utf-8")
     lines = [l.strip() for l in text.splitlines() if len(l.strip()) >= min_chars and not l.strip().isupper()]
     return lines[:: max(1, len(lines) // n)][:n]
+
+
+def run_child(code: str, *args) -> dict:
+    """Run `code` in a fresh Python process (so time and peak memory are its own) and return the JSON
+    object printed on its last output line."""
+    run = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def write_json(path: str | None, results) -> None:

@@ -11,11 +11,8 @@ Usage: python benchmarks/conversion.py [--quick] [--json out.json]
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 
-from common import write_json
+from common import run_child, write_json
 
 CHILD = """
 import json, resource, sys, time
@@ -62,8 +59,7 @@ def main(argv=None) -> list[dict]:
     print(f"{'init':<11} {'layers':>6} {'Mweights':>9} {'seconds':>8} {'Mweights/s':>10} {'peak above model MiB':>21}")
     for init in ("kmeans", "data-aware"):
         for layers in layer_counts:
-            run = subprocess.run([sys.executable, "-c", CHILD, str(layers), str(hidden), init], capture_output=True, text=True, check=True)
-            row = dict(init=init, layers=layers, **json.loads(run.stdout.strip().splitlines()[-1]))
+            row = dict(init=init, layers=layers, **run_child(CHILD, layers, hidden, init))
             rows.append(row)
             print(f"{init:<11} {layers:>6} {row['weights'] / 1e6:>9.1f} {row['seconds']:>8.1f} "
                   f"{row['weights'] / row['seconds'] / 1e6:>10.2f} {row['peak_above_model_mib']:>21.0f}", flush=True)

@@ -9,12 +9,9 @@ resident memory above the process after imports, once every weight has been read
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-from common import CACHE, write_json
+from common import CACHE, run_child, write_json
 
 CHILD = """
 import json, resource, sys, time
@@ -62,8 +59,7 @@ def main() -> None:
     for name, path in paths.items():
         runs = []
         for _ in range(args.repeats):
-            run = subprocess.run([sys.executable, "-c", CHILD, path], capture_output=True, text=True, check=True)
-            runs.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            runs.append(run_child(CHILD, path))
         results[name] = min(runs, key=lambda r: r["seconds"])
         results[name]["checkpoint_mib"] = sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) / 2**20
     dense, momos = results["dense fp32"], results["MoMos k=256 s=16"]

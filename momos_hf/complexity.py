@@ -221,7 +221,8 @@ def complexity_report(
             )
         )
     shared_bits = sum(_bits(m) for key, m in dictionaries.items() if users[key] > 1)
-    momos_params = {id(p) for layer in momos.values() for p in layer.parameters()}
+    # Motifs and scales are in the layers' DL, latent weights are never saved; biases count as other parameters.
+    momos_params = {id(p) for layer in momos.values() for p in (layer.motifs, layer.scale, layer.latent) if p is not None}
     others = [p for p in model.parameters() if id(p) not in momos_params]
     report = ComplexityReport(layers, shared_bits, sum(p.numel() for p in others), sum(_bits(p) for p in others))
     if max_bytes != 0 and momos:

@@ -16,8 +16,7 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .complexity import bdm_of_signs, compression_ratios, histogram_entropy, usage_entropy
-from .fitting import index_bits
+from .complexity import BDM_2D_WIDTH, bdm_of_signs, complexity_report, compression_ratios, histogram_entropy
 from .layer import MoMosLinear, full_tensor
 
 logger = logging.get_logger(__name__)
@@ -47,24 +46,6 @@ def sample_values(tensors: list[torch.Tensor], max_values: int) -> torch.Tensor:
     return torch.cat([p.float().cpu() for p in parts])
 
 
-def description_length_bits(model: nn.Module) -> int:
-    """MoMos layers at `k*s*b + n_blocks*ceil(log2 k)` (+ scales), every other parameter at its width."""
-    bits, dictionaries = 0, set()
-    for module in model.modules():
-        if isinstance(module, MoMosLinear):
-            bits += module.mosaic.numel() * index_bits(module.k)
-            if id(module.motifs) not in dictionaries:
-                dictionaries.add(id(module.motifs))
-                bits += module.motifs.numel() * module.motifs.element_size() * 8
-            if module.scale is not None:
-                bits += module.scale.numel() * module.scale.element_size() * 8
-            if module.bias is not None:
-                bits += module.bias.numel() * module.bias.element_size() * 8
-        else:
-            bits += sum(p.numel() * p.element_size() * 8 for p in module.parameters(recurse=False))
-    return bits
-
-
 @torch.no_grad()
 def complexity_snapshot(model: nn.Module, max_values: int = DEFAULT_MAX_VALUES) -> dict[str, float]:
     """Complexity figures of `model`'s weights (see `sample_values` for what is measured):
@@ -72,16 +53,21 @@ def complexity_snapshot(model: nn.Module, max_values: int = DEFAULT_MAX_VALUES) 
     BDM of their sign bits in 1-D and 2-D (bits per sign, when `pybdm` is installed); the Shannon entropy
     of their histogram (bits per value); and the mean motif-usage entropy of MoMos layers (if any)."""
     values = sample_values(effective_weights(model), max_values)
-    figures: dict[str, float] = {"values": float(values.numel()), "description_length_bits": float(description_length_bits(model))}
+    figures: dict[str, float] = {"values": float(values.numel())}
+    if any(isinstance(m, MoMosLinear) for m in model.modules()):
+        report = complexity_report(model, max_bytes=0)
+        figures["description_length_bits"] = float(report.total_bits)
+        figures["motif_usage_entropy"] = sum(l.usage_entropy for l in report.layers) / len(report.layers)
+    else:
+        figures["description_length_bits"] = float(sum(p.numel() * p.element_size() * 8 for p in model.parameters()))
     figures.update({f"{name}_ratio": ratio for name, ratio in compression_ratios(values.numpy().tobytes()).items()})
     for ndim in (1, 2):
-        bdm = bdm_of_signs(values, ndim) if values.numel() >= 1024 or ndim == 1 else None
+        if ndim == 2 and values.numel() < 4 * BDM_2D_WIDTH:  # too few signs for one row of 4x4 blocks
+            continue
+        bdm = bdm_of_signs(values, ndim)
         if bdm is not None:
             figures[f"bdm{ndim}d_bits_per_sign"] = bdm / values.numel()
     figures["histogram_entropy"] = histogram_entropy(values)
-    layers = [m for m in model.modules() if isinstance(m, MoMosLinear)]
-    if layers:
-        figures["motif_usage_entropy"] = sum(usage_entropy(l.mosaic, l.k) for l in layers) / len(layers)
     return figures
 
 

@@ -23,6 +23,13 @@ def test_description_length_per_layer_dictionary():
     assert report.compression_ratios == {} and report.bdm_bits is None
 
 
+def test_biases_of_momos_layers_count_as_other_parameters():
+    mm = get_momos_model(build("gpt2"), MoMosConfig(k=16, s=4, kmeans_iters=2))
+    report = complexity_report(mm, max_bytes=0)
+    motifs = sum(layer.motifs.numel() for layer in mm.momos_layers().values())
+    assert report.other_params == sum(p.numel() for p in mm.parameters()) - motifs
+
+
 def test_global_dictionary_is_counted_once_and_reaches_half_a_bit():
     model = build("llama")
     mm = get_momos_model(model, MoMosConfig(k=256, s=16, motif_scope="global", kmeans_iters=2, target_modules="all-linear"))
