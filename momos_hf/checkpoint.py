@@ -1,10 +1,27 @@
-"""Compact MoMos checkpoints on disk: what is written, how it is written safely, how files are checked.
+"""Compact MoMos checkpoints on disk: the format, a save that never loses anything, and the checks a load
+makes before any weight is used.
 
-A checkpoint folder is an ordinary Transformers one: `config.json` (with a `quantization_config` of
-`quant_method: "momos"` listing every MoMos layer and the sha256 of every weight file), `model.safetensors`
-(or shards and `model.safetensors.index.json`) holding each layer's `motifs` (once per dictionary),
-`mosaic_packed` (ceil(log2 k) bits per block), `scale` and `bias`, and every other weight as usual.
+Format (version 2). A checkpoint folder holds:
+- `config.json`: the model's config, its `dtype` (storage dtype of the untouched weights), and a
+  `quantization_config` with `quant_method: "momos"`, `format_version`, `momos_config`, one `LayerSpec` per
+  MoMos layer, `weights` (the weight file, or the index of the shards) and `checksums` (sha256 of every
+  weight file and of the index). Its top-level `transformers_weights` holds `LOAD_MARKER`: Transformers reads
+  that key as the name of the weight file, so without `import momos_hf` a plain `from_pretrained` stops with
+  an error saying what to install instead of loading random weights; the MoMos quantizer points it at
+  `weights`.
+- `model.safetensors` (or shards `model-0000i-of-0000n.safetensors` and their index
+  `model.safetensors.index.json`; saved over an earlier checkpoint, `model-momos-<id>...`): each layer's `motifs` (once per dictionary), `mosaic_packed`
+  and `scale`, and every other weight. Every file's metadata carries the sha256 of the quantization config,
+  so an edited config.json is caught as surely as an edited weight file.
 Safetensors only: nothing is ever unpickled.
+
+Saving. `config.json` is the commit point. New weight files take Transformers' usual names where the folder
+has none of them (a new folder, as for Trainer's checkpoints), else fresh ones, so they never overwrite
+those the current config.json refers to; the new config.json replaces the old one in one rename; only then are the
+previous save's weight files (the ones its config.json lists) removed. A journal written before any file
+records what the save creates and what it will remove, so the next save into the folder rolls back or
+completes a save that was killed. A lock on the folder makes concurrent saves take turns. Files the save did
+not write are never moved or deleted, and a folder holding another kind of model is refused.
 """
 
 from __future__ import annotations
@@ -14,9 +31,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
+import stat
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -25,35 +44,91 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import nn
 
-from .layer import MoMosLinear
+from .config import MoMosConfig
+from .fitting import index_bits
+from .layer import LayerSpec, MoMosLinear
+from .packing import packed_size
+
+try:  # the folder lock; where fcntl is missing (Windows) saves are not serialised
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 QUANT_METHOD = "momos"
-FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_PATTERN = "model{suffix}.safetensors"
+FORMAT_VERSION = 2
+LOAD_MARKER = ("this is a MoMos checkpoint: run `pip install momos-hf`, then `import momos_hf` before "
+               "from_pretrained (transformers_weights is not a file name here)")
+WEIGHTS_PREFIX = "model-momos-"
+INDEX_SUFFIX = ".safetensors.index.json"
+JOURNAL_NAME = ".momos-save.json"
+STAGING_PREFIX = ".momos-save-"
+STAGING_NAME = re.compile(r"\.momos-save-[0-9a-f]{12}")
+QUANTIZATION_FIELDS = {"quant_method", "format_version", "base_model", "momos_config", "layers", "weights", "checksums"}
+FLOAT_DTYPES = {"F32": 32, "F16": 16, "BF16": 16}
+DTYPE_BITS = {**FLOAT_DTYPES, "F64": 64, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "I32": 32, "I64": 64, "BOOL": 8}
 
 
-def layer_specs(model: nn.Module, fit_errors: Optional[dict[str, float]] = None) -> dict[str, dict]:
-    """The `quantization_config.layers` entry of every MoMos layer of `model` (dictionary owners first)."""
+# -- what the checkpoint says ---------------------------------------------------------------------------
+
+def layer_specs(model: nn.Module) -> dict[str, LayerSpec]:
+    """The spec of every MoMos layer of `model`; a shared dictionary is owned by its first layer."""
     owners: dict[int, str] = {}
-    specs = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoMosLinear):
-            continue
-        owner = owners.setdefault(id(layer.motifs), name)
-        specs[name] = {
-            "in_features": layer.in_features,
-            "out_features": layer.out_features,
-            "k": layer.k,
-            "s": layer.s,
-            "scale": layer.scale is not None,
-            "conv1d": layer.conv1d,
-            "motifs": owner,
-        }
-        if fit_errors and name in fit_errors:
-            specs[name]["fit_error"] = fit_errors[name]
+    return {name: layer.spec(owners.setdefault(id(layer.motifs), name))
+            for name, layer in model.named_modules() if isinstance(layer, MoMosLinear)}
+
+
+def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
+    """Validate a `quantization_config` dict against the format before anything is built from it; returns
+    its layer specs. Every error names the field."""
+    if not isinstance(quantization, dict):
+        raise ValueError(f"quantization_config must be an object, got {type(quantization).__name__}")
+    unknown = set(quantization) - QUANTIZATION_FIELDS
+    if unknown:
+        raise ValueError(f"quantization_config has unknown fields {sorted(unknown)}")
+    if quantization.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"quantization_config.quant_method is {quantization.get('quant_method')!r}, not {QUANT_METHOD!r}")
+    version = quantization.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"quantization_config.format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"this checkpoint uses momos format_version {version}; this momos-hf reads {FORMAT_VERSION}: upgrade momos-hf")
+    if version < FORMAT_VERSION:
+        raise ValueError(f"this checkpoint uses momos format_version {version}, which carries no integrity record; "
+                         f"this momos-hf reads {FORMAT_VERSION}: load it with momos-hf 0.1 and save it again")
+    if not isinstance(quantization.get("base_model", ""), str):
+        raise ValueError("quantization_config.base_model must be a string")
+    if not isinstance(quantization.get("momos_config"), dict):
+        raise ValueError("quantization_config.momos_config must be an object")
+    MoMosConfig.from_dict(quantization["momos_config"])
+    layers = quantization.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError("quantization_config.layers must list at least one MoMos layer")
+    specs = {name: LayerSpec.from_dict(name, values) for name, values in layers.items()}
+    for name, spec in specs.items():
+        owner = specs.get(spec.motifs)
+        if owner is None or owner.motifs != spec.motifs:
+            raise ValueError(f"layer {name!r} uses the motifs of {spec.motifs!r}, which does not store a dictionary")
+        if (owner.k, owner.s) != (spec.k, spec.s):
+            raise ValueError(f"layer {name!r} has k={spec.k}, s={spec.s} but its dictionary {spec.motifs!r} has k={owner.k}, s={owner.s}")
+    weights = quantization.get("weights")
+    if weights is not None and not (plain_file_name(weights) and weights.endswith((".safetensors", INDEX_SUFFIX))):
+        raise ValueError(f"quantization_config.weights must be a .safetensors or {INDEX_SUFFIX} file name, got {weights!r}")
+    checksums = quantization.get("checksums")
+    if checksums is not None and not (isinstance(checksums, dict) and all(
+            plain_file_name(n) and isinstance(h, str) and re.fullmatch(r"[0-9a-f]{64}", h) for n, h in checksums.items())):
+        raise ValueError("quantization_config.checksums must map file names to sha256 hex digests")
     return specs
+
+
+def config_digest(quantization: dict[str, Any]) -> str:
+    """sha256 of the quantization config without its checksums (they hash the files that carry this digest)."""
+    covered = {key: value for key, value in quantization.items() if key != "checksums"}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def plain_file_name(name: Any) -> bool:
+    """A name of a file directly inside the folder: no separators, no `..`, not hidden."""
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
 def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
@@ -62,7 +137,7 @@ def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     re-ties them. `state_dict` replaces `model.state_dict()` (a gathered one, for sharded models)."""
     seen: set[tuple[torch.device, int]] = set()
     unique = {}
-    latents = {f"{n}.latent" for n, m in model.named_modules() if isinstance(m, MoMosLinear) and m.latent is not None}
+    latents = {f"{n}.latent" for n, m in model.named_modules() if isinstance(m, MoMosLinear)}
     for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if name in latents:  # training state only: the checkpoint is the mosaic
             continue
@@ -74,93 +149,221 @@ def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     return unique
 
 
-def sha256_of(path: Union[str, os.PathLike]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def storage_dtype(state: dict[str, torch.Tensor], specs: dict[str, LayerSpec]) -> str:
+    """The dtype the untouched float weights are stored in (what `dtype="auto"` loads them as)."""
+    momos = {f"{name}.{part}" for name in specs for part in ("motifs", "scale")}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and name not in momos:
+            return str(tensor.dtype).removeprefix("torch.")
+    return str(next(t for t in state.values() if t.is_floating_point()).dtype).removeprefix("torch.")
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Union[str, os.PathLike]) -> Iterator[Path]:
-    """Yield an empty staging folder beside `target`; on success it becomes `target`.
-
-    Files already in `target` that the new save does not write are kept (a README, a tokenizer saved
-    earlier), except stale weight files of an earlier save. If anything fails, or the process dies, before
-    the swap, `target` is left exactly as it was and the staging folder is removed (or left as a hidden
-    `.NAME.tmp-*` folder beside it).
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"cannot save into {target}: it is a file, not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            for entry in target.iterdir():
-                stale_weights = entry.name == INDEX_NAME or (entry.name.startswith("model") and entry.name.endswith(".safetensors"))
-                if not (staging / entry.name).exists() and not stale_weights:
-                    os.replace(entry, staging / entry.name)
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
+# -- saving ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(
     model: nn.Module,
     directory: Union[str, os.PathLike],
     momos_config: dict[str, Any],
-    fit_errors: Optional[dict[str, float]] = None,
     tokenizer: Any = None,
     max_shard_size: Union[int, str] = "5GB",
     base_model: str = "",
     state_dict: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
-    """Write `model` (a Transformers model holding MoMos layers) as a compact checkpoint into `directory`."""
-    specs = layer_specs(model, fit_errors)
+    """Write `model` (a Transformers model holding MoMos layers) as a compact checkpoint into `directory`
+    (see the module docstring for what is written and how a failed save leaves the folder)."""
+    specs = layer_specs(model)
     if not specs:
         raise ValueError(f"{type(model).__name__} has no MoMos layers to save (convert it with get_momos_model)")
     state = unique_state_dict(model, state_dict)
-    split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
-    with atomic_directory(directory) as staging:
-        checksums = {}
-        for filename, names in split.filename_to_tensors.items():
-            save_file({n: state[n] for n in names}, staging / filename, metadata={"format": "pt"})
-            checksums[filename] = sha256_of(staging / filename)
-        if split.is_sharded:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": split.tensor_to_filename}
-            (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        config = json.loads(model.config.to_json_string())
-        config["architectures"] = [type(model).__name__]
-        config["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            "base_model": base_model,
-            "momos_config": momos_config,
-            "layers": specs,
-            "checksums": checksums,
-        }
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None and model.can_generate():
-            generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-    return Path(directory)
+    quantization = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "base_model": base_model,
+                    "momos_config": momos_config, "layers": {n: s.to_dict() for n, s in specs.items()}}
+    config = json.loads(model.config.to_json_string())
+    config.pop("quantization_config", None)
+    config.update(architectures=[type(model).__name__], dtype=storage_dtype(state, specs), transformers_weights=LOAD_MARKER)
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot save into {target}: it is a file, not a folder")
+    target.mkdir(parents=True, exist_ok=True)
+    with folder_lock(target):
+        recover_interrupted_save(target)
+        try:
+            _write_and_commit(model, target, state, config, quantization, tokenizer, max_shard_size)
+        finally:  # after the commit this drops the previous weights; before it (an error) the new files
+            recover_interrupted_save(target)
+    return target
 
 
-def safetensors_header(path: Union[str, os.PathLike]) -> dict[str, Any]:
+def plan_weight_files(state: dict[str, torch.Tensor], target: Path, max_shard_size: Union[int, str]) -> tuple[Any, str]:
+    """How the weights are split and named: Transformers' usual names (`model.safetensors`, or shards and
+    `model.safetensors.index.json`) where none of them exists in `target`, else fresh ones
+    (`model-momos-<id>...`) that cannot clash with the files the current config.json names. Returns the
+    split and the name of the weight file or index."""
+    for prefix in ("model", f"{WEIGHTS_PREFIX}{secrets.token_hex(6)}"):
+        split = split_torch_state_dict_into_shards(state, filename_pattern=f"{prefix}{{suffix}}.safetensors",
+                                                   max_shard_size=max_shard_size)
+        weights = f"{prefix}{INDEX_SUFFIX}" if split.is_sharded else next(iter(split.filename_to_tensors))
+        if not any(os.path.lexists(target / name) for name in [weights, *split.filename_to_tensors]):
+            break
+    return split, weights
+
+
+def _write_and_commit(model: nn.Module, target: Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                      quantization: dict[str, Any], tokenizer: Any, max_shard_size: Union[int, str]) -> None:
+    """The body of `save_checkpoint`, under the folder lock: journal, files in a staging folder, renames,
+    and last the rename of config.json that commits the save."""
+    previous = owned_weight_files(target)
+    split, weights = plan_weight_files(state, target, max_shard_size)
+    quantization = {**quantization, "weights": weights}
+    metadata = {"format": "pt", "momos_config_sha256": config_digest(quantization)}
+    staging = target / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+    staging.mkdir()
+    created = list(split.filename_to_tensors) + ([weights] if split.is_sharded else [])
+    write_json_atomic(target / JOURNAL_NAME, {"staging": staging.name, "create": created,
+                                               "remove": sorted(previous - set(created))}, staging)
+    checksums = {}
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, staging / filename, metadata=metadata)
+        checksums[filename] = sha256_of(staging / filename, sync=True)
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        write_text_synced(staging / weights, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        checksums[weights] = sha256_of(staging / weights)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and model.can_generate():
+        generation_config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    config["quantization_config"] = {**quantization, "checksums": checksums}
+    for entry in sorted(staging.iterdir()):  # weight files (fresh names), then generation config, tokenizer
+        if entry.is_file() and entry.name != "config.json":
+            os.replace(entry, target / entry.name)
+    write_text_synced(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(staging / "config.json", target / "config.json")  # the commit
+    sync_directory(target)
+
+
+@contextlib.contextmanager
+def folder_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` itself (no lock file is left behind)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def recover_interrupted_save(directory: Path) -> None:
+    """Finish or undo the save recorded in the folder's journal, if any: after its commit (config.json names
+    its weights) the previous weight files go, before it the new ones do. Only names the journal lists, and
+    staging folders of this format, are ever removed. Call with the folder lock held."""
+    journal_path = directory / JOURNAL_NAME
+    if journal_path.exists():
+        try:
+            journal = json.loads(journal_path.read_text(encoding="utf-8"))
+            staging, create, remove = journal["staging"], list(journal["create"]), list(journal["remove"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{journal_path} (the record of an interrupted save) is unreadable ({err}); "
+                             "remove it by hand after checking the folder") from None
+        committed = current_weights(directory) in create
+        for name in remove if committed else create:
+            path = directory / name
+            if plain_file_name(name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+    for entry in directory.iterdir():
+        if STAGING_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+    if journal_path.exists():
+        journal_path.unlink()
+        sync_directory(directory)
+
+
+def current_weights(directory: Path) -> Optional[str]:
+    """The weight file (or index) that the folder's MoMos config.json names, `None` without one."""
+    try:
+        quantization = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return quantization.get("weights") if isinstance(quantization, dict) else None
+
+
+def owned_weight_files(directory: Path) -> set[str]:
+    """The weight files that the folder's previous MoMos save wrote (its checksums list them); refuses a
+    folder whose config.json belongs to a model momos-hf did not write."""
+    path = directory / "config.json"
+    if not path.exists():
+        return set()
+    try:
+        quantization = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        quantization = {}
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{directory} already holds a model that is not a MoMos checkpoint (its config.json); "
+                         "save into a new or empty folder")
+    checksums = quantization.get("checksums") or {}
+    return {name for name in checksums if plain_file_name(name)} if isinstance(checksums, dict) else set()
+
+
+def write_json_atomic(path: Path, value: Any, staging: Path) -> None:
+    """Write `value` as JSON to `path` in one rename (through `staging`, on the same file system)."""
+    temporary = staging / path.name
+    write_text_synced(temporary, json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+    sync_directory(path.parent)
+
+
+def write_text_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sync_directory(directory: Path) -> None:
+    """Make renames in `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: Union[str, os.PathLike], sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**22), b""):
+            digest.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+# -- loading checks -------------------------------------------------------------------------------------
+
+def checked_file(directory: Path, name: Any) -> Path:
+    """`directory / name` after checking that `name` is a plain file name and the file is a regular one
+    (symlinks are followed: the Hub cache links snapshots to blobs). Never opens anything else."""
+    if not plain_file_name(name):
+        raise ValueError(f"the checkpoint refers to {name!r}, which is not a file name inside its folder")
+    path = directory / name
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"MoMos checkpoint is missing weight file {name}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{name} in the MoMos checkpoint is not a regular file")
+    return path
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file, after checking that the file is whole."""
-    path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -171,40 +374,103 @@ def safetensors_header(path: Union[str, os.PathLike]) -> dict[str, Any]:
             raise ValueError(f"{path.name} is corrupted or truncated: its header claims {header_len} bytes, the file has {size}")
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path.name} is corrupted: its safetensors header is not valid JSON ({err})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ValueError(f"{path.name} is corrupted: its safetensors header is not valid ({err})") from None
     if 8 + header_len + end != size:
         raise ValueError(f"{path.name} is truncated or corrupted: its header describes {8 + header_len + end} bytes, the file has {size}")
     return header
 
 
-def verify_files(files: list[Union[str, os.PathLike]], checksums: dict[str, str]) -> None:
-    """Check every weight file of a checkpoint: present, whole, and with the sha256 recorded at save time."""
-    by_name = {Path(f).name: Path(f) for f in files}
-    missing = sorted(set(checksums) - set(by_name))
-    if missing:
-        raise ValueError(f"MoMos checkpoint is missing weight files {missing}")
-    for name, path in by_name.items():
-        if not path.exists():
-            raise ValueError(f"MoMos checkpoint is missing weight file {name}")
-        safetensors_header(path)
-        if name in checksums and sha256_of(path) != checksums[name]:
-            raise ValueError(f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time")
+def weight_file_names(directory: Path, weights: str) -> list[str]:
+    """The safetensors files of a checkpoint: `weights` itself, or the shards its index lists."""
+    if not weights.endswith(INDEX_SUFFIX):
+        return [weights]
+    try:
+        weight_map = json.loads(checked_file(directory, weights).read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{weights} is corrupted: {err!r}") from None
+    for name in names:
+        if not (plain_file_name(name) and name.endswith(".safetensors")):
+            raise ValueError(f"{weights} lists {name!r}, which is not a safetensors file inside the checkpoint folder")
+    return names
 
 
-def local_weight_files(directory: Union[str, os.PathLike]) -> list[Path]:
-    """The weight files a local checkpoint folder refers to (from its index when sharded)."""
+def verify_checkpoint(directory: Union[str, os.PathLike], quantization: dict[str, Any]) -> dict[str, dict]:
+    """Check a MoMos checkpoint before anything is loaded from it: every weight file (and the index) is a
+    whole regular file inside the folder with the sha256 that config.json records, carries the digest of
+    this very quantization config, and the files hold exactly the MoMos tensors the layer specs call for,
+    with the right dtypes and shapes. Returns the header entry of every tensor."""
     directory = Path(directory)
-    index = directory / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{INDEX_NAME} is corrupted: {err!r}") from None
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    return [directory / WEIGHTS_NAME]
+    specs = parse_quantization(quantization)
+    checksums, weights = quantization.get("checksums"), quantization.get("weights")
+    if not checksums or not weights:
+        raise ValueError("config.json records no checksums for its weight files: the MoMos checkpoint cannot be "
+                         "verified, so it is not loaded")
+    files = weight_file_names(directory, weights)
+    uncovered = sorted({weights, *files} - set(checksums))
+    if uncovered:
+        raise ValueError(f"config.json records no checksum for {uncovered}: the MoMos checkpoint cannot be verified")
+    if weights.endswith(INDEX_SUFFIX) and sha256_of(checked_file(directory, weights)) != checksums[weights]:
+        raise ValueError(f"{weights} is corrupted: its sha256 differs from the one recorded in config.json at save time")
+    digest = config_digest(quantization)
+    tensors: dict[str, dict] = {}
+    for name in files:
+        path = checked_file(directory, name)
+        header = safetensors_header(path)
+        if sha256_of(path) != checksums[name]:
+            raise ValueError(f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time")
+        if (header.get("__metadata__") or {}).get("momos_config_sha256") != digest:
+            raise ValueError(f"config.json's quantization_config is not the one {name} was saved with (edited, or "
+                             "from another save)")
+        tensors.update((key, value) for key, value in header.items() if key != "__metadata__")
+    check_momos_tensors(tensors, specs)
+    return tensors
 
+
+def check_momos_tensors(tensors: dict[str, dict], specs: dict[str, LayerSpec]) -> None:
+    """The files hold each layer's packed mosaic, each dictionary's float motifs once, each recorded scale,
+    in the recorded shapes, and no MoMos tensor of a layer the config does not list."""
+    expected = {}
+    for name, spec in specs.items():
+        expected[f"{name}.mosaic_packed"] = ({"U8"}, [packed_size(spec.num_blocks, index_bits(spec.k))])
+        if spec.motifs == name:
+            expected[f"{name}.motifs"] = (set(FLOAT_DTYPES), [spec.k, spec.s])
+        if spec.scale:
+            expected[f"{name}.scale"] = (set(FLOAT_DTYPES), [spec.out_features])
+    for key, (dtypes, shape) in expected.items():
+        if key not in tensors:
+            raise ValueError(f"MoMos checkpoint lacks the tensor {key}")
+        if tensors[key].get("dtype") not in dtypes or tensors[key].get("shape") != shape:
+            raise ValueError(f"MoMos tensor {key} is {tensors[key].get('dtype')} {tensors[key].get('shape')}; "
+                             f"the layer spec calls for {'/'.join(sorted(dtypes))} {shape}")
+    extra = sorted(key for key in tensors if key not in expected and (
+        key.endswith((".motifs", ".mosaic_packed")) or key.removesuffix(".scale") in specs))
+    if extra:
+        raise ValueError(f"MoMos checkpoint holds tensors {extra[:5]} of layers its config.json does not list")
+
+
+def read_checkpoint_config(directory: Union[str, os.PathLike]) -> dict[str, Any]:
+    """A local folder's config.json, after checking that it describes a MoMos checkpoint."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a folder")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{directory} has no config.json: it is not a model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{directory} is not a MoMos checkpoint: config.json has no quantization_config with quant_method 'momos'")
+    parse_quantization(quantization)
+    return config
+
+
+# -- sizes ----------------------------------------------------------------------------------------------
 
 def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     """Sizes of a local MoMos checkpoint, read from `config.json` and the safetensors headers alone.
@@ -214,44 +480,46 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     checkpoint's bytes next to the same model stored dense in fp16 and fp32.
     """
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{directory} is not a MoMos checkpoint: config.json has no quantization_config with quant_method 'momos'")
-    layers = quantization["layers"]
+    config = read_checkpoint_config(directory)
+    quantization = config["quantization_config"]
+    specs = parse_quantization(quantization)
+    if not quantization.get("weights"):
+        raise ValueError(f"{directory}: config.json names no weight file")
+    files = [checked_file(directory, name) for name in weight_file_names(directory, quantization["weights"])]
     tensors = {}
-    files = local_weight_files(directory)
     for path in files:
-        for name, meta in safetensors_header(path).items():
-            if name != "__metadata__":
-                tensors[name] = meta
-    bits_of = {"F32": 32, "BF16": 16, "F16": 16, "F64": 64, "U8": 8}
-    momos_names = {f"{n}.{part}" for n in layers for part in ("motifs", "mosaic_packed", "scale")}
-    momos_bytes = sum(tensors[n]["data_offsets"][1] - tensors[n]["data_offsets"][0] for n in momos_names if n in tensors)
+        tensors.update((k, v) for k, v in safetensors_header(path).items() if k != "__metadata__")
+    check_momos_tensors(tensors, specs)
+
+    def nbytes(meta: dict) -> int:
+        return meta["data_offsets"][1] - meta["data_offsets"][0]
+
+    momos_names = {f"{n}.{part}" for n in specs for part in ("motifs", "mosaic_packed", "scale")} & set(tensors)
     description_bits = 0
-    for name, spec in layers.items():
-        blocks = spec["out_features"] * -(-spec["in_features"] // spec["s"])
-        description_bits += blocks * max(0, math.ceil(math.log2(spec["k"])))
-        if spec["motifs"] == name:
-            description_bits += spec["k"] * spec["s"] * bits_of[tensors[f"{name}.motifs"]["dtype"]]
-        if spec["scale"]:
-            description_bits += spec["out_features"] * bits_of[tensors[f"{name}.scale"]["dtype"]]
-    converted = sum(spec["out_features"] * spec["in_features"] for spec in layers.values())
-    other = sum(math.prod(meta["shape"]) for name, meta in tensors.items() if name not in momos_names)
+    for name, spec in specs.items():
+        description_bits += spec.num_blocks * index_bits(spec.k)
+        if spec.motifs == name:
+            description_bits += 8 * nbytes(tensors[f"{name}.motifs"])
+        if spec.scale:
+            description_bits += 8 * nbytes(tensors[f"{name}.scale"])
+    converted = sum(spec.out_features * spec.in_features for spec in specs.values())
+    other = {name: meta for name, meta in tensors.items() if name not in momos_names}
     return {
         "base_model": quantization.get("base_model", ""),
         "architecture": (config.get("architectures") or ["?"])[0],
         "momos_config": quantization["momos_config"],
-        "layers": len(layers),
-        "dictionaries": sum(spec["motifs"] == name for name, spec in layers.items()),
+        "dtype": config.get("dtype"),
+        "layers": len(specs),
+        "dictionaries": sum(spec.motifs == name for name, spec in specs.items()),
         "converted_params": converted,
-        "other_params": other,
+        "other_params": sum(math.prod(meta["shape"]) for meta in other.values()),
+        "other_bytes": sum(nbytes(meta) for meta in other.values()),
         "bits_per_weight": description_bits / converted,
         "description_length_bytes": description_bits / 8,
-        "momos_bytes_on_disk": momos_bytes,
+        "momos_bytes_on_disk": sum(nbytes(tensors[n]) for n in momos_names),
         "checkpoint_bytes": sum(p.stat().st_size for p in files),
-        "dense_fp32_bytes": 4 * (converted + other),
-        "dense_fp16_bytes": 2 * (converted + other),
+        "dense_fp32_bytes": 4 * (converted + sum(math.prod(m["shape"]) for m in other.values())),
+        "dense_fp16_bytes": 2 * (converted + sum(math.prod(m["shape"]) for m in other.values())),
     }
 
 
@@ -263,7 +531,8 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join([
         f"architecture         {info['architecture']} (base model: {info['base_model'] or 'not recorded'})",
         f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, init={settings['init']}, scale={settings['scale']}",
-        f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), {info['converted_params']:,d} weights; {info['other_params']:,d} other parameters",
+        f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), {info['converted_params']:,d} weights; "
+        f"{info['other_params']:,d} other parameters stored as {info['dtype']}",
         f"bits per weight      {info['bits_per_weight']:.4f} (mosaic, dictionaries and scales)",
         f"MoMos layers on disk {info['momos_bytes_on_disk'] / mib:.3f} MiB = {info['momos_bytes_on_disk'] / info['description_length_bytes']:.4f}x their description length",
         f"checkpoint           {info['checkpoint_bytes'] / mib:.3f} MiB vs dense fp16 {info['dense_fp16_bytes'] / mib:.3f} MiB "

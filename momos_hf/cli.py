@@ -1,26 +1,37 @@
-"""`momos-hf` command line. With no arguments it runs the demo (the main job on an embedded default)."""
+"""`momos-hf` command line. With no arguments it runs the demo (the main job on an embedded default).
+
+Every failure the user can fix ends in one line, `momos-hf: error: ...`, and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
+from safetensors import SafetensorError
+
 from .config import INITS, SCOPES
+
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=256, help="motifs per dictionary")
-    parser.add_argument("--s", type=int, default=16, help="values per block")
-    parser.add_argument("--scope", choices=SCOPES, default="layer", help="one dictionary per layer or one for all")
-    parser.add_argument("--init", choices=INITS, default="kmeans")
-    parser.add_argument("--kmeans_iters", type=int, default=15)
+    parser.add_argument("--s", type=int, default=16, help="values per block (the mosaic costs ceil(log2 k)/s bits per weight)")
+    parser.add_argument("--motif_scope", choices=SCOPES, default="layer", help="one dictionary per layer, or one for all")
+    parser.add_argument("--init", choices=INITS, default="kmeans", help="how motifs and mosaic are fitted")
+    parser.add_argument("--kmeans_iters", type=int, default=15, help="Lloyd steps of the k-means fits")
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--target_modules", nargs="+", default=None,
                          help="module names, or all-linear (default: the attention and MLP projections)")
     targets.add_argument("--target_regex", default=None, help="regular expression over full module names")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice of the fit")
+    parser.add_argument("--torch_dtype", choices=TORCH_DTYPES, default="auto",
+                        help="dtype to load the model in, and so to store its untouched weights and motifs "
+                             "(auto: the dtype it was saved in)")
     parser.add_argument("--calibration_file", default=None,
                         help="text file for --init data-aware: windows of it are run through the model")
     parser.add_argument("--calibration_samples", type=int, default=128, help="calibration windows")
@@ -52,7 +63,7 @@ def config_from_args(args: argparse.Namespace):
     if targets == ["all-linear"]:
         targets = "all-linear"
     return MoMosConfig(
-        k=args.k, s=args.s, motif_scope=args.scope, init=args.init, kmeans_iters=args.kmeans_iters,
+        k=args.k, s=args.s, motif_scope=args.motif_scope, init=args.init, kmeans_iters=args.kmeans_iters,
         scale=args.scale, target_modules=targets, seed=args.seed,
     )
 
@@ -60,15 +71,19 @@ def config_from_args(args: argparse.Namespace):
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, k=args.k, s=args.s, scope=args.scope, seed=args.seed, show_layers=args.layers)
+    run_demo(steps=args.steps, k=args.k, s=args.s, scope=args.motif_scope, seed=args.seed, show_layers=args.layers)
 
 
-def load_dense(path: str):
+def load_model(path: str, torch_dtype: str = "auto"):
+    """The model in a local Transformers folder, as the class its config names, in `torch_dtype`."""
     from transformers import AutoConfig
 
     from .model import architecture_class
 
-    return architecture_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+    folder = Path(path)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise ValueError(f"{path} is not a local model folder (a folder with config.json)")
+    return architecture_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=torch_dtype)
 
 
 def load_tokenizer(path: Optional[str]):
@@ -90,25 +105,24 @@ def cmd_report(args: argparse.Namespace) -> None:
     from .demo import tiny_llama
     from .model import get_momos_model
 
-    model = tiny_llama(args.seed) if args.model_path is None else load_dense(args.model_path)
+    model = tiny_llama(args.seed) if args.model_path is None else load_model(args.model_path, args.torch_dtype)
     calibration = calibration_from_args(args, model, load_tokenizer(args.model_path))
     mm = get_momos_model(model, config_from_args(args), calibration)
     report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
     print(report.format(per_layer=not args.totals_only))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(report.to_json())
+        Path(args.json).write_text(report.to_json(), encoding="utf-8")
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from .checkpoint import checkpoint_info, format_info
     from .model import get_momos_model
 
+    model = load_model(args.model_path, args.torch_dtype)
     tokenizer = load_tokenizer(args.model_path)
-    model = load_dense(args.model_path)
     mm = get_momos_model(model, config_from_args(args), calibration_from_args(args, model, tokenizer))
-    mm.save_pretrained(args.out, tokenizer=tokenizer)
-    print(format_info(checkpoint_info(args.out)))
+    mm.save_pretrained(args.output_dir, tokenizer=tokenizer)
+    print(format_info(checkpoint_info(args.output_dir)))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -120,60 +134,68 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push_folder
 
-    url = push_folder(args.directory, args.repo_id, private=args.private or None, token=args.token,
+    url = push_folder(args.directory, args.repo_id, private=not args.public, token=args.token,
                       revision=args.revision, commit_message=args.commit_message)
     print(f"pushed {args.directory} to {args.repo_id}: {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models")
+    from . import __version__
+
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models",
+                                     formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"momos-hf {__version__}")
     sub = parser.add_subparsers(dest="command")
 
-    demo = sub.add_parser("demo", help="convert a small Llama, train it on embedded text, print the report (default)")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--k", type=int, default=256)
-    demo.add_argument("--s", type=int, default=16)
-    demo.add_argument("--scope", choices=SCOPES, default="global")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", formatter_class=formatter,
+                          help="convert a small Llama, train it on embedded text, print the report (default)")
+    demo.add_argument("--steps", type=int, default=60, help="training steps")
+    demo.add_argument("--k", type=int, default=256, help="motifs in the dictionary")
+    demo.add_argument("--s", type=int, default=16, help="values per block")
+    demo.add_argument("--motif_scope", choices=SCOPES, default="global", help="one dictionary for all layers, or one per layer")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the model, the fit and the batches")
     demo.add_argument("--layers", action="store_true", help="print the per-layer table")
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser("report", help="convert a local model and print its size/complexity report")
+    report = sub.add_parser("report", formatter_class=formatter, help="convert a local model and print its size/complexity report")
     report.add_argument("model_path", nargs="?", help="local Hugging Face model folder (default: a small Llama built from a config)")
     add_fit_arguments(report)
     report.add_argument("--max_bytes", type=int, default=4 * 2**20, help="bytes of weights given to the compressors and BDM (0: skip)")
-    report.add_argument("--totals_only", action="store_true")
+    report.add_argument("--totals_only", action="store_true", help="leave out the per-layer table")
     report.add_argument("--json", help="also write the report as JSON to this file")
     report.set_defaults(func=cmd_report)
 
-    compress = sub.add_parser("compress", help="convert a local model and save the compact MoMos checkpoint")
+    compress = sub.add_parser("compress", formatter_class=formatter, help="convert a local model and save the compact MoMos checkpoint")
     compress.add_argument("model_path", help="local Hugging Face model folder")
-    compress.add_argument("--out", required=True, help="folder of the MoMos checkpoint")
+    compress.add_argument("--output_dir", required=True, help="folder of the MoMos checkpoint (created if needed)")
     add_fit_arguments(compress)
     compress.set_defaults(func=cmd_compress)
 
-    info = sub.add_parser("info", help="settings and sizes of a MoMos checkpoint folder (reads no weights)")
-    info.add_argument("directory")
+    info = sub.add_parser("info", formatter_class=formatter, help="settings and sizes of a MoMos checkpoint folder (reads no weights)")
+    info.add_argument("directory", help="MoMos checkpoint folder")
     info.set_defaults(func=cmd_info)
 
-    push = sub.add_parser("push", help="upload a MoMos checkpoint folder to a Hub repository (HF_ENDPOINT)")
-    push.add_argument("directory")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--token", default=None)
+    push = sub.add_parser("push", formatter_class=formatter,
+                          help="upload a MoMos checkpoint folder to a Hub repository (HF_ENDPOINT); private unless --public")
+    push.add_argument("directory", help="MoMos checkpoint folder")
+    push.add_argument("repo_id", help="repository, as owner/name")
+    push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    push.add_argument("--token", default=None, help="Hub token (default: the one huggingface_hub finds)")
     push.add_argument("--revision", default=None, help="branch to commit to (created if needed)")
-    push.add_argument("--commit_message", default="Upload MoMos model")
+    push.add_argument("--commit_message", default="Upload MoMos model", help="commit message")
     push.set_defaults(func=cmd_push)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv or ["demo"])
+    parser = build_parser()
+    args = parser.parse_args(argv or ["demo"])
     try:
         args.func(args)
-    except ValueError as err:  # configuration and input errors: one clear line, no traceback
-        sys.exit(f"momos-hf: error: {err}")
+    except (ValueError, OSError, SafetensorError) as err:  # input and environment errors: one clear line
+        parser.exit(2, f"momos-hf: error: {' '.join(str(err).split())}\n")
 
 
 if __name__ == "__main__":

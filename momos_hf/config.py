@@ -17,6 +17,9 @@ INITS = ("sample", "kmeans", "data-aware")
 TRAIN_MODES = ("motifs", "projected", "ste")
 SCOPES = ("layer", "global")
 MOTIF_DTYPES = ("float32", "bfloat16", "float16")
+# The settings that decide what the MoMos layers hold; the others say how the model trains.
+FIT_FIELDS = ("k", "capacity", "s", "target_modules", "motif_scope", "init", "kmeans_iters", "zero_motif", "scale",
+              "motif_dtype", "seed")
 
 
 @dataclass
@@ -36,7 +39,8 @@ class MoMosConfig:
             inside the model's repeated transformer blocks, i.e. the attention and MLP projections, never
             the embeddings or the LM head. A list of names matches a module whose full name equals an
             entry or ends with `"." + entry`; a string is a regular expression matched against full
-            names; `"all-linear"` takes every linear layer except the output embeddings (LM head).
+            names, or, when it matches none, a single name (`"q_proj"`, as PEFT users write it);
+            `"all-linear"` takes every linear layer except the output embeddings (LM head).
         motif_scope: `"layer"`: one dictionary per layer; `"global"`: one dictionary shared by all targets,
             as in the paper.
         init: `"sample"`: the paper's `k` randomly sampled existing blocks; `"kmeans"`: k-means++ start
@@ -49,7 +53,8 @@ class MoMosConfig:
         scale: learn one scale per output row; motifs are fitted to the rows divided by their RMS.
         motif_dtype: storage dtype of the motifs (`None`: the dtype of the converted weights).
         seed: seed of every random choice of the fit, so a conversion is reproducible.
-        modules_to_save: modules (same matching as a list `target_modules`) kept dense and trainable.
+        modules_to_save: modules (same matching as a list `target_modules`; one name may be given as a
+            string) kept dense and trainable.
         max_assign_bytes: memory budget of one chunk of the block-to-motif distance matrix.
         train_mode: how the model trains.
             `"motifs"` (default): the mosaic is frozen; motifs, scales and `modules_to_save` train, the rest
@@ -85,8 +90,8 @@ class MoMosConfig:
         if self.capacity is not None:
             if self.k is not None:
                 raise ValueError(f"give either k ({self.k}) or capacity ({self.capacity}), not both")
-            if not 0.0 < self.capacity <= 1.0:
-                raise ValueError(f"capacity must be in (0, 1] (a fraction of the blocks), got {self.capacity}")
+            if not _is_number(self.capacity) or not 0.0 < self.capacity <= 1.0:
+                raise ValueError(f"capacity must be in (0, 1] (a fraction of the blocks, as a number), got {self.capacity!r}")
         elif self.k is None:
             self.k = 256
         elif not _is_int(self.k) or self.k < 1:
@@ -96,23 +101,30 @@ class MoMosConfig:
         _check_choice("motif_scope", self.motif_scope, SCOPES)
         _check_choice("init", self.init, INITS)
         _check_choice("train_mode", self.train_mode, TRAIN_MODES)
+        for name in ("zero_motif", "scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.zero_motif and self.k == 1:
+            raise ValueError("zero_motif=True needs k >= 2: with k=1 the only motif is zero and every layer becomes zero")
         if not _is_int(self.project_every) or self.project_every < 0:
             raise ValueError(f"project_every must be an integer >= 0 (0: at each epoch end), got {self.project_every!r}")
         if self.motif_dtype is not None:
             _check_choice("motif_dtype", self.motif_dtype, MOTIF_DTYPES)
         if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not _is_int(self.max_assign_bytes) or self.max_assign_bytes < 1:
             raise ValueError(f"max_assign_bytes must be a positive integer, got {self.max_assign_bytes!r}")
+        self.target_modules = _names_or_pattern("target_modules", self.target_modules)
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
             except re.error as err:
                 raise ValueError(f"target_modules {self.target_modules!r} is not a valid regex: {err}") from err
-        if isinstance(self.target_modules, (tuple, set)):
-            self.target_modules = sorted(self.target_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.modules_to_save, str):  # one name, as PEFT accepts it
+            self.modules_to_save = [self.modules_to_save]
+        self.modules_to_save = _names_or_pattern("modules_to_save", self.modules_to_save)
 
     def num_motifs(self, n_blocks: int) -> int:
         """`k` for a dictionary serving `n_blocks` blocks (resolves `capacity`)."""
@@ -163,6 +175,19 @@ class MoMosConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _names_or_pattern(name: str, value: Any) -> Optional[Union[list[str], str]]:
+    """`None`, a string, or a list of strings (tuples and sets become sorted lists)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ValueError(f"{name} must be a string or a list of module names, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -250,7 +250,7 @@ def least_squares_scale(matrix: torch.Tensor, unscaled: torch.Tensor) -> torch.T
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     """`||W - W_hat||^2 / ||W - mean(W)||^2`, the measure of `MOMOS.md` (1.0 = as bad as the mean)."""
-    weight, approx = weight.float(), approx.float()
+    weight, approx = weight.double(), approx.double()
     denom = (weight - weight.mean()).square().sum()
     return float((weight - approx).square().sum() / denom.clamp(min=1e-30))
 

@@ -1,4 +1,11 @@
-"""Upload of MoMos checkpoints to a Hugging Face Hub (the endpoint in `HF_ENDPOINT`, huggingface.co by default)."""
+"""Upload of MoMos checkpoints to a Hugging Face Hub (the endpoint in `HF_ENDPOINT`, huggingface.co by default).
+
+Only an allow-list leaves the machine: config.json, the weight files its quantization config names (checked
+against their sha256 first), the generation config, tokenizer files, the model card and evaluation results.
+Everything else in the folder (training state, tracker logs, hidden folders, notes) stays. Every file is
+checked before the first network call, and a repository is created private unless asked otherwise: a
+compressed copy inherits its base model's license, so publishing it should be a decision, not a default.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,34 @@ from typing import Optional, Union
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from .card import render_card
+from .checkpoint import read_checkpoint_config, verify_checkpoint, weight_file_names
+
+# Files beside the weights that a model repository carries (tokenizers write some of these, never all).
+UPLOADABLE = frozenset({
+    "generation_config.json", "README.md", "eval_results.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+})
+
+
+def files_to_push(directory: Union[str, os.PathLike]) -> list[Path]:
+    """The files of a MoMos checkpoint folder that a push uploads, after checking the checkpoint whole
+    (checksums included) and that each file is a regular file inside the folder (a link may point only
+    inside it)."""
+    directory = Path(directory)
+    quantization = read_checkpoint_config(directory)["quantization_config"]
+    verify_checkpoint(directory, quantization)
+    names = {"config.json", quantization["weights"], *weight_file_names(directory, quantization["weights"])}
+    names |= {entry.name for entry in directory.iterdir() if entry.name in UPLOADABLE}
+    root = directory.resolve()
+    files = []
+    for name in sorted(names):
+        path = directory / name
+        resolved = path.resolve()
+        if not resolved.is_file() or resolved.parent != root:
+            raise ValueError(f"{path} is not a regular file inside {directory} (a link to elsewhere?); it is not uploaded")
+        files.append(path)
+    return files
 
 
 def push_folder(
@@ -19,17 +53,20 @@ def push_folder(
     revision: Optional[str] = None,
     commit_message: str = "Upload MoMos model",
 ) -> str:
-    """Create `repo_id` if needed and upload every file of the checkpoint folder in one commit, adding a
-    model card as README.md when the folder has none. Returns the commit URL."""
+    """Upload the checkpoint in `directory` to `repo_id` in one commit (see the module docstring for what is
+    uploaded), adding a model card as README.md when the folder has none. The repository is created if
+    needed, private unless `private=False`. Returns the commit URL."""
+    from .card import render_card
+
     directory = Path(directory)
+    files = files_to_push(directory)
+    card = None if (directory / "README.md").exists() else render_card(directory, repo_id).encode("utf-8")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.create_repo(repo_id, private=True if private is None else private, exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
-    operations = [CommitOperationAdd(path_in_repo=p.relative_to(directory).as_posix(), path_or_fileobj=str(p)) for p in files]
-    if not (directory / "README.md").exists():
-        card = render_card(directory, repo_id).encode("utf-8")
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
+    if card is not None:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
     return commit.commit_url

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -14,6 +17,61 @@ from .lookup import lookup_linear, use_lookup
 from .packing import pack_indices, packed_size, unpack_indices
 
 LinearLike = Union[nn.Linear, Conv1D]
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+MAX_K = 2**31 - 1  # mosaics are int32 at most
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a checkpoint records of one MoMos layer, and all the loader needs to rebuild it.
+
+    `motifs` names the layer whose `motifs` tensor this one uses (itself, unless the dictionary is shared);
+    `fit_error` is the relative weight error of the fit (absent when unknown)."""
+
+    in_features: int
+    out_features: int
+    k: int
+    s: int
+    scale: bool
+    conv1d: bool
+    motifs: str
+    fit_error: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, name: str, values: Any) -> "LayerSpec":
+        """Validate one `quantization_config.layers` entry; errors name the layer and the field."""
+        where = f"quantization_config.layers[{name!r}]"
+        if not isinstance(name, str) or not MODULE_NAME.fullmatch(name):
+            raise ValueError(f"{where}: {name!r} is not a module name")
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be an object, got {type(values).__name__}")
+        required = {"in_features", "out_features", "k", "s", "scale", "conv1d", "motifs"}
+        missing, unknown = required - set(values), set(values) - required - {"fit_error"}
+        if missing or unknown:
+            raise ValueError(f"{where} lacks {sorted(missing)}" if missing else f"{where} has unknown fields {sorted(unknown)}")
+        for field, upper in (("in_features", None), ("out_features", None), ("k", MAX_K), ("s", None)):
+            value = values[field]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (upper and value > upper):
+                raise ValueError(f"{where}.{field} must be an integer in [1, {upper or 'inf'}], got {value!r}")
+        for field in ("scale", "conv1d"):
+            if not isinstance(values[field], bool):
+                raise ValueError(f"{where}.{field} must be true or false, got {values[field]!r}")
+        if not isinstance(values["motifs"], str) or not MODULE_NAME.fullmatch(values["motifs"]):
+            raise ValueError(f"{where}.motifs must name a MoMos layer, got {values['motifs']!r}")
+        error = values.get("fit_error")
+        if error is not None and (not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error)):
+            raise ValueError(f"{where}.fit_error must be a finite number, got {error!r}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        if self.fit_error is None:
+            del values["fit_error"]
+        return values
+
+    @property
+    def num_blocks(self) -> int:
+        return self.out_features * num_blocks_per_row(self.in_features, self.s)
 
 
 def full_tensor(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -82,6 +140,9 @@ class MoMosLinear(nn.Module):
         self.scale = scale
         self.bias = bias
         self.latent: Optional[nn.Parameter] = None
+        self.fit_error: Optional[float] = None  # relative weight error of the last fit, when known
+        # Calibration inputs' second moment `X^T X / tokens`, kept for data-aware refits in projected/ste modes.
+        self.register_buffer("input_moment", None, persistent=False)
         self.train_mode = "motifs"
         self.cache_weight = False
         self._cached: Optional[tuple[tuple, torch.Tensor]] = None  # (versions it was built from, weight)
@@ -102,6 +163,11 @@ class MoMosLinear(nn.Module):
         device = module.weight.device
         scale_param = None if scale is None else nn.Parameter(scale.to(device=device, dtype=motifs.dtype))
         return cls(in_features, out_features, motifs, mosaic.to(device), scale_param, module.bias, zero_motif, conv1d)
+
+    def spec(self, motifs_owner: str) -> LayerSpec:
+        """The checkpoint's record of this layer; `motifs_owner` names the layer that stores its motifs."""
+        return LayerSpec(self.in_features, self.out_features, self.k, self.s, self.scale is not None, self.conv1d,
+                         motifs_owner, self.fit_error)
 
     @torch.no_grad()
     def set_mosaic(self, mosaic: torch.Tensor) -> None:
@@ -145,9 +211,14 @@ class MoMosLinear(nn.Module):
             motifs = torch.cat([torch.zeros_like(motifs[:1]), motifs[1:]])
         return motifs
 
-    def dense_weight(self) -> torch.Tensor:
-        """The constrained weight `[out, in]` (autograd flows to motifs and scale)."""
-        return reconstruct(self.effective_motifs(), self.mosaic, self.in_features, full_tensor(self.scale))
+    def dense_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The constrained weight `[out, in]` in `dtype` (default: the motifs' dtype), computed in the wider
+        of the two so that it is rounded once (autograd flows to motifs and scale)."""
+        motifs, scale = self.effective_motifs(), full_tensor(self.scale)
+        dtype = dtype or motifs.dtype
+        wide = torch.promote_types(motifs.dtype, dtype)
+        weight = reconstruct(motifs.to(wide), self.mosaic, self.in_features, None if scale is None else scale.to(wide))
+        return weight.to(dtype)
 
     def cached_weight(self) -> torch.Tensor:
         """`dense_weight()` without autograd, rebuilt only when motifs, scale or mosaic changed."""
@@ -193,13 +264,13 @@ class MoMosLinear(nn.Module):
             y = lookup_linear(x, self.effective_motifs(), self.mosaic, full_tensor(self.scale))
             return y if bias is None else y + bias
         else:
-            weight = self.dense_weight()
+            weight = self.dense_weight(x.dtype)
         return nn.functional.linear(x, weight.to(x.dtype), bias)
 
-    def merge(self) -> LinearLike:
-        """A plain `nn.Linear` (or `Conv1D`) holding the constrained weight."""
+    def merge(self, dtype: Optional[torch.dtype] = None) -> LinearLike:
+        """A plain `nn.Linear` (or `Conv1D`) holding the constrained weight in `dtype` (default: the motifs')."""
         with torch.no_grad():
-            weight = self.dense_weight()
+            weight = self.dense_weight(dtype)
         with torch.device("meta"):  # shapes only: both parameters are replaced right below
             if self.conv1d:
                 layer = Conv1D(self.out_features, self.in_features)

@@ -3,6 +3,7 @@ mosaics, swap in `MoMosLinear` modules, and undo it all with `merge_and_unload` 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -15,12 +16,13 @@ from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.logging import tqdm
 
-from .checkpoint import QUANT_METHOD, local_weight_files, save_checkpoint, verify_files
 from .calibration import input_second_moments
-from .config import MoMosConfig
+from .checkpoint import QUANT_METHOD
+from .config import FIT_FIELDS, MoMosConfig
 from .data_aware import fit_data_aware
-from .fitting import fit_mosaic, num_blocks_per_row, reconstruct, relative_error
+from .fitting import fit_mosaic, index_bits, num_blocks_per_row, reconstruct, relative_error
 from .layer import MoMosLinear, assign_, full_tensor
+from .quantizer import MoMosQuantizationConfig, mark_momos_model, momos_layers, save_momos_model, unmark
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -46,6 +48,8 @@ def find_targets(model: nn.Module, target_modules: Optional[list[str] | str]) ->
         targets = list(candidates)
     elif isinstance(target_modules, str):
         targets = [name for name, _ in model.named_modules() if re.fullmatch(target_modules, name)]
+        if not targets and re.fullmatch(r"[\w.]+", target_modules):  # a single name, as PEFT users write it
+            targets = match_names(model, [target_modules], "target_modules")
         _check_linear_like(model, targets)
     else:
         targets = match_names(model, target_modules, "target_modules")
@@ -55,6 +59,7 @@ def find_targets(model: nn.Module, target_modules: Optional[list[str] | str]) ->
             f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
             f"linear layers are named like {_leaf_names(candidates)}"
         )
+    _check_not_tied(model, targets)
     return targets
 
 
@@ -77,41 +82,83 @@ class MoMosModel(nn.Module):
     """A Transformers model whose target layers are `MoMosLinear`; behaves like the model it wraps.
 
     Construction fits one dictionary per layer (or one for all, `motif_scope="global"`), replaces the
-    layers, freezes everything except the motifs, scales and `modules_to_save` (as PEFT does), and leaves
-    the model untouched if any check fails. A model that already holds MoMos layers (loaded from a MoMos
-    checkpoint) is wrapped as it is.
+    layers in place, freezes everything except the motifs, scales and `modules_to_save` (as PEFT does), and
+    leaves the model untouched if any check fails. The converted model then carries the MoMos quantizer and
+    config like one loaded from a MoMos checkpoint, so `model.save_pretrained` writes the compact checkpoint
+    and `Trainer(model=mm.base_model)` saves it too.
+
+    A model that already holds MoMos layers (loaded from a MoMos checkpoint, or converted earlier) is
+    wrapped as it is: with `config=None` nothing about it changes; a `config` may change the training
+    settings (`train_mode`, `project_every`, `modules_to_save`, `max_assign_bytes`), but one that asks for
+    another fit than the layers hold is refused, since the layers would not match it.
 
     `calibration_data` (required by `init="data-aware"`): an iterable of model-input dicts whose inputs
     to each target layer are collected as `X^T X` before fitting (see `momos_hf.calibration`). In the
     `"projected"`/`"ste"` train modes these statistics are kept for later `project()` calls.
+    `dtype`: cast every parameter to this dtype after the fit (motifs too, unless `motif_dtype` is set),
+    e.g. `torch.bfloat16` to store and run a model loaded in float32 at half the size.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        config: MoMosConfig,
-        fit_errors: Optional[dict[str, float]] = None,
+        config: Optional[MoMosConfig] = None,
         base_model_name: Optional[str] = None,
         calibration_data: Optional[Iterable[dict[str, Any]]] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
+        if isinstance(model, MoMosModel):
+            raise ValueError("the model is already a MoMosModel; refit it with .project(), or convert the dense model")
         self.base_model = model
         # Calls go straight to the base model, whose signature Trainer and pipelines read to pick inputs.
         self.forward = model.forward
-        self.momos_config = config
-        self.base_model_name = base_model_name if base_model_name is not None else getattr(model, "name_or_path", "")
-        self.fit_errors: dict[str, float] = dict(fit_errors or {})
-        self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._second_moments: dict[str, torch.Tensor] = {}
-        if calibration_data is not None and config.init != "data-aware":
-            raise ValueError(f"calibration_data is only used by init='data-aware' (config has init={config.init!r})")
-        originals = {} if self.momos_layers() else self._convert(calibration_data)
-        if config.train_mode != "motifs":  # latent weights start from the dense weights where known
+        recorded = getattr(getattr(model, "config", None), "quantization_config", None)
+        if momos_layers(model):
+            if not isinstance(recorded, MoMosQuantizationConfig) and config is None:
+                raise ValueError("the model holds MoMos layers but no MoMos quantization config: pass its MoMosConfig")
+            if isinstance(recorded, MoMosQuantizationConfig) and config is not None:
+                _check_same_fit(recorded.config, config)
+            self.momos_config = config or recorded.config
+            self.modules_to_save = match_names(model, self.momos_config.modules_to_save or [], "modules_to_save")
+            if calibration_data is not None:
+                raise ValueError("calibration_data is for converting a dense model; this one holds MoMos layers already")
+            if config is None:
+                return
+            originals = {}
+        else:
+            if config is None:
+                raise ValueError("converting a model needs a MoMosConfig")
+            if calibration_data is not None and config.init != "data-aware":
+                raise ValueError(f"calibration_data is only used by init='data-aware' (config has init={config.init!r})")
+            self.momos_config = config
+            self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
+            originals = self._convert(calibration_data)
+            if hasattr(model, "config"):  # a Transformers model (plain torch modules have nothing to save it with)
+                name = base_model_name if base_model_name is not None else getattr(model, "name_or_path", "")
+                mark_momos_model(model, config, name)
+            if dtype is not None:
+                _cast_parameters(model, dtype, config.torch_motif_dtype)
+        if self.momos_config.train_mode != "motifs":  # latent weights start from the dense weights where known
             for layer in self.momos_layers().values():
                 if layer.latent is None:
-                    layer.enable_latent(config.train_mode, originals.get(layer))
+                    layer.enable_latent(self.momos_config.train_mode, originals.get(layer))
         self._mark_trainable()
+
+    @property
+    def fit_errors(self) -> dict[str, float]:
+        """Relative weight error of each layer's last fit (layers loaded without that record are left out)."""
+        return {name: layer.fit_error for name, layer in self.momos_layers().items() if layer.fit_error is not None}
+
+    @property
+    def base_model_name(self) -> str:
+        return self.base_model.config.quantization_config.base_model
+
+    @base_model_name.setter
+    def base_model_name(self, name: str) -> None:
+        self.base_model.config.quantization_config.base_model = name
 
     def _convert(self, calibration_data: Optional[Iterable[dict[str, Any]]]) -> dict[MoMosLinear, torch.Tensor]:
         """Fit and swap in every target layer; returns each new layer's dense weight `[out, in]`."""
@@ -124,51 +171,67 @@ class MoMosModel(nn.Module):
         for name, module in originals.items():
             if not torch.isfinite(module.weight).all():
                 raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
+        weights = {name: _weight_out_in(m) for name, m in originals.items()}
+        self._check_compresses(weights)
         if config.init == "data-aware":
             if calibration_data is None:
                 raise ValueError("init='data-aware' needs calibration_data: an iterable of model-input dicts (e.g. tokenized batches)")
             self._second_moments = input_second_moments(model, targets, calibration_data)
-        fitted = self._fit({name: _weight_out_in(m) for name, m in originals.items()})
-        if config.train_mode == "motifs":  # no later projection will need them
-            self._second_moments = {}
+        fitted = self._fit(weights)
         dense = {}
-        for name, (motifs, mosaic, scale) in fitted.items():
+        for name, (motifs, mosaic, scale, error) in fitted.items():
             layer = MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif)
-            dense[layer] = _weight_out_in(originals[name]).detach()
-            self._set_submodule(name, layer)
+            layer.fit_error = error
+            if config.train_mode != "motifs":  # later projections refit in the same metric
+                layer.input_moment = self._second_moments.get(name)
+            dense[layer] = weights[name].detach()
+            model.set_submodule(name, layer)
+        self._second_moments = {}
         return dense
 
     # -- fitting -----------------------------------------------------------------------------------
 
+    def _groups(self, names: list[str]) -> list[list[str]]:
+        return [names] if self.momos_config.motif_scope == "global" else [[n] for n in names]
+
     @torch.no_grad()
-    def _fit(self, weights: dict[str, torch.Tensor]) -> dict[str, tuple[nn.Parameter, torch.Tensor, Optional[torch.Tensor]]]:
-        """Fit every dictionary; returns `name -> (motifs, mosaic, scale)`; checks all before fitting."""
+    def _fit(self, weights: dict[str, torch.Tensor]) -> dict[str, tuple[nn.Parameter, torch.Tensor, Optional[torch.Tensor], float]]:
+        """Fit every dictionary; returns `name -> (motifs, mosaic, scale, relative error)`. Fits run in
+        float32 or wider on weights divided by their RMS (so that no square overflows), and the result must
+        be finite in the dtype it is stored in."""
         config = self.momos_config
-        names = list(weights)
-        groups = [names] if config.motif_scope == "global" else [[n] for n in names]
+        groups = self._groups(list(weights))
         ks = [self._num_motifs(group, weights) for group in groups]
         fitted = {}
         for i, (group, k) in enumerate(tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict")):
-            matrices = [weights[n] for n in group]
+            matrices = [weights[n].detach() for n in group]
+            unit = _rms(matrices)
+            normalised = [m.double().div(unit).float() for m in matrices]
             options = (config.kmeans_iters, config.seed + i, config.zero_motif, config.scale, config.max_assign_bytes)
             if config.init == "data-aware":
-                fit = fit_data_aware(matrices, self._moments_of(group), k, config.s, *options)
+                fit = fit_data_aware(normalised, self._moments_of(group), k, config.s, *options)
             else:
-                fit = fit_mosaic(matrices, k, config.s, config.init, *options)
+                fit = fit_mosaic(normalised, k, config.s, config.init, *options)
             dtype = config.torch_motif_dtype or matrices[0].dtype
-            motifs = nn.Parameter(fit.motifs.to(dtype))
-            for name, matrix, mosaic, scale in zip(group, matrices, fit.mosaics, fit.scales):
-                fitted[name] = (motifs, mosaic, scale)
-                approx = reconstruct(fit.motifs, mosaic, matrix.shape[1], scale)
-                self.fit_errors[name] = relative_error(matrix, approx)
+            motifs = nn.Parameter((fit.motifs.double() * unit).to(dtype))
+            scales = [None if s is None else s.to(dtype) for s in fit.scales]
+            if not torch.isfinite(motifs).all() or any(s is not None and not torch.isfinite(s).all() for s in scales):
+                raise ValueError(f"the motifs fitted to {group[0]}{' ...' if len(group) > 1 else ''} overflow {dtype}: "
+                                 "its weights are too large for it; set motif_dtype='float32'")
+            for name, matrix, mosaic, scale in zip(group, matrices, fit.mosaics, scales):
+                approx = reconstruct(motifs.double(), mosaic, matrix.shape[1], None if scale is None else scale.double())
+                fitted[name] = (motifs, mosaic, scale, relative_error(matrix, approx))
         return fitted
 
     def _moments_of(self, group: list[str]) -> list[torch.Tensor]:
-        missing = [n for n in group if n not in self._second_moments]
+        """Each layer's input second moment: collected for this conversion, or kept by the layer."""
+        layers = self.momos_layers()
+        moments = [self._second_moments.get(n, getattr(layers.get(n), "input_moment", None)) for n in group]
+        missing = [n for n, m in zip(group, moments) if m is None]
         if missing:
             raise ValueError(f"init='data-aware' has no calibration statistics for {missing[:3]} (a model loaded from a "
                              "checkpoint has none): convert with calibration_data, or refit with init='kmeans'")
-        return [self._second_moments[n] for n in group]
+        return moments
 
     def _num_motifs(self, group: list[str], weights: dict[str, torch.Tensor]) -> int:
         s = self.momos_config.s
@@ -182,6 +245,24 @@ class MoMosModel(nn.Module):
             )
         return k
 
+    def _check_compresses(self, weights: dict[str, torch.Tensor]) -> None:
+        """Refuse settings under which a dictionary and its mosaics would take more bits than the dense
+        weights they replace (so a MoMos checkpoint is never larger than the model it came from)."""
+        config = self.momos_config
+        for group in self._groups(list(weights)):
+            k = self._num_motifs(group, weights)
+            motif_bits = torch.finfo(config.torch_motif_dtype or weights[group[0]].dtype).bits
+            dense = sum(weights[n].numel() * weights[n].element_size() * 8 for n in group)
+            momos = k * config.s * motif_bits + sum(
+                weights[n].shape[0] * (num_blocks_per_row(weights[n].shape[1], config.s) * index_bits(k)
+                                       + (motif_bits if config.scale else 0)) for n in group)
+            if momos > dense:
+                raise ValueError(
+                    f"with k={k}, s={config.s} the MoMos form of {group[0]}{' ...' if len(group) > 1 else ''} takes "
+                    f"{momos / 8:,.0f} bytes, more than its {dense / 8:,.0f} dense bytes: use fewer motifs (k), "
+                    "longer blocks (s), or motif_scope='global'"
+                )
+
     @torch.no_grad()
     def project(self) -> dict[str, float]:
         """Refit motifs and mosaics from the current weights (the paper's projection step).
@@ -194,7 +275,7 @@ class MoMosModel(nn.Module):
         layers = self.momos_layers()
         current = {name: layer.dense_weight() if layer.latent is None else full_tensor(layer.latent) for name, layer in layers.items()}
         fitted = self._fit(current)
-        for name, (motifs, mosaic, scale) in fitted.items():
+        for name, (motifs, mosaic, scale, error) in fitted.items():
             layer = layers[name]
             assign_(layer.motifs, motifs)
             layer.set_mosaic(mosaic)
@@ -202,7 +283,8 @@ class MoMosModel(nn.Module):
                 assign_(layer.scale, scale)
             if layer.train_mode == "projected":
                 assign_(layer.latent, layer.dense_weight())
-        return dict(self.fit_errors)
+            layer.fit_error = error
+        return self.fit_errors
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -212,17 +294,17 @@ class MoMosModel(nn.Module):
         tokenizer: Any = None,
         max_shard_size: Union[int, str] = "5GB",
         state_dict: Optional[dict[str, torch.Tensor]] = None,
+        **kwargs: Any,
     ) -> None:
         """Write the compact checkpoint (see `momos_hf.checkpoint`); any `from_pretrained` loads it back.
 
         `state_dict`: the full state dict when the model is sharded (e.g. `accelerator.get_state_dict`);
-        keys may carry this wrapper's `base_model.` prefix."""
+        keys may carry this wrapper's `base_model.` prefix. Other keyword arguments are those of
+        `PreTrainedModel.save_pretrained` (`is_main_process`, `push_to_hub`, `safe_serialization`, ...)."""
         if state_dict is not None:
             state_dict = {name.removeprefix("base_model."): tensor for name, tensor in state_dict.items()}
-        save_checkpoint(
-            self.base_model, save_directory, self.momos_config.to_dict(), self.fit_errors, tokenizer, max_shard_size,
-            self.base_model_name, state_dict,
-        )
+        save_momos_model(self.base_model, save_directory, state_dict=state_dict, max_shard_size=max_shard_size,
+                         tokenizer=tokenizer, **kwargs)
 
     def push_to_hub(
         self,
@@ -234,8 +316,8 @@ class MoMosModel(nn.Module):
         commit_message: str = "Upload MoMos model",
         max_shard_size: Union[int, str] = "5GB",
     ) -> str:
-        """Save the compact checkpoint with a model card and upload it to the Hub (`HF_ENDPOINT`);
-        returns the commit URL."""
+        """Save the compact checkpoint with a model card and upload it to the Hub (`HF_ENDPOINT`); a new
+        repository is private unless `private=False`. Returns the commit URL."""
         from .hub import push_folder
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -250,18 +332,14 @@ class MoMosModel(nn.Module):
         quantization = getattr(config, "quantization_config", None) or {}
         if dict(quantization).get("quant_method") != QUANT_METHOD:
             raise ValueError(f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with quant_method 'momos'")
-        if os.path.isdir(model_id):  # check before Transformers reads them: its errors do not name the file
-            verify_files(local_weight_files(model_id), dict(quantization).get("checksums", {}))
         model = (model_class or architecture_class(config)).from_pretrained(model_id, **kwargs)
-        quantization = model.config.quantization_config
-        fit_errors = {n: spec["fit_error"] for n, spec in quantization.layers.items() if "fit_error" in spec}
-        return cls(model, quantization.config, fit_errors, quantization.base_model)
+        return cls(model, model.config.quantization_config.config)
 
     # -- PEFT-style API ----------------------------------------------------------------------------
 
     def momos_layers(self) -> dict[str, MoMosLinear]:
         """Every `MoMosLinear` of the model by full name (names relative to the base model)."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MoMosLinear)}
+        return momos_layers(self.base_model)
 
     def cache_weights(self, enabled: bool = True) -> None:
         """Keep each layer's reconstructed dense weight for inference throughput (dense memory), or drop
@@ -274,9 +352,15 @@ class MoMosModel(nn.Module):
         return self.base_model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """`(trainable, total)` parameter counts; a shared dictionary counts once."""
+        """`(trainable, total)` parameter counts. As PEFT counts packed 4-bit weights, `total` counts each
+        MoMos layer as the dense weight it stands for (`out * in`); trainable counts what the optimizer
+        updates (motifs once per dictionary, scales, latent weights, `modules_to_save`)."""
+        layers = self.momos_layers().values()
+        momos_params = {id(p) for layer in layers for p in (layer.motifs, layer.scale, layer.latent) if p is not None}
         params = list(self.base_model.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params if id(p) not in momos_params) + sum(l.out_features * l.in_features for l in layers)
+        return trainable, total
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -284,9 +368,13 @@ class MoMosModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Replace every MoMos layer by a plain `nn.Linear`/`Conv1D` holding the mosaic weight and return
-        the base model, with the `requires_grad` flags it had before conversion."""
+        the base model as a plain Transformers model (no MoMos config or quantizer: it saves and reloads as
+        a dense one), with the `requires_grad` flags it had before conversion."""
+        dtype = _untouched_dtype(self.base_model)
         for name, layer in self.momos_layers().items():
-            self._set_submodule(name, layer.merge())
+            self.base_model.set_submodule(name, layer.merge(dtype))
+        if hasattr(self.base_model, "config"):
+            unmark(self.base_model)
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, True))
         return self.base_model
@@ -300,10 +388,6 @@ class MoMosModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- plumbing ----------------------------------------------------------------------------------
-
-    def _set_submodule(self, name: str, module: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.base_model.get_submodule(parent_name), child, module)
 
     def _mark_trainable(self) -> None:
         """`motifs` mode: motifs, scales and modules_to_save train. `projected`/`ste`: every parameter
@@ -320,13 +404,18 @@ class MoMosModel(nn.Module):
 
 
 def get_momos_model(
-    model: nn.Module, config: MoMosConfig, calibration_data: Optional[Iterable[dict[str, Any]]] = None
+    model: nn.Module,
+    config: MoMosConfig,
+    calibration_data: Optional[Iterable[dict[str, Any]]] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> MoMosModel:
     """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`.
 
     `calibration_data`, for `init="data-aware"`: an iterable of model-input dicts (tokenizer outputs,
-    DataLoader batches); a few hundred sequences are enough. It is iterated once."""
-    return MoMosModel(model, config, calibration_data=calibration_data)
+    DataLoader batches); a few hundred sequences are enough. It is iterated once. `dtype`: cast the
+    converted model's parameters to it after the fit (see `MoMosModel`). A model that holds MoMos layers
+    already is refused unless `config` asks for the fit it has (then it is wrapped as it is)."""
+    return MoMosModel(model, config, calibration_data=calibration_data, dtype=dtype)
 
 
 def architecture_class(config: Any) -> type:
@@ -342,6 +431,47 @@ def _weight_out_in(module: nn.Module) -> torch.Tensor:
 def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
     getter = getattr(model, "get_output_embeddings", None)
     return getter() if callable(getter) else None
+
+
+def _check_not_tied(model: nn.Module, targets: list[str]) -> None:
+    """Refuse targets whose weight another module shares (tied input/output embeddings): converting one
+    copy would untie them."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name.rpartition(".")[0])
+    for target in targets:
+        others = [n for n in names[id(model.get_submodule(target).weight)] if n != target]
+        if others:
+            raise ValueError(f"{target} shares its weight with {others[0]} (tied embeddings); converting it would "
+                             "untie them: leave it out of target_modules")
+
+
+def _check_same_fit(recorded: MoMosConfig, requested: MoMosConfig) -> None:
+    recorded_fit, requested_fit = ({f: getattr(c, f) for f in FIT_FIELDS} for c in (recorded, requested))
+    if recorded_fit != requested_fit:
+        changed = {f: (recorded_fit[f], requested_fit[f]) for f in FIT_FIELDS if recorded_fit[f] != requested_fit[f]}
+        raise ValueError(f"the model holds MoMos layers fitted with other settings ({', '.join(f'{f}={a!r}, not {b!r}' for f, (a, b) in changed.items())}); "
+                         "converting twice would mislabel them: convert the dense model instead")
+
+
+def _cast_parameters(model: nn.Module, dtype: torch.dtype, motif_dtype: Optional[torch.dtype]) -> None:
+    """Cast every parameter (not the buffers, as loading in that dtype leaves them) in place."""
+    motif_ids = {id(layer.motifs) for layer in momos_layers(model).values()}
+    for param in model.parameters():
+        param.data = param.data.to(motif_dtype if motif_dtype is not None and id(param) in motif_ids else dtype)
+
+
+def _untouched_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating-point parameter outside its MoMos layers (its storage dtype)."""
+    momos = {id(p) for layer in momos_layers(model).values() for p in layer.parameters()}
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in momos), None)
+
+
+def _rms(matrices: list[torch.Tensor]) -> float:
+    """Root mean square of all values (1 when they are all zero), in float64 so that no square overflows."""
+    total = sum(float(m.double().square().sum()) for m in matrices)
+    count = sum(m.numel() for m in matrices)
+    return math.sqrt(total / count) if total > 0 else 1.0
 
 
 def _check_linear_like(model: nn.Module, names: list[str]) -> None:

@@ -1,15 +1,23 @@
 """The reconstruction hook: a transformers quantizer for `quant_method: "momos"` checkpoints.
 
 `import momos_hf` registers it, so every `AutoModel*.from_pretrained` (and `pipeline`) of a MoMos checkpoint
-swaps the target layers for `MoMosLinear` skeletons on the meta device before any weight is read (the dense
-matrices are never built), loads motifs, packed mosaics, scales and every other tensor as usual, then unpacks
-the mosaics.
+verifies the checkpoint (see `momos_hf.checkpoint.verify_checkpoint`), swaps the target layers for
+`MoMosLinear` skeletons on the meta device before any weight is read (the dense matrices are never built),
+loads motifs, packed mosaics, scales and every other tensor as usual, then unpacks and checks the mosaics.
+
+A MoMos model in memory, converted or loaded, carries this quantizer and its config like any quantized
+Transformers model (`model.hf_quantizer`, `model.config.quantization_config`), and its `save_pretrained`
+writes the compact checkpoint (`save_momos_model`): Transformers' own writer would drop the load marker and
+could not save atomically. `merge_and_unload` and `model.dequantize()` turn it back into a plain model.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Optional
+from pathlib import Path
+from types import MethodType
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -21,57 +29,63 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD, verify_files
+from .checkpoint import FORMAT_VERSION, QUANT_METHOD, layer_specs, parse_quantization, save_checkpoint, verify_checkpoint
 from .config import MoMosConfig
 from .fitting import num_blocks_per_row
-from .layer import MoMosLinear
+from .layer import LayerSpec, MoMosLinear
+
+logger = logging.get_logger(__name__)
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class MoMosQuantizationConfig(QuantizationConfigMixin):
-    """What `config.json` says of a MoMos checkpoint, under `quantization_config`.
+    """What `config.json` says of a MoMos checkpoint, under `quantization_config` (see `momos_hf.checkpoint`).
 
     Args:
         momos_config: the `MoMosConfig` of the conversion, as a dict.
-        layers: per converted layer (full name): `in_features`, `out_features`, `k`, `s`, `scale`, `conv1d`,
-            and `motifs`, the name of the layer whose `motifs` tensor it uses (itself unless shared).
-        checksums: sha256 of each weight file, checked before loading.
+        layers: per converted layer (full name), its `LayerSpec` as a dict.
+        weights: the checkpoint's weight file (or shard index); `None` for a model not saved yet.
+        checksums: sha256 of each weight file and of the index, checked before loading.
         base_model: name or path of the model that was converted.
-        format_version: version of this layout; a newer one than this library knows is refused.
+        format_version: version of the layout; another one than this library's is refused.
     """
 
     def __init__(
         self,
         momos_config: dict,
         layers: dict[str, dict],
+        weights: Optional[str] = None,
         checksums: Optional[dict[str, str]] = None,
         base_model: str = "",
         format_version: int = FORMAT_VERSION,
-        **kwargs: Any,
+        quant_method: str = QUANT_METHOD,
+        **unknown: Any,
     ):
-        self.quant_method = QUANT_METHOD
+        if unknown:
+            raise ValueError(f"quantization_config has unknown fields {sorted(unknown)}")
+        self.quant_method = quant_method
         self.format_version = format_version
         self.base_model = base_model
         self.momos_config = momos_config
         self.layers = layers
-        self.checksums = checksums or {}
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"this checkpoint uses momos format_version {format_version!r}; this momos-hf reads up to "
-                f"{FORMAT_VERSION}: upgrade momos-hf"
-            )
-        MoMosConfig.from_dict(momos_config)  # validates
-        for name, spec in layers.items():
-            missing = {"in_features", "out_features", "k", "s", "scale", "conv1d", "motifs"} - set(spec)
-            if missing:
-                raise ValueError(f"quantization_config.layers[{name!r}] lacks {sorted(missing)}")
-            if spec["motifs"] not in layers:
-                raise ValueError(f"layer {name!r} uses the motifs of {spec['motifs']!r}, which is not a MoMos layer")
+        self.weights = weights
+        self.checksums = checksums
+        parse_quantization(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in super().to_dict().items() if value is not None}
 
     @property
     def config(self) -> MoMosConfig:
         return MoMosConfig.from_dict(self.momos_config)
+
+    @property
+    def specs(self) -> dict[str, LayerSpec]:
+        return parse_quantization(self.to_dict())
 
 
 class MoMosHfQuantizer(HfQuantizer):
@@ -80,64 +94,166 @@ class MoMosHfQuantizer(HfQuantizer):
     requires_calibration = True  # a MoMos model is made by fitting, not at load time
     quantization_config: MoMosQuantizationConfig
 
+    def update_attn_implementation(self, config):
+        # The one quantizer hook that sees the model config before Transformers resolves the weight files:
+        # point `transformers_weights` from the load marker to this checkpoint's weight file.
+        if self.quantization_config.weights:
+            config.transformers_weights = self.quantization_config.weights
+        return config
+
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any) -> None:
+        if not checkpoint_files:
+            raise ValueError("a MoMos checkpoint loads from its folder or Hub repository, with from_pretrained(path)")
         config = self.quantization_config
-        if checkpoint_files:
-            verify_files(checkpoint_files, config.checksums)
-        build_skeleton(model, config.layers, config.config.zero_motif)
+        tensors = verify_checkpoint(Path(checkpoint_files[0]).parent, config.to_dict())
+        build_skeleton(model, config.specs, config.config.zero_motif, tensors)
         # A shared dictionary is stored once, under its owner; the loader must not call the others missing.
-        shared = {rf"(^|\.){re.escape(name)}\.motifs$" for name, spec in config.layers.items() if spec["motifs"] != name}
+        shared = {rf"(^|\.){re.escape(name)}\.motifs$" for name, spec in config.specs.items() if spec.motifs != name}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | shared
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        layers = self.quantization_config.layers
-        for name, spec in layers.items():
-            module = model.get_submodule(name)
-            if spec["motifs"] != name:  # the loader fills each name separately: share the owner's again
-                module.motifs = model.get_submodule(spec["motifs"]).motifs
+        for name, spec in self.quantization_config.specs.items():
+            layer = model.get_submodule(name)
+            if spec.motifs != name:  # the loader fills each name separately: share the owner's again
+                layer.motifs = model.get_submodule(spec.motifs).motifs
             try:
-                module.unpack_mosaic()
+                layer.unpack_mosaic()
             except ValueError as err:
                 raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
+            for part in ("motifs", "scale"):
+                tensor = getattr(layer, part)
+                if tensor is not None and not torch.isfinite(tensor).all():
+                    raise ValueError(f"corrupted MoMos checkpoint: layer {name} has NaN or infinite {part}")
+            layer.fit_error = spec.fit_error
+        enable_momos_save(model)
         return model
+
+    def _dequantize(self, model: nn.Module, dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        for name, layer in momos_layers(model).items():
+            model.set_submodule(name, layer.merge(dtype))
+        return model
+
+    def remove_quantization_config(self, model: nn.Module) -> None:
+        unmark(model)
 
     @property
     def is_trainable(self) -> bool:
         return True
 
-    def is_serializable(self) -> bool:
+    @property
+    def is_qat_trainable(self) -> bool:  # Trainer trains a MoMos model itself (motifs, or through projections)
         return True
 
+    def is_serializable(self) -> bool:
+        # MoMos models save through `save_momos_model` (their `save_pretrained`); Transformers' own writer,
+        # reached only by calling `PreTrainedModel.save_pretrained` unbound, would write an unverifiable folder.
+        logger.warning("save MoMos models with model.save_pretrained(...) (momos-hf's writer), not PreTrainedModel.save_pretrained")
+        return False
 
-def build_skeleton(model: nn.Module, layers: dict[str, dict], zero_motif: bool = False) -> None:
-    """Replace each listed `nn.Linear`/`Conv1D` of `model` by an empty `MoMosLinear` of the recorded shape
-    (on the device of the layer it replaces, usually meta), sharing dictionaries as recorded."""
+
+def momos_layers(model: nn.Module) -> dict[str, MoMosLinear]:
+    """Every `MoMosLinear` of `model` by full name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MoMosLinear)}
+
+
+def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], zero_motif: bool, tensors: dict[str, dict]) -> None:
+    """Replace each listed `nn.Linear`/`Conv1D` of `model` by an empty `MoMosLinear` of the recorded shape (on
+    the device of the layer it replaces, usually meta), its motifs and scale in the dtypes they are stored in
+    (`tensors`: the checkpoint's header entries), sharing dictionaries as recorded."""
     motifs: dict[str, nn.Parameter] = {}
-    for name, spec in layers.items():
+    for name, spec in specs.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"MoMos layer {name} of the checkpoint is not a module of {type(model).__name__}") from None
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise ValueError(f"MoMos layer {name} replaces a {type(module).__name__}; expected nn.Linear or Conv1D")
-        expected = tuple(module.weight.shape[::-1] if spec["conv1d"] else module.weight.shape)
-        if expected != (spec["out_features"], spec["in_features"]):
+        expected = tuple(module.weight.shape[::-1] if spec.conv1d else module.weight.shape)
+        if expected != (spec.out_features, spec.in_features):
             raise ValueError(
-                f"MoMos layer {name} is recorded as {spec['out_features']}x{spec['in_features']} but the model "
+                f"MoMos layer {name} is recorded as {spec.out_features}x{spec.in_features} but the model "
                 f"config builds it as {expected[0]}x{expected[1]}: the checkpoint and its config.json disagree"
             )
-        device, dtype = module.weight.device, module.weight.dtype
-        owner = spec["motifs"]
-        if owner not in motifs:
-            owner_spec = layers[owner]
-            motifs[owner] = nn.Parameter(torch.empty(owner_spec["k"], owner_spec["s"], device=device, dtype=dtype))
-        mosaic = torch.empty(spec["out_features"], num_blocks_per_row(spec["in_features"], spec["s"]), device=device)
-        scale = nn.Parameter(torch.empty(spec["out_features"], device=device, dtype=dtype)) if spec["scale"] else None
-        layer = MoMosLinear(
-            spec["in_features"], spec["out_features"], motifs[owner], mosaic, scale, module.bias, zero_motif, spec["conv1d"]
-        )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        device = module.weight.device
+        if spec.motifs not in motifs:
+            dtype = SAFETENSORS_DTYPES[tensors[f"{spec.motifs}.motifs"]["dtype"]]
+            motifs[spec.motifs] = nn.Parameter(torch.empty(spec.k, spec.s, device=device, dtype=dtype))
+        mosaic = torch.empty(spec.out_features, num_blocks_per_row(spec.in_features, spec.s), device=device)
+        scale = None
+        if spec.scale:
+            dtype = SAFETENSORS_DTYPES[tensors[f"{name}.scale"]["dtype"]]
+            scale = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype))
+        layer = MoMosLinear(spec.in_features, spec.out_features, motifs[spec.motifs], mosaic, scale, module.bias,
+                            zero_motif, spec.conv1d)
+        model.set_submodule(name, layer)
+
+
+def mark_momos_model(model: nn.Module, momos_config: MoMosConfig, base_model: str = "") -> None:
+    """Make a model whose layers were just converted look like one loaded from a MoMos checkpoint: its
+    config and quantizer say MoMos, and `save_pretrained` writes the compact checkpoint."""
+    specs = {name: spec.to_dict() for name, spec in layer_specs(model).items()}
+    quantization = MoMosQuantizationConfig(momos_config.to_dict(), specs, base_model=base_model)
+    model.config.quantization_config = quantization
+    model.hf_quantizer = MoMosHfQuantizer(quantization)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    enable_momos_save(model)
+
+
+def unmark(model: nn.Module) -> None:
+    """Undo `mark_momos_model` (or loading): the model is a plain Transformers model again."""
+    for attribute in ("hf_quantizer", "quantization_method", "save_pretrained"):
+        model.__dict__.pop(attribute, None)
+    for attribute in ("quantization_config", "transformers_weights", "_is_quantized"):
+        if attribute in model.config.__dict__:
+            delattr(model.config, attribute)
+    model.is_quantized = False
+
+
+def enable_momos_save(model: nn.Module) -> None:
+    # An instance attribute shadows `PreTrainedModel.save_pretrained` for this model only, so every caller
+    # (Trainer, push_to_hub, user code) writes the compact checkpoint.
+    model.save_pretrained = MethodType(save_momos_model, model)
+
+
+def save_momos_model(
+    model: nn.Module,
+    save_directory: Union[str, os.PathLike],
+    is_main_process: bool = True,
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    push_to_hub: bool = False,
+    max_shard_size: Union[int, str] = "5GB",
+    safe_serialization: bool = True,
+    variant: Optional[str] = None,
+    token: Optional[str] = None,
+    tokenizer: Any = None,
+    save_peft_format: bool = True,
+    save_original_format: bool = True,
+    distributed_checkpoint: bool = False,
+    **hub_kwargs: Any,
+) -> None:
+    """`save_pretrained` of a MoMos model: the compact checkpoint (see `momos_hf.checkpoint`), with the
+    arguments of `PreTrainedModel.save_pretrained`. `push_to_hub=True` then uploads it (`repo_id`,
+    `commit_message`, `revision`, `private`: a new repository is private unless `private=False`)."""
+    if not safe_serialization:
+        raise ValueError("MoMos checkpoints are safetensors only (safe_serialization=False is not supported)")
+    if variant is not None or distributed_checkpoint:
+        raise ValueError("MoMos checkpoints have no weight variants and no distributed-checkpoint form")
+    unknown = set(hub_kwargs) - {"repo_id", "commit_message", "revision", "private", "create_pr"}
+    if unknown:
+        raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(unknown)}")
+    if not is_main_process:
+        return
+    quantization = model.config.quantization_config
+    directory = save_checkpoint(model, save_directory, quantization.momos_config, tokenizer, max_shard_size,
+                                quantization.base_model, state_dict)
+    if push_to_hub:
+        from .hub import push_folder
+
+        push_folder(directory, hub_kwargs.get("repo_id") or Path(save_directory).resolve().name,
+                    private=hub_kwargs.get("private"), token=token, revision=hub_kwargs.get("revision"),
+                    commit_message=hub_kwargs.get("commit_message") or "Upload MoMos model")
 
 
 def register() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -75,45 +75,45 @@ class ComplexityTracker(TrainerCallback):
     """Measure `complexity_snapshot` every `every` steps and keep the history.
 
     Plain loops call `track(model, step, loss)` after each step; `Trainer` runs it as a callback (the loss
-    is the last one Trainer logged). After each measurement the interval grows, if needed, to the one at
-    which a measurement costs at most `max_overhead` of the training time between two of them (never
-    below `every`), so tracking stays cheap whatever the model size (`max_overhead=None`: keep `every`);
-    `overhead` says what it cost.
+    is the last one Trainer logged). Whenever measuring has cost more than `max_overhead` of the wall time
+    since the first call, the interval doubles (so measurements always fall on multiples of the requested
+    `every`), and tracking stays cheap whatever the model size (`max_overhead=None`: keep `every`);
+    `overhead` says what it cost. `clock` (seconds) is injectable, so the schedule can be tested without
+    depending on how fast the machine is.
     """
 
-    def __init__(self, every: int = 100, max_values: int = DEFAULT_MAX_VALUES, max_overhead: Optional[float] = 0.1) -> None:
+    def __init__(self, every: int = 100, max_values: int = DEFAULT_MAX_VALUES, max_overhead: Optional[float] = 0.1,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1 step, got {every}")
         self.every = self.requested_every = every
         self.max_values = max_values
         self.max_overhead = max_overhead
+        self.clock = clock
         self.history: list[dict[str, Any]] = []
         self.seconds = 0.0
         self._start: Optional[float] = None
         self._first_step = 0
 
     def track(self, model: nn.Module, step: int, loss: Optional[float] = None) -> Optional[dict[str, Any]]:
-        """Measure if `step` is due (step 0 always is); returns the new history row, else `None`."""
-        now = time.perf_counter()
+        """Measure if `step` is due (the first call always is); returns the new history row, else `None`."""
+        now = self.clock()
         if self._start is None:
             self._start, self._first_step = now, step
-        if step % self.every:
+        elif step % self.every:
             return None
         figures = complexity_snapshot(model, self.max_values)
-        self.seconds += time.perf_counter() - now
+        self.seconds += self.clock() - now
         row = {"step": step, "loss": loss, **figures}
         self.history.append(row)
-        steps = step - self._first_step
-        if steps > 0 and self.max_overhead is not None:
-            step_seconds = max(time.perf_counter() - self._start - self.seconds, 1e-9) / steps
-            measure_seconds = self.seconds / len(self.history)
-            self.every = max(self.requested_every, math.ceil(measure_seconds / (self.max_overhead * step_seconds)))
+        if self.max_overhead is not None and step > self._first_step and self.overhead > self.max_overhead:
+            self.every *= 2
         return row
 
     @property
     def overhead(self) -> float:
         """Fraction of the wall time since the first `track` call spent measuring."""
-        elapsed = 0.0 if self._start is None else time.perf_counter() - self._start
+        elapsed = 0.0 if self._start is None else self.clock() - self._start
         return self.seconds / elapsed if elapsed > 0 else 0.0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -12,17 +12,21 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from .layer import full_tensor
+from .layer import assign_, full_tensor
 from .model import MoMosModel
+from .quantizer import momos_layers
 
 
 def unwrap(model: Any) -> MoMosModel:
-    """The `MoMosModel` inside DDP/FSDP/Accelerate wrappers."""
+    """The `MoMosModel` inside DDP/FSDP/Accelerate wrappers, or a `MoMosModel` around a Transformers model
+    that holds MoMos layers (as `Trainer(model=mm.base_model)` trains), wrapped as it is."""
     while not isinstance(model, MoMosModel) and hasattr(model, "module"):
         model = model.module
-    if not isinstance(model, MoMosModel):
-        raise TypeError(f"expected a MoMosModel (get_momos_model), got {type(model).__name__}")
-    return model
+    if isinstance(model, MoMosModel):
+        return model
+    if isinstance(model, torch.nn.Module) and momos_layers(model):
+        return MoMosModel(model)
+    raise TypeError(f"expected a model with MoMos layers (get_momos_model), got {type(model).__name__}")
 
 
 def projection_due(config_project_every: int, step: int, epoch_end: bool) -> bool:
@@ -83,8 +87,22 @@ class MoMosCallback(TrainerCallback):
     """Projection schedule of the `projected`/`ste` train modes for `transformers.Trainer`.
 
     Projects every `project_every` optimizer steps (from the model's `MoMosConfig`), or at each epoch end
-    when it is 0, and once more when training ends so that the model finishes in MoMos form.
+    when it is 0, and once more when training ends so that the model finishes in MoMos form. Give Trainer
+    the converted Transformers model (`mm.base_model`): Trainer saves only a bare state dict of models that
+    are not Transformers models, so it is refused here, while `mm.base_model.save_pretrained` (what Trainer's
+    checkpoints and `save_model` call) writes the compact MoMos checkpoint.
     """
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if isinstance(model, MoMosModel):
+            raise ValueError("give Trainer the converted model, mm.base_model, not the MoMosModel wrapper: Trainer "
+                             "would save the wrapper as a bare state dict that no from_pretrained can load")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0:  # resumed: checkpoints hold no latent weights, so restart them from the mosaic
+            for layer in unwrap(model).momos_layers().values():
+                if layer.latent is not None:
+                    assign_(layer.latent, layer.dense_weight(layer.latent.dtype))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._maybe_project(model, state.global_step, epoch_end=False)

@@ -25,6 +25,7 @@ class HubState:
         self.commits: dict[str, list[str]] = {}
         self.private: dict[str, bool] = {}
         self.tokens_seen: list[str] = []
+        self.requests: list[str] = []  # "METHOD path" of every request, to check when the network was used
         self.lock = threading.Lock()
 
     def head(self, repo_id: str) -> str:
@@ -58,6 +59,7 @@ def make_handler(state: HubState):
             return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
         def _record_token(self) -> None:
+            state.requests.append(f"{self.command} {urlparse(self.path).path}")
             auth = self.headers.get("Authorization", "")
             if auth.startswith("Bearer "):
                 state.tokens_seen.append(auth[7:])

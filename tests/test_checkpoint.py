@@ -1,3 +1,6 @@
+"""The checkpoint format: round trips on four architectures, packing edge cases, sizes, and every check a
+load makes (truncation, checksums, an edited config, missing or extra MoMos tensors, bad dtypes, NaN)."""
+
 import json
 import os
 
@@ -5,8 +8,9 @@ import pytest
 import torch
 from conftest import build, main_output, model_inputs
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, LlamaForCausalLM
 
 import momos_hf.checkpoint as checkpoint
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
@@ -23,6 +27,15 @@ def outputs(model, arch):
 def converted(arch, dtype=torch.float32, **config):
     model = build(arch).to(dtype)
     return get_momos_model(model, MoMosConfig(**{"k": 16, "s": 5, "kmeans_iters": 2, **config}))
+
+
+def read_config(path):
+    return json.loads((path / "config.json").read_text())
+
+
+def weight_file(path):
+    """The single weight file of an unsharded checkpoint folder."""
+    return path / read_config(path)["quantization_config"]["weights"]
 
 
 @pytest.mark.parametrize("arch", list(AUTO))
@@ -46,13 +59,29 @@ def test_bfloat16_round_trip(tmp_path):
     mm = converted("llama", dtype=torch.bfloat16)
     reference = outputs(mm, "llama")
     mm.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    assert loaded.model.layers[0].mlp.up_proj.motifs.dtype == torch.bfloat16
+    assert read_config(tmp_path)["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # dtype="auto": the recorded dtype
+    assert loaded.model.layers[0].mlp.up_proj.motifs.dtype == torch.bfloat16 and loaded.dtype == torch.bfloat16
     saved_params, loaded_params = dict(mm.base_model.named_parameters()), dict(loaded.named_parameters())
     assert saved_params.keys() == loaded_params.keys()
     assert all(torch.equal(saved_params[n], loaded_params[n]) for n in saved_params)
     # Not bit-identical: `.to(bfloat16)` also cast the rotary inv_freq buffer, which loading keeps in fp32.
     torch.testing.assert_close(outputs(loaded, "llama"), reference, rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+def test_motif_dtype_survives_reload_and_resave(tmp_path, arch):
+    # A float32 model with bfloat16 motifs: config.json records float32, the motifs stay bfloat16.
+    mm = converted(arch, motif_dtype="bfloat16", scale=True)
+    reference = outputs(mm, arch)
+    mm.save_pretrained(tmp_path / "a")
+    loaded = MoMosModel.from_pretrained(tmp_path / "a")
+    layer = next(iter(loaded.momos_layers().values()))
+    assert layer.motifs.dtype == torch.bfloat16 and layer.scale.dtype == torch.bfloat16
+    assert loaded.base_model.dtype == torch.float32 and torch.equal(outputs(loaded, arch), reference)
+    loaded.save_pretrained(tmp_path / "b")
+    sizes = [checkpoint.checkpoint_info(tmp_path / name)["bits_per_weight"] for name in ("a", "b")]
+    assert sizes[0] == sizes[1]
 
 
 @pytest.mark.parametrize("k", [2, 256, 300, 65536])
@@ -66,7 +95,7 @@ def test_packing_edge_cases_round_trip(tmp_path, k):
     layer.set_mosaic(torch.randint(0, k, layer.mosaic.shape, generator=generator))
     reference = outputs(mm, "gpt2")
     mm.save_pretrained(tmp_path)
-    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+    with safe_open(weight_file(tmp_path), "pt") as f:
         packed = f.get_tensor("transformer.h.0.mlp.c_fc.mosaic_packed")
     assert packed.dtype == torch.uint8 and len(packed) == -(-layer.mosaic.numel() * index_bits(k) // 8)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -77,18 +106,37 @@ def test_packing_edge_cases_round_trip(tmp_path, k):
 def test_momos_layers_on_disk_are_at_their_description_length(tmp_path):
     config = MoMosConfig(k=256, s=16, kmeans_iters=1, target_modules="all-linear")
     torch.manual_seed(0)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512,
                                          num_hidden_layers=1, num_attention_heads=4))
     mm = get_momos_model(model, config)
     mm.save_pretrained(tmp_path)
-    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+    with safe_open(weight_file(tmp_path), "pt") as f:
         on_disk = sum(f.get_slice(n).get_shape()[0] * (f.get_slice(n).get_shape()[1] if n.endswith("motifs") else 1)
                       * (4 if n.endswith("motifs") else 1) for n in f.keys() if n.endswith(("motifs", "mosaic_packed")))
     description_length = sum(l.k * l.s * 32 + l.mosaic.numel() * index_bits(l.k) for l in mm.momos_layers().values()) / 8
     assert on_disk == description_length
-    assert os.path.getsize(tmp_path / "model.safetensors") < 1.02 * (description_length + 4 * (64 * 256 * 2 + 3 * 256))
+    assert os.path.getsize(weight_file(tmp_path)) < 1.02 * (description_length + 4 * (64 * 256 * 2 + 3 * 256))
+
+
+@pytest.mark.parametrize("arch", list(AUTO))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("settings", [{"k": 16, "s": 4}, {"k": 64, "s": 16, "motif_scope": "global"},
+                                      {"k": 256, "s": 8, "scale": True, "motif_scope": "global"}])
+def test_a_momos_checkpoint_is_never_larger_than_the_dense_one(tmp_path, arch, dtype, settings):
+    model = build(arch).to(dtype)
+    model.save_pretrained(tmp_path / "dense")
+    dense_bytes = os.path.getsize(tmp_path / "dense" / "model.safetensors")
+    get_momos_model(model, MoMosConfig(kmeans_iters=1, **settings)).save_pretrained(tmp_path / "momos")
+    info = checkpoint.checkpoint_info(tmp_path / "momos")
+    assert info["checkpoint_bytes"] <= dense_bytes
+    assert info["dtype"] == str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("arch", list(AUTO))
+def test_settings_that_would_not_compress_are_refused(arch):
+    # 64 motifs of 16 values per layer outweigh these layers' 32x32 to 32x48 dense weights.
+    with pytest.raises(ValueError, match=r"with k=64, s=16 the MoMos form of .* takes [\d,]+ bytes, more than its [\d,]+ dense bytes"):
+        get_momos_model(build(arch), MoMosConfig(k=64, s=16, kmeans_iters=1))
 
 
 def test_save_keeps_unrelated_files_and_tokenizer_and_generation_config(tmp_path):
@@ -96,29 +144,32 @@ def test_save_keeps_unrelated_files_and_tokenizer_and_generation_config(tmp_path
     mm = converted("llama")
     mm.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "my notes"
-    assert {"config.json", "model.safetensors", "generation_config.json"} <= set(os.listdir(tmp_path))
-    assert not [p for p in os.listdir(tmp_path.parent) if p.startswith(f".{tmp_path.name}.")]
+    names = set(os.listdir(tmp_path))
+    assert {"config.json", "generation_config.json", weight_file(tmp_path).name} <= names
+    assert not [p for p in names | set(os.listdir(tmp_path.parent)) if p.startswith(".momos")]
 
 
 def test_sharded_round_trip_and_missing_shard(tmp_path):
     mm = converted("llama")
     reference = outputs(mm, "llama")
     mm.save_pretrained(tmp_path, max_shard_size=8000)
+    weights = read_config(tmp_path)["quantization_config"]["weights"]
     shards = sorted(p for p in os.listdir(tmp_path) if p.endswith(".safetensors"))
-    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    assert len(shards) > 2 and weights.endswith(".safetensors.index.json") and (tmp_path / weights).exists()
     assert torch.equal(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), reference)
-    mm.save_pretrained(tmp_path)  # a smaller save over it drops the stale shards
-    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".safetensors")) == ["model.safetensors"]
-    assert not (tmp_path / "model.safetensors.index.json").exists()
+    mm.save_pretrained(tmp_path)  # a smaller save over it drops the previous save's shards and index
+    assert sorted(p for p in os.listdir(tmp_path) if "safetensors" in p) == [weight_file(tmp_path).name]
     mm.save_pretrained(tmp_path, max_shard_size=8000)
+    shards = sorted(p for p in os.listdir(tmp_path) if p.endswith(".safetensors"))
     os.remove(tmp_path / shards[1])
-    with pytest.raises(ValueError, match=rf"missing weight file {shards[1]}"):
+    with pytest.raises((ValueError, OSError), match=shards[1]):
         MoMosModel.from_pretrained(tmp_path)
 
 
 def test_interrupted_save_leaves_the_good_checkpoint(tmp_path, monkeypatch):
     good = converted("llama", seed=1)
     good.save_pretrained(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
     before = {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)}
     calls = []
 
@@ -132,64 +183,182 @@ def test_interrupted_save_leaves_the_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_file", dies_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         converted("llama", seed=2).save_pretrained(tmp_path, max_shard_size=8000)
-    assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before
-    assert not [p for p in os.listdir(tmp_path.parent) if p.startswith(f".{tmp_path.name}.")]
+    assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before  # nothing left over
     assert torch.equal(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), outputs(good, "llama"))
 
 
+# -- what a load refuses ------------------------------------------------------------------------------
+
 @pytest.fixture
 def saved(tmp_path):
-    converted("llama", k=300, s=4, kmeans_iters=1, target_modules=["down_proj"]).save_pretrained(tmp_path)
+    converted("llama", k=300, s=4, kmeans_iters=1, target_modules=["down_proj", "up_proj"], scale=True,
+              motif_scope="global").save_pretrained(tmp_path)
     return tmp_path
 
 
 def edit_config(path, edit):
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     edit(config)
     (path / "config.json").write_text(json.dumps(config))
 
 
+def resign(path):
+    """Make the checkpoint consistent again after an edit, as a deliberate forger would: recompute the config
+    digest into the weight file's metadata and the file's checksum. What is still refused then is caught by
+    the structural checks, not by the integrity record."""
+    config = read_config(path)
+    quantization = config["quantization_config"]
+    file = path / quantization["weights"]
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(file), file, metadata={**metadata, "momos_config_sha256": checkpoint.config_digest(quantization)})
+    quantization["checksums"] = {file.name: checkpoint.sha256_of(file)}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def rewrite_tensors(path, edit):
+    file = weight_file(path)
+    with safe_open(file, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata=metadata)
+    resign(path)
+
+
 def test_truncated_file_is_named(saved):
-    data = (saved / "model.safetensors").read_bytes()
-    (saved / "model.safetensors").write_bytes(data[: len(data) - 100])
-    with pytest.raises(ValueError, match="model.safetensors is truncated"):
-        MoMosModel.from_pretrained(saved)
-    # The plain call fails inside Transformers, before the MoMos hook runs, with safetensors' own words.
-    with pytest.raises(Exception, match="incomplete metadata"):
-        AutoModelForCausalLM.from_pretrained(saved)
+    file = weight_file(saved)
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 100])
+    for load in (MoMosModel.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=f"{file.name} is truncated"):
+            load(saved)
 
 
 def test_corrupted_bytes_are_caught_by_the_checksum(saved):
-    data = bytearray((saved / "model.safetensors").read_bytes())
+    file = weight_file(saved)
+    data = bytearray(file.read_bytes())
     data[-10] ^= 0xFF
-    (saved / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="model.safetensors is corrupted: its sha256 differs"):
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{file.name} is corrupted: its sha256 differs"):
         MoMosModel.from_pretrained(saved)
 
 
 def test_mosaic_index_beyond_k_is_refused(saved):
-    # Write a packed mosaic whose first 9-bit index is 511 >= k=300, with a matching checksum.
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(saved / "model.safetensors")
-    key = "model.layers.0.mlp.down_proj.mosaic_packed"
-    tensors[key][:2] = torch.tensor([255, 1], dtype=torch.uint8)
-    save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
-    edit_config(saved, lambda c: c["quantization_config"]["checksums"].update({"model.safetensors": checkpoint.sha256_of(saved / "model.safetensors")}))
+    # The first 9-bit index becomes 511 >= k=300, with the integrity record redone.
+    rewrite_tensors(saved, lambda t: t["model.layers.0.mlp.down_proj.mosaic_packed"][:2].copy_(torch.tensor([255, 1], dtype=torch.uint8)))
     with pytest.raises(ValueError, match=r"layer model.layers.0.mlp.down_proj: mosaic holds index 511 but the layer has only k=300"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_an_edited_config_is_caught_by_the_digest(saved):
+    edit_config(saved, lambda c: c["quantization_config"]["momos_config"].update(zero_motif=True))
+    with pytest.raises(ValueError, match="quantization_config is not the one .* was saved with"):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
 def test_shapes_that_disagree_with_the_config(saved):
     edit_config(saved, lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.down_proj"].update(in_features=64))
+    resign(saved)
+    with pytest.raises(ValueError, match=r"down_proj.mosaic_packed is U8 \[432\]; the layer spec calls for U8 \[576\]"):
+        AutoModelForCausalLM.from_pretrained(saved)
+    rewrite_tensors(saved, lambda t: t.update({"model.layers.0.mlp.down_proj.mosaic_packed": torch.zeros(576, dtype=torch.uint8)}))
     with pytest.raises(ValueError, match=r"down_proj is recorded as 32x64 but the model config builds it as 32x48"):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
-def test_newer_format_version_is_refused(saved):
-    edit_config(saved, lambda c: c["quantization_config"].update(format_version=99))
-    with pytest.raises(ValueError, match="format_version 99; this momos-hf reads up to 1: upgrade momos-hf"):
+def drop_layer(config):
+    del config["quantization_config"]["layers"]["model.layers.1.mlp.up_proj"]
+
+
+def change_owner(config):
+    config["quantization_config"]["layers"]["model.layers.1.mlp.up_proj"]["motifs"] = "model.layers.1.mlp.up_proj"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (drop_layer, r"tensors \['model.layers.1.mlp.up_proj.mosaic_packed'.*of layers its config.json does not list"),
+    (change_owner, "lacks the tensor model.layers.1.mlp.up_proj.motifs"),
+    (lambda c: c["quantization_config"].update(layers={}), "layers must list at least one MoMos layer"),
+    (lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(scale=False),
+     r"tensors \['model.layers.0.mlp.up_proj.scale'\] of layers its config.json does not list"),
+])
+def test_config_edits_that_keep_the_integrity_record_are_still_refused(saved, edit, message):
+    edit_config(saved, edit)
+    resign(saved)
+    with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.motifs"), "lacks the tensor model.layers.0.mlp.up_proj.motifs"),
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.mosaic_packed"), "lacks the tensor model.layers.1.mlp.up_proj.mosaic_packed"),
+    (lambda t: t.pop("model.layers.0.mlp.up_proj.scale"), "lacks the tensor model.layers.0.mlp.up_proj.scale"),
+    (lambda t: t.update({"model.layers.0.mlp.up_proj.motifs": t["model.layers.0.mlp.up_proj.motifs"].long()}),
+     r"motifs is I64 \[300, 4\]; the layer spec calls for BF16/F16/F32"),
+    (lambda t: t["model.layers.0.mlp.up_proj.motifs"].__setitem__((0, 0), float("nan")), "has NaN or infinite motifs"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.mosaic_packed": torch.zeros(4, dtype=torch.uint8)}),
+     r"tensors \['model.layers.0.self_attn.q_proj.mosaic_packed'\] of layers its config.json does not list"),
+])
+def test_missing_extra_and_bad_momos_tensors_are_refused(saved, edit, message):
+    rewrite_tensors(saved, edit)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_a_checkpoint_without_checksums_is_not_loaded(saved):
+    edit_config(saved, lambda c: c["quantization_config"].pop("checksums"))
+    with pytest.raises(ValueError, match="records no checksums .* cannot be verified"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("spec_edit, message", [
+    ({"k": "300"}, r"\.k must be an integer in \[1, 2147483647\], got '300'"),
+    ({"k": 0}, r"\.k must be an integer in \[1, 2147483647\], got 0"),
+    ({"s": 0}, r"\.s must be an integer in \[1, inf\], got 0"),
+    ({"out_features": -32}, r"\.out_features must be an integer in \[1, inf\], got -32"),
+    ({"scale": "no"}, r"\.scale must be true or false"),
+    ({"colour": "red"}, r"has unknown fields \['colour'\]"),
+])
+def test_malformed_layer_specs_are_named(saved, spec_edit, message):
+    edit_config(saved, lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.down_proj"].update(spec_edit))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda q: q.update(format_version=99), "format_version 99; this momos-hf reads 2: upgrade momos-hf"),
+    (lambda q: q.update(format_version="1"), "format_version must be a positive integer, got '1'"),
+    (lambda q: q.update(format_version=1), "format_version 1, which carries no integrity record"),
+    (lambda q: q.update(layers=[1, 2]), "layers must list at least one MoMos layer"),
+    (lambda q: q["layers"].update({"model.layers.0.mlp.down_proj.weight": q["layers"]["model.layers.0.mlp.down_proj"]}),
+     "quantization_config is not the one .* was saved with"),
+    (lambda q: q.update(weights="../outside.safetensors"), "weights must be a .safetensors"),
+    (lambda q: q.update(checksums={"../x": "0" * 64}), "checksums must map file names"),
+])
+def test_malformed_quantization_configs_are_named(saved, edit, message):
+    edit_config(saved, lambda c: edit(c["quantization_config"]))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_shard_index_entries_outside_the_folder_or_not_regular_files_are_refused(tmp_path):
+    converted("llama").save_pretrained(tmp_path, max_shard_size=8000)
+    quantization = read_config(tmp_path)["quantization_config"]
+    index_path = tmp_path / quantization["weights"]
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path.parent / "outside.safetensors").write_bytes((tmp_path / first).read_bytes())
+    for bad in ("../outside.safetensors", str(tmp_path.parent / "outside.safetensors")):
+        index["weight_map"] = {k: (bad if v == first else v) for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(ValueError, match="not a safetensors file inside the checkpoint folder"):
+            checkpoint.verify_checkpoint(tmp_path, quantization)
+    index["weight_map"] = {k: ("fifo.safetensors" if v.startswith("../") else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    quantization["checksums"].update({"fifo.safetensors": "0" * 64, index_path.name: checkpoint.sha256_of(index_path)})
+    os.mkfifo(tmp_path / "fifo.safetensors")  # opening it would block for ever: it is never opened
+    with pytest.raises(ValueError, match="fifo.safetensors in the MoMos checkpoint is not a regular file"):
+        checkpoint.verify_checkpoint(tmp_path, quantization)
 
 
 def test_dense_checkpoint_is_not_a_momos_one(tmp_path):

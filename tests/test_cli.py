@@ -28,10 +28,36 @@ def test_report_on_a_local_model(tmp_path, capsys):
     assert '"bits_per_weight"' in (tmp_path / "r.json").read_text()
 
 
-def test_errors_are_one_clear_line(tmp_path):
+def fails(argv, capsys):
+    """Run the CLI expecting a user error: exit status 2 and one line on stderr, which is returned."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("momos-hf: error: "), err
+    return err
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
     build("bert").save_pretrained(tmp_path / "bert")
-    with pytest.raises(SystemExit, match=r"momos-hf: error: k=4096 motifs do not fit"):
-        main(["report", str(tmp_path / "bert"), "--k", "4096", "--s", "4"])
+    assert "k=4096 motifs do not fit" in fails(["report", str(tmp_path / "bert"), "--k", "4096", "--s", "4"], capsys)
+    assert "/nope is not a local model folder" in fails(["compress", "/nope", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "/nope is not a folder" in fails(["info", "/nope"], capsys)
+    assert "has no config.json" in fails(["push", str(tmp_path), "me/x"], capsys)  # before any network call
+    (tmp_path / "file").write_text("x")
+    assert "it is a file, not a folder" in fails(["compress", str(tmp_path / "bert"), "--k", "16", "--s", "4",
+                                                  "--output_dir", str(tmp_path / "file")], capsys)
+
+
+def test_version_and_defaults_in_help(capsys):
+    from momos_hf import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"momos-hf {__version__}"
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: 256)" in help_text and "(default: auto)" in help_text and "--motif_scope" in help_text
 
 
 def test_compress_then_info(tmp_path, capsys):
@@ -40,7 +66,7 @@ def test_compress_then_info(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     build("llama").save_pretrained(tmp_path / "dense")
-    main(["compress", str(tmp_path / "dense"), "--out", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--scope", "global"])
+    main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--motif_scope", "global"])
     compress_out = capsys.readouterr().out
     main(["info", str(tmp_path / "momos")])
     info = capsys.readouterr().out
@@ -50,12 +76,30 @@ def test_compress_then_info(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "momos")
     with torch.no_grad():
         assert torch.isfinite(model(**model_inputs("llama")).logits).all()
+    # Compressing the MoMos checkpoint again with other settings would mislabel its layers: refused.
+    assert "fitted with other settings (k=16, not 8)" in fails(
+        ["compress", str(tmp_path / "momos"), "--output_dir", str(tmp_path / "again"), "--k", "8", "--s", "4",
+         "--motif_scope", "global"], capsys)
+    # Compressing into the dense model's own folder would overwrite its config.json: refused.
+    assert "already holds a model that is not a MoMos checkpoint" in fails(
+        ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "dense"), "--k", "16", "--s", "4"], capsys)
 
 
-def test_info_on_a_dense_folder_is_refused(tmp_path):
+def test_compress_keeps_the_dtype_the_model_was_saved_in(tmp_path, capsys):
+    import torch
+
+    build("llama").to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "auto"), "--k", "16", "--s", "4"])
+    main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "fp32"), "--k", "16", "--s", "4",
+          "--torch_dtype", "float32"])
+    capsys.readouterr()
+    configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("auto", "fp32")}
+    assert configs["auto"]["dtype"] == "bfloat16" and configs["fp32"]["dtype"] == "float32"
+
+
+def test_info_on_a_dense_folder_is_refused(tmp_path, capsys):
     build("llama").save_pretrained(tmp_path)
-    with pytest.raises(SystemExit, match="is not a MoMos checkpoint"):
-        main(["info", str(tmp_path)])
+    assert "is not a MoMos checkpoint" in fails(["info", str(tmp_path)], capsys)
 
 
 def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
@@ -68,12 +112,10 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     model.resize_token_embeddings(257)
     model.save_pretrained(tmp_path / "dense")
     byte_tokenizer().save_pretrained(tmp_path / "dense")
-    args = ["compress", str(tmp_path / "dense"), "--out", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--init", "data-aware"]
-    with pytest.raises(SystemExit, match="--init data-aware needs --calibration_file"):
-        main(args)
+    args = ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--init", "data-aware"]
+    assert "--init data-aware needs --calibration_file" in fails(args, capsys)
     main(args + ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"])
     assert "MoMos layers         8" in capsys.readouterr().out
     config = json.loads((tmp_path / "momos" / "config.json").read_text())
     assert config["quantization_config"]["momos_config"]["init"] == "data-aware"
-    with pytest.raises(SystemExit, match="--calibration_file is used by --init data-aware only"):
-        main(args[:-2] + ["--calibration_file", str(text)])
+    assert "--calibration_file is used by --init data-aware only" in fails(args[:-2] + ["--calibration_file", str(text)], capsys)

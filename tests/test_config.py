@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from momos_hf import MoMosConfig
@@ -38,11 +40,24 @@ def test_capacity_resolves_k_per_dictionary():
         ({"motif_dtype": "int8"}, "motif_dtype must be one of"),
         ({"kmeans_iters": -1}, "kmeans_iters must be an integer >= 0"),
         ({"target_modules": "q_proj("}, "not a valid regex"),
+        ({"target_modules": ["q_proj", 3]}, "target_modules must be a string or a list of module names"),
+        ({"scale": "no"}, "scale must be True or False, got 'no'"),
+        ({"zero_motif": "yes"}, "zero_motif must be True or False, got 'yes'"),
+        ({"zero_motif": True, "k": 1}, "zero_motif=True needs k >= 2"),
+        ({"capacity": "0.5"}, "capacity must be in (0, 1] (a fraction of the blocks, as a number), got '0.5'"),
+        ({"seed": "a"}, "seed must be an integer in [0, 2**63), got 'a'"),
+        ({"seed": 2**70}, "seed must be an integer in [0, 2**63)"),
+        ({"project_every": -1}, "project_every must be an integer >= 0"),
+        ({"train_mode": "lora"}, "train_mode must be one of"),
     ],
 )
 def test_impossible_values_say_what_is_wrong(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         MoMosConfig(**kwargs)
+
+
+def test_one_module_to_save_may_be_a_string():
+    assert MoMosConfig(modules_to_save="lm_head").modules_to_save == ["lm_head"]
 
 
 def test_unknown_fields_are_named():

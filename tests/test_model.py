@@ -1,12 +1,14 @@
 import copy
+import json
 
 import pytest
 import torch
 from conftest import ARCHITECTURES, build, main_output, model_inputs
 from torch import nn
+from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 from transformers.pytorch_utils import Conv1D
 
-from momos_hf import MoMosConfig, MoMosLinear, get_momos_model
+from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
 from momos_hf.fitting import to_blocks
 
 ARCHS = list(ARCHITECTURES)
@@ -62,14 +64,24 @@ def test_forward_backward_reach_the_motifs_and_merge_matches(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_one_motif_per_block_is_lossless(arch):
-    # capacity=1 gives every block its own motif: the MoMos model must equal the dense one, which checks
-    # orientation (GPT-2's Conv1D is [in, out]) and padding (s=5 divides none of the widths).
+def test_weights_made_of_k_blocks_convert_losslessly(arch):
+    # Every target weight is built from 8 distinct blocks of 5 (in its own layout: GPT-2's Conv1D is
+    # [in, out]); s=5 divides none of the widths, so padding is exercised. 16 motifs must then be exact
+    # (16, not 8: a padded block drawn as a seed would otherwise leave one pattern without a motif).
     model = build(arch)
+    generator = torch.Generator().manual_seed(0)
+    patterns = 0.05 * torch.randn(8, 5, generator=generator)  # about the scale of the models' own weights
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, Conv1D)) and any(p.isdigit() for p in name.split(".")):
+                out_features, in_features = module.weight.shape[::-1] if isinstance(module, Conv1D) else module.weight.shape
+                mosaic = torch.randint(0, 8, (out_features, -(-in_features // 5)), generator=generator)
+                weight = patterns[mosaic].reshape(out_features, -1)[:, :in_features]
+                module.weight.copy_(weight.T if isinstance(module, Conv1D) else weight)
     inputs = model_inputs(arch)
     with torch.no_grad():
         reference = main_output(model(**inputs))
-    mm = get_momos_model(model, MoMosConfig(capacity=1.0, s=5, kmeans_iters=1))
+    mm = get_momos_model(model, MoMosConfig(k=16, s=5, kmeans_iters=5))
     assert all(layer.in_features % 5 for layer in mm.momos_layers().values())
     with torch.no_grad():
         torch.testing.assert_close(main_output(mm(**inputs)), reference, rtol=1e-4, atol=1e-5)
@@ -105,13 +117,15 @@ def test_causal_lm_generates_and_trains():
     assert mm.base_model.lm_head.weight.requires_grad
 
 
-def test_print_trainable_parameters(capsys):
-    _, mm = converted("llama", modules_to_save=["lm_head"])
+def test_print_trainable_parameters_counts_the_weights_the_mosaic_stands_for(capsys):
+    model, mm = converted("llama", modules_to_save=["lm_head"])
+    dense_total = sum(p.numel() for p in build("llama").parameters())
     trainable, total = mm.get_nb_trainable_parameters()
     motif_params = sum(l.motifs.numel() for l in mm.momos_layers().values())
     assert trainable == motif_params + mm.base_model.lm_head.weight.numel()
+    assert total == dense_total  # every converted weight counts once, as PEFT counts packed 4-bit weights
     mm.print_trainable_parameters()
-    assert f"trainable params: {trainable:,d} || all params: {total:,d}" in capsys.readouterr().out
+    assert f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}" in capsys.readouterr().out
 
 
 def test_global_scope_shares_one_dictionary():
@@ -207,3 +221,92 @@ def test_conversion_is_deterministic():
     b = converted("bert", seed=7)[1].momos_layers()
     for name in a:
         assert torch.equal(a[name].motifs, b[name].motifs) and torch.equal(a[name].mosaic, b[name].mosaic)
+
+
+def test_a_single_name_string_selects_like_peft():
+    mm = get_momos_model(build("llama"), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules="q_proj"))
+    assert {n.rsplit(".", 1)[1] for n in mm.momos_layers()} == {"q_proj"} and len(mm.momos_layers()) == 2
+
+
+def test_converting_twice_is_refused_never_mislabelled():
+    model, mm = converted("llama", k=16)
+    with pytest.raises(ValueError, match="already a MoMosModel"):
+        get_momos_model(mm, MoMosConfig(k=8, s=4))
+    with pytest.raises(ValueError, match=r"fitted with other settings \(k=16, not 8\)"):
+        get_momos_model(model, MoMosConfig(k=8, s=4, kmeans_iters=3))
+    layers = dict(mm.momos_layers())
+    again = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=3, train_mode="ste"))  # same fit, new training
+    assert again.momos_layers() == layers and all(l.latent is not None for l in layers.values())
+
+
+def test_a_merged_model_is_a_plain_dense_model(tmp_path):
+    _, mm = converted("llama", scale=True)
+    mm.save_pretrained(tmp_path / "momos")
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        reference = mm(**inputs).logits
+    merged = MoMosModel.from_pretrained(tmp_path / "momos").merge_and_unload()
+    assert not hasattr(merged.config, "quantization_config") and not merged.is_quantized
+    merged.save_pretrained(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config and "transformers_weights" not in config
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(m, MoMosLinear) for m in reloaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loaded", [True, False])
+def test_dequantize_gives_the_layers_back(tmp_path, loaded):
+    _, mm = converted("gpt2", scale=True)
+    inputs = model_inputs("gpt2")
+    with torch.no_grad():
+        reference = mm(**inputs).logits
+    mm.save_pretrained(tmp_path / "momos")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "momos") if loaded else mm.base_model
+    dense = model.dequantize()
+    assert isinstance(dense.transformer.h[0].mlp.c_fc, Conv1D) and not hasattr(dense.config, "quantization_config")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**inputs).logits, reference, rtol=1e-5, atol=1e-5)
+    dense.save_pretrained(tmp_path / "dense")
+    assert not any(isinstance(m, MoMosLinear) for m in AutoModelForCausalLM.from_pretrained(tmp_path / "dense").modules())
+
+
+@pytest.mark.parametrize("builder, target", [
+    (lambda: build("gpt2"), "lm_head"),
+    (lambda: BertForMaskedLM(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4)), "cls.predictions.decoder"),
+])
+def test_tied_output_embeddings_are_refused(builder, target):
+    model = builder()
+    with pytest.raises(ValueError, match=rf"{target} shares its weight with .* \(tied embeddings\)"):
+        get_momos_model(model, MoMosConfig(k=8, s=4, target_modules=[target]))
+    assert not any(isinstance(m, MoMosLinear) for m in model.modules())
+
+
+def test_float16_with_row_scales_stays_finite():
+    model = build("llama").half()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2000.0)  # rows near the top of float16's range
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2, scale=True))
+    layer = mm.base_model.model.layers[0].mlp.down_proj
+    assert layer.scale.dtype == torch.float16 and torch.isfinite(layer.scale).all() and torch.isfinite(layer.motifs).all()
+    assert mm.fit_errors["model.layers.0.mlp.down_proj"] < 1
+
+
+def test_huge_weights_fit_in_float32_and_overflow_float16_clearly():
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[:4].mul_(1e20)
+    mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=16, s=4, kmeans_iters=2))
+    assert all(torch.isfinite(l.dense_weight()).all() for l in mm.momos_layers().values())
+    with pytest.raises(ValueError, match=r"the motifs fitted to model.layers.1.mlp.up_proj overflow torch.float16"):
+        get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2, motif_dtype="float16"))
+
+
+def test_dtype_casts_the_converted_model_after_the_fit():
+    model = build("llama")
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers stay, as loading in bf16 leaves them
+    assert torch.isfinite(mm(**model_inputs("llama")).logits).all()

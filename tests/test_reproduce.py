@@ -45,20 +45,44 @@ def test_snapshot_of_dense_and_momos_models():
     assert parts.tolist() == list(range(5)) + list(range(100, 115))  # the same leading share of each
 
 
-def test_tracker_schedule_overhead_budget_and_trainer():
+class FakeClock:
+    """Seconds that advance only when told: a measurement costs `measure`, a training step `step`."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_tracker_doubles_its_interval_while_over_budget(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("momos_hf.tracking.complexity_snapshot", lambda model, max_values: setattr(clock, "now", clock.now + 1.0) or {})
+    tracker = ComplexityTracker(every=2, max_overhead=0.1, clock=clock)
+    measured = []
+    for step in range(65):
+        if tracker.track(None, step) is not None:
+            measured.append(step)
+        clock.now += 0.5  # a training step
+    # A measurement costs 1 s, a step 0.5 s: the interval doubles until one costs at most ~10% of the time.
+    assert measured == [0, 2, 4, 8, 16, 32, 64]
+    assert tracker.every == 128 and all(step % 2 == 0 for step in measured)
+    assert tracker.overhead == pytest.approx(7 / (7 + 0.5 * 65))
+
+
+def test_tracker_schedule_and_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, train_mode="motifs"))
-    tracker = ComplexityTracker(every=2, max_values=2048, max_overhead=1e-9)
+    tracker = ComplexityTracker(every=2, max_values=2048, max_overhead=None)
     rows = [tracker.track(mm, step, loss=1.0 / (step + 1)) for step in range(9)]
-    assert rows[0] is not None and rows[1] is None
-    assert tracker.every > 2  # a tiny budget widens the interval
+    assert [row["step"] for row in rows if row] == [0, 2, 4, 6, 8] and rows[1] is None
     assert 0 < tracker.overhead <= 1
     data = [dict(input_ids=row, labels=row) for row in model_inputs("llama", batch=8, length=8)["input_ids"]]
-    args = TrainingArguments("unused", max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+    args = TrainingArguments(str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
                              logging_steps=1, save_strategy="no")
     callback = ComplexityTracker(every=2, max_values=2048, max_overhead=None)
-    Trainer(model=mm, args=args, train_dataset=data, callbacks=[callback]).train()
+    Trainer(model=mm.base_model, args=args, train_dataset=data, callbacks=[callback]).train()
     assert [r["step"] for r in callback.history] == [0, 2, 4]
     assert callback.history[-1]["loss"] is not None
 

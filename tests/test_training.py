@@ -1,9 +1,10 @@
 import pytest
 import torch
 from conftest import build, model_inputs
-from transformers import Trainer, TrainingArguments
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from momos_hf import MoMosConfig, get_momos_model
+from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
 from momos_hf.training import MoMosCallback, distillation_loss, momos_state_digest, projection_due
 
 
@@ -62,16 +63,50 @@ def test_distillation_loss():
     assert distillation_loss(logits, other, mask=mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_trainer_callback_projects_on_schedule(tmp_path):
+def test_trainer_callback_projects_on_schedule(tmp_path, monkeypatch):
     mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=2))
     ids = model_inputs("llama", batch=8)["input_ids"]
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     projections = []
-    original = mm.project
-    mm.project = lambda: projections.append(1) or original()
+    original = MoMosModel.project
+    monkeypatch.setattr(MoMosModel, "project", lambda self: projections.append(1) or original(self))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
-    Trainer(model=mm, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train()
+    Trainer(model=mm.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train()
     assert len(projections) == 3  # steps 2 and 4, and at the end of training
     layer = mm.base_model.model.layers[1].self_attn.o_proj
     assert torch.equal(layer.latent, layer.dense_weight())
+
+
+def test_trainer_checkpoints_and_save_model_are_compact_momos_checkpoints(tmp_path):
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste", project_every=2))
+    dataset = [{"input_ids": row, "labels": row} for row in model_inputs("llama", batch=8)["input_ids"]]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+                             disable_tqdm=True, logging_strategy="no")
+    trainer = Trainer(model=mm.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        reference = mm(**inputs).logits
+    for folder in (tmp_path / "run" / "checkpoint-4", tmp_path / "final"):
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            assert not [key for key in f.keys() if key.endswith(".latent")]
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+        assert isinstance(loaded.model.layers[0].mlp.up_proj, MoMosLinear)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, reference, rtol=0, atol=1e-5)
+    # Resuming restores the MoMos state from checkpoint-2 and continues to the same end.
+    resumed = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste", project_every=2))
+    args.output_dir = str(tmp_path / "resumed")
+    Trainer(model=resumed.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert all(torch.isfinite(l.dense_weight()).all() for l in resumed.momos_layers().values())
+
+
+def test_trainer_given_the_wrapper_is_refused(tmp_path):
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="give Trainer the converted model, mm.base_model"):
+        Trainer(model=mm, args=args, train_dataset=[], callbacks=[MoMosCallback()])
