@@ -45,6 +45,8 @@ def load_text_datasets(
         builder = {"txt": "text", "text": "text", "jsonl": "json", "json": "json", "csv": "csv"}.get(extension)
         if builder is None:
             raise ValueError(f"--train_file {train_file}: expected a .txt, .json, .jsonl or .csv file")
+        for path in files.values():
+            check_text_file(path)
         raw = load_dataset(builder, data_files=files)
     else:
         raw = DatasetDict({"train": Dataset.from_dict({"text": embedded_text().splitlines(keepends=True)})})
@@ -52,6 +54,22 @@ def load_text_datasets(
         cut = len(raw["train"]) * (100 - validation_split_percentage) // 100
         raw = DatasetDict({"train": raw["train"].select(range(cut)), "validation": raw["train"].select(range(cut, len(raw["train"])))})
     return raw
+
+
+def check_text_file(path: str) -> None:
+    """Refuse a data file that is missing, empty, or not UTF-8 text, naming it (`datasets` would fail
+    later with chained tracebacks that never say so)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a file")
+    with open(path, "rb") as f:
+        head = f.read(2**20)
+    if not head.strip():
+        raise ValueError(f"{path} is empty: it holds no text to train or evaluate on")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not a multi-byte character cut at the end of the chunk
+            raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): is it a binary file?") from None
 
 
 def tokenize_and_group(raw: DatasetDict, tokenizer, block_size: int, text_column: Optional[str] = None,
@@ -85,6 +103,7 @@ def calibration_batches(tokenizer, text_file: str, num_samples: int = 128, seq_l
                         batch_size: int = 8) -> list[dict]:
     """`num_samples` windows of `seq_len` tokens, evenly spaced over a text file (loaded with `datasets`),
     in batches of model inputs for `get_momos_model(..., calibration_data=...)`. Deterministic."""
+    check_text_file(text_file)
     lines = load_dataset("text", data_files=text_file, split="train")["text"]
     ids = tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     seq_len = min(seq_len, getattr(tokenizer, "model_max_length", seq_len) or seq_len)

@@ -19,18 +19,21 @@ import itertools
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
 
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.card import render_card
+from momos_hf.checkpoint import sha256_of
 from momos_hf.complexity import complexity_report
 from momos_hf.tracking import ComplexityTracker
 from momos_hf.config import INITS, SCOPES, TRAIN_MODES
@@ -54,7 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--validation_file")
     data.add_argument("--validation_split_percentage", type=int, default=10)
     data.add_argument("--text_column")
-    data.add_argument("--block_size", type=int, default=128)
+    data.add_argument("--block_size", type=int, default=128, help="tokens per training example")
+    data.add_argument("--max_train_samples", type=int, help="use only the first N training blocks")
+    data.add_argument("--max_eval_samples", type=int, help="evaluate on the first N validation blocks only")
     data.add_argument("--preprocessing_num_workers", type=int)
     momos = p.add_argument_group("MoMos")
     momos.add_argument("--k", type=int, default=256)
@@ -64,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     momos.add_argument("--scale", action="store_true")
     momos.add_argument("--calibration_batches", type=int, default=16,
                        help="training batches whose inputs calibrate --init data-aware")
-    momos.add_argument("--train_mode", choices=("dense",) + TRAIN_MODES, default="ste")
+    momos.add_argument("--train_mode", choices=("dense",) + TRAIN_MODES, default="motifs",
+                       help="what trains (see MoMosConfig.train_mode); dense: the baseline, no conversion")
     momos.add_argument("--project_every", type=int, default=50,
                        help="optimizer steps between projections in projected/ste modes (0: each epoch end, as the paper)")
     momos.add_argument("--modules_to_save", nargs="*", default=None, help="dense modules trained in `motifs` mode")
@@ -92,10 +98,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--output_dir", default="momos-out")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--report_to", default="none", help="an Accelerate tracker (tensorboard, wandb, ...) or 'none'")
-    train.add_argument("--push_to_hub", action="store_true")
+    train.add_argument("--push_to_hub", action="store_true", help="upload the checkpoint, tokenizer and card at the end")
     train.add_argument("--hub_model_id")
-    train.add_argument("--hub_token")
+    train.add_argument("--hub_token", help="never logged or written anywhere")
+    train.add_argument("--hub_public", action="store_true",
+                       help="create the Hub repository public (default: private, as publishing a compressed copy of a "
+                            "model is a decision about its license, not a default)")
     args = p.parse_args(argv)
+    positive = ["k", "s", "block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "num_train_epochs", "logging_steps", "calibration_batches",
+                "max_steps", "max_train_samples", "max_eval_samples"]
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be >= 1, got {value}")
+    for name in ("eval_steps", "checkpointing_steps", "complexity_every", "project_every", "num_warmup_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.model_name_or_path and args.model_config:
         p.error("give --model_name_or_path or --model_config, not both")
     if args.push_to_hub and not args.hub_model_id:
@@ -141,7 +160,7 @@ def training_loss(model, teacher, batch, args) -> torch.Tensor:
 def evaluate(model, dataloader, accelerator) -> dict[str, float]:
     model.eval()
     losses = []
-    for batch in dataloader:
+    for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
         loss = model(**batch).loss
         losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(batch["input_ids"].shape[0])))
     model.train()
@@ -158,11 +177,53 @@ def momos_figures(model) -> dict[str, float]:
     return figures
 
 
+def save_training_state(accelerator: Accelerator, output_dir: Path, step: int) -> Path:
+    """`accelerator.save_state` into `step_N`, made whole before it gets its name: written as `step_N.partial`,
+    then the sha256 of every file goes into momos_step.json, then the rename. A kill leaves at most a
+    `.partial` folder, which the next save of that step replaces."""
+    folder = output_dir / f"step_{step}"
+    partial = folder.with_name(folder.name + ".partial")
+    if accelerator.is_main_process:
+        for old in (partial, folder):  # only training checkpoints this recipe wrote are replaced
+            if old.exists() and (old == partial or (old / STEP_FILE).exists()):
+                shutil.rmtree(old)
+            elif old.exists():
+                raise ValueError(f"{old} exists and is not a training checkpoint written by this recipe")
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {p.relative_to(partial).as_posix(): sha256_of(p) for p in sorted(partial.rglob("*")) if p.is_file()}
+        (partial / STEP_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        os.replace(partial, folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) -> int:
+    """Check a `step_N` folder whole (every file's sha256, before any of its pickles is read) and load it;
+    returns its step."""
+    try:
+        record = json.loads((folder / STEP_FILE).read_text())
+        step, files = int(record["step"]), dict(record["files"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder} is not a complete training checkpoint ({STEP_FILE}: {err})") from None
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {STEP_FILE}
+    if present != set(files) or any(sha256_of(folder / name) != digest for name, digest in files.items()):
+        raise ValueError(f"{folder} is corrupted: its files differ from those recorded in {STEP_FILE} when it was saved")
+    if step > max_steps:
+        raise ValueError(f"{folder} is at step {step}, beyond --max_steps {max_steps}: nothing is left to train")
+    accelerator.load_state(folder)
+    return step
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     # Without a GPU, Accelerate must be told to use the CPU, or each launched process silently runs alone.
+    # The data order is a function of (seed, epoch), so a resumed run sees the batches the interrupted one would have.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir)
+                              log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     accelerator.print(f"world size {accelerator.num_processes}, device {accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision}, train mode {args.train_mode}")
     set_seed(args.seed)
@@ -171,6 +232,9 @@ def main(argv=None) -> dict:
         raw = load_text_datasets(args.dataset_name, args.dataset_config_name, args.train_file, args.validation_file,
                                  args.validation_split_percentage)
         data = tokenize_and_group(raw, tokenizer, args.block_size, args.text_column, args.preprocessing_num_workers)
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            data[split] = data[split].select(range(min(limit, len(data[split]))))
     train_dl = DataLoader(data["train"], shuffle=True, batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator)
     eval_dl = DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator)
 
@@ -192,12 +256,12 @@ def main(argv=None) -> dict:
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
-    accelerator.init_trackers("momos-finetune", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    logged = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
+    accelerator.init_trackers("momos-finetune", logged)  # secrets are never logged
 
     step, skip_batches = 0, 0
     if args.resume_from_checkpoint:
-        accelerator.load_state(args.resume_from_checkpoint)
-        step = json.loads((Path(args.resume_from_checkpoint) / STEP_FILE).read_text())["step"]
+        step = load_training_state(accelerator, Path(args.resume_from_checkpoint), max_steps)
         skip_batches = (step % steps_per_epoch) * args.gradient_accumulation_steps
         accelerator.print(f"resumed from step {step}")
     initial = evaluate(model, eval_dl, accelerator)
@@ -219,6 +283,7 @@ def main(argv=None) -> dict:
         tracker.track(model, step)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     for epoch in range(step // steps_per_epoch, math.ceil(max_steps / steps_per_epoch)):
+        train_dl.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_dl, skip_batches) if skip_batches else train_dl
         skip_batches = 0
         for batch in batches:
@@ -245,10 +310,7 @@ def main(argv=None) -> dict:
                 accelerator.log(metrics, step=step)
                 accelerator.print(f"step {step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                folder = Path(args.output_dir) / f"step_{step}"
-                accelerator.save_state(folder)
-                if accelerator.is_main_process:
-                    (folder / STEP_FILE).write_text(json.dumps({"step": step}))
+                save_training_state(accelerator, Path(args.output_dir), step)
             if step >= max_steps:
                 break
         if latent_mode and projection_due(args.project_every, step, epoch_end=True):
@@ -293,11 +355,16 @@ def main(argv=None) -> dict:
             if args.push_to_hub:
                 from momos_hf.hub import push_folder
 
-                push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, commit_message=f"MoMos training, step {step}")
+                push_folder(args.output_dir, args.hub_model_id, private=not args.hub_public, token=args.hub_token,
+                            commit_message=f"MoMos training, step {step}")
     accelerator.end_training()
     return metrics
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad input: one line, no traceback, exit status 2 as for bad arguments
+        print(f"finetune.py: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -3,6 +3,8 @@ load makes (truncation, checksums, an edited config, missing or extra MoMos tens
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -380,3 +382,12 @@ def test_save_from_a_gathered_state_dict(tmp_path):
     mm.save_pretrained(tmp_path, state_dict=mm.state_dict())
     # The ste model multiplies by the reconstructed weight, the reloaded one uses the lookup product.
     torch.testing.assert_close(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), reference, rtol=0, atol=1e-6)
+
+
+def test_the_plain_call_without_momos_hf_fails_and_says_what_to_install(saved):
+    # A fresh interpreter that never imports momos_hf: Transformers alone must not load random weights.
+    code = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    assert "pip install momos-hf" in done.stderr and "import momos_hf" in done.stderr

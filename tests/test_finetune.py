@@ -4,9 +4,11 @@ runs on text files loaded through `datasets`."""
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,8 +44,8 @@ def final_loss(output):
 
 
 def test_two_processes_train_agree_save_and_resume(tmp_path):
-    common = ["--max_steps", "8", "--k", "64", "--project_every", "4", "--per_device_train_batch_size", "4",
-              "--logging_steps", "2"]
+    common = ["--max_steps", "8", "--k", "64", "--train_mode", "ste", "--project_every", "4",
+              "--per_device_train_batch_size", "4", "--logging_steps", "2", "--max_eval_samples", "16"]
     out = launch(tmp_path, *common, "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "4")
     assert "world size 2" in out
     assert "MoMos state identical on all 2 ranks: True" in out
@@ -97,13 +99,30 @@ def test_distillation_from_the_dense_model(text_files, monkeypatch):
     assert metrics["ranks_agree"] and metrics["bits_per_weight"] < 2
 
 
-def test_bad_arguments_are_refused():
-    with pytest.raises(SystemExit):
-        finetune.parse_args(["--model_name_or_path", "a", "--model_config", "b.json"])
-    with pytest.raises(SystemExit):
-        finetune.parse_args(["--push_to_hub", "--hub_model_id", "me/x", "--train_mode", "dense"])
+@pytest.mark.parametrize("argv, message", [
+    (["--model_name_or_path", "a", "--model_config", "b.json"], "not both"),
+    (["--push_to_hub", "--hub_model_id", "me/x", "--train_mode", "dense"], "publishes MoMos checkpoints"),
+    (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
+    (["--block_size", "0"], "--block_size must be >= 1, got 0"),
+    (["--checkpointing_steps", "-2"], "--checkpointing_steps must be >= 0"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_data_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="expected a .txt, .json, .jsonl or .csv file"):
         load_text_datasets(train_file="data.parquet")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="empty.txt is empty"):
+        load_text_datasets(train_file=str(tmp_path / "empty.txt"))
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="binary.txt is not UTF-8 text"):
+        load_text_datasets(train_file=str(tmp_path / "binary.txt"))
+    with pytest.raises(ValueError, match="missing.txt is not a file"):
+        load_text_datasets(train_file=str(tmp_path / "missing.txt"))
 
 
 def test_bf16_mixed_precision(text_files, monkeypatch, capsys):
@@ -121,3 +140,71 @@ def test_bf16_mixed_precision(text_files, monkeypatch, capsys):
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 0.3
     model = AutoModelForCausalLM.from_pretrained(text_files / "bf16")
     assert any(isinstance(m, MoMosLinear) for m in model.modules())
+
+
+def run_recipe(tmp_path, *args, env=None):
+    """The recipe as a plain process (one rank), started the way a user starts it."""
+    return subprocess.Popen([sys.executable, str(RECIPE), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})})
+
+
+def test_a_run_killed_mid_way_resumes_exactly(tmp_path):
+    # 40 training blocks in batches of 4: 10 steps an epoch, so the 24 steps cross two epoch boundaries.
+    common = ["--max_steps", "24", "--k", "64", "--train_mode", "ste", "--project_every", "5", "--block_size", "64",
+              "--per_device_train_batch_size", "4", "--max_train_samples", "40", "--max_eval_samples", "16",
+              "--checkpointing_steps", "3", "--learning_rate", "3e-3"]
+    whole = run_recipe(tmp_path, *common, "--output_dir", "whole")
+    killed = run_recipe(tmp_path, *common, "--output_dir", "killed")
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "killed" / "step_12").exists():  # kill -9 some time after step 12 is saved
+        assert killed.poll() is None and time.monotonic() < deadline, killed.stderr.read() if killed.poll() else "timeout"
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    out, err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, err[-3000:]
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "killed").glob("step_*") if p.name.split("_")[1].isdigit())
+    resumed = run_recipe(tmp_path, *common, "--output_dir", "resumed", "--resume_from_checkpoint", f"killed/step_{saved[-1]}")
+    resumed_out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from step {saved[-1]}" in resumed_out
+    assert final_loss(resumed_out) == final_loss(out)  # the same run, continued exactly
+
+
+def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_files, monkeypatch):
+    monkeypatch.chdir(text_files)
+    common = ["--train_file", "train.txt", "--k", "64", "--block_size", "64", "--max_eval_samples", "8"]
+    finetune.main([*common, "--max_steps", "4", "--checkpointing_steps", "2", "--output_dir", "run"])
+    step = text_files / "run" / "step_4"
+    with pytest.raises(ValueError, match="step_4 is at step 4, beyond --max_steps 3"):
+        finetune.main([*common, "--max_steps", "3", "--output_dir", "again", "--resume_from_checkpoint", str(step)])
+    optimizer_file = next(p for p in step.iterdir() if p.name.startswith("optimizer"))
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="step_4 is corrupted"):
+        finetune.main([*common, "--max_steps", "6", "--output_dir", "again", "--resume_from_checkpoint", str(step)])
+    (text_files / "run" / "step_2" / "momos_step.json").unlink()
+    with pytest.raises(ValueError, match="step_2 is not a complete training checkpoint"):
+        finetune.main([*common, "--max_steps", "6", "--output_dir", "again", "--resume_from_checkpoint",
+                       str(text_files / "run" / "step_2")])
+
+
+def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
+    from hub_server import HubServer
+
+    with HubServer() as hub:
+        run = run_recipe(text_files, "--train_file", "train.txt", "--max_steps", "2", "--k", "64", "--block_size", "64",
+                         "--max_eval_samples", "8", "--checkpointing_steps", "1", "--report_to", "tensorboard",
+                         "--output_dir", "out", "--push_to_hub", "--hub_model_id", "me/run", "--hub_token", "hf_SECRET42",
+                         env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(text_files / "hf")})
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        files = hub.state.repos["me/run"]
+        assert hub.state.private["me/run"] and set(hub.state.tokens_seen) == {"hf_SECRET42"}
+    written = [p for p in (text_files / "out").rglob("*") if p.is_file()]
+    assert any("events" in p.name for p in written)  # the tracker wrote its logs...
+    assert not [p for p in written if b"hf_SECRET42" in p.read_bytes()]  # ...and no file holds the token
+    weights = json.loads(files["config.json"])["quantization_config"]["weights"]
+    assert set(files) == {"config.json", weights, "generation_config.json", "README.md", "eval_results.json",
+                          "tokenizer.json", "tokenizer_config.json"}
+    assert not any(b"hf_SECRET42" in data for data in files.values())

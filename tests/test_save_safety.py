@@ -1,0 +1,207 @@
+"""A save never loses anything: saving into `.` and `..`, saves that fail half way, real kill -9 at random
+points (seeded, bounded), two processes saving into one folder, files the save did not write, links."""
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import build, model_inputs
+from transformers import AutoModelForCausalLM
+
+import momos_hf.checkpoint as checkpoint
+from momos_hf import MoMosConfig, MoMosModel, get_momos_model
+from momos_hf.data import byte_tokenizer
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def converted(seed):
+    return get_momos_model(build("llama", seed=seed), MoMosConfig(k=16, s=4, kmeans_iters=1, seed=seed))
+
+
+def logits(folder):
+    with torch.no_grad():
+        return MoMosModel.from_pretrained(folder)(**model_inputs("llama")).logits
+
+
+def snapshot(folder):
+    """Every file under `folder` (hidden ones included) with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def user_files(folder):
+    (folder / "README.md").write_text("my card")
+    (folder / "notes").mkdir(exist_ok=True)
+    (folder / "notes" / "todo.txt").write_text("keep me")
+    return {"README.md": b"my card", "notes/todo.txt": b"keep me"}
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".momos")]
+
+
+def test_saving_into_the_current_and_the_parent_folder_keeps_every_file(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    mine = user_files(work)
+    monkeypatch.chdir(work)
+    first, second = converted(1), converted(2)
+    first.save_pretrained(".")
+    second.save_pretrained(".")  # over the first, in the folder the process runs in
+    assert {k: v for k, v in snapshot(work).items() if k in mine} == mine and not leftovers(work)
+    assert torch.equal(logits(work), second(**model_inputs("llama")).logits)
+    (work / "sub").mkdir()
+    monkeypatch.chdir(work / "sub")
+    first.save_pretrained("..")
+    assert {k: v for k, v in snapshot(work).items() if k in mine} == mine and not leftovers(work)
+    assert torch.equal(logits(work), first(**model_inputs("llama")).logits)
+
+
+def test_a_save_that_fails_half_way_changes_nothing(tmp_path, monkeypatch):
+    converted(1).save_pretrained(tmp_path, tokenizer=byte_tokenizer())
+    user_files(tmp_path)
+    before = snapshot(tmp_path)
+
+    def no_permission(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    for target in ("save_file", "write_text_synced"):  # while writing weights, and while writing config.json
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoint, target, no_permission)
+            with pytest.raises(PermissionError):
+                converted(2).save_pretrained(tmp_path, tokenizer=byte_tokenizer(), max_shard_size=8000)
+        assert snapshot(tmp_path) == before
+
+
+def test_a_folder_holding_another_model_is_refused_untouched(tmp_path):
+    build("llama").save_pretrained(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="already holds a model that is not a MoMos checkpoint"):
+        converted(1).save_pretrained(tmp_path)
+    assert snapshot(tmp_path) == before
+
+
+def test_weight_files_the_save_did_not_write_are_kept(tmp_path):
+    others = {"model.safetensors": b"a dense model of mine", "model_dense_backup.safetensors": b"backup",
+              "model.fp16.safetensors": b"half"}
+    for name, data in others.items():
+        (tmp_path / name).write_bytes(data)
+    first, second = converted(1), converted(2)
+    first.save_pretrained(tmp_path)
+    second.save_pretrained(tmp_path, max_shard_size=8000)
+    first.save_pretrained(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in others} == others
+    assert torch.equal(logits(tmp_path), first(**model_inputs("llama")).logits)
+    weights = {p.name for p in tmp_path.iterdir() if p.name.startswith("model")} - set(others)
+    assert len(weights) == 1  # the earlier saves' own weights are gone
+
+
+def test_a_linked_target_stays_a_link_and_no_folder_is_replaced(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    inode = real.stat().st_ino
+    converted(1).save_pretrained(link)
+    converted(2).save_pretrained(link)
+    assert link.is_symlink() and real.stat().st_ino == inode  # written through the link, never swapped
+    assert (real / "config.json").exists() and torch.equal(logits(link), logits(real))
+
+
+SAVER = """
+import os, random, sys, time
+sys.path.insert(0, {tests!r})
+import momos_hf.checkpoint as checkpoint
+from momos_hf import MoMosModel
+from momos_hf.data import byte_tokenizer
+
+random.seed(int(sys.argv[3]))
+real_replace = checkpoint.os.replace
+
+def slow_replace(src, dst):  # every rename takes a while, so that kills land between them
+    time.sleep(random.uniform(0, {delay}))
+    real_replace(src, dst)
+
+checkpoint.os.replace = slow_replace
+model = MoMosModel.from_pretrained(sys.argv[1])
+tokenizer = byte_tokenizer()
+print("ready", flush=True)
+for i in range(int(sys.argv[4])):
+    model.save_pretrained(sys.argv[2], tokenizer=tokenizer, max_shard_size=8000 if i % 2 else "5GB")
+"""
+
+
+def start_saver(source, target, seed, saves, delay=0.02):
+    code = textwrap.dedent(SAVER.format(tests=TESTS, delay=delay))
+    return subprocess.Popen([sys.executable, "-c", code, str(source), str(target), str(seed), str(saves)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+
+
+def wait_ready(process, timeout=120):
+    line = process.stdout.readline()
+    assert line.strip() == "ready", process.stderr.read()[-3000:]
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    references = {}
+    for seed in (1, 2):
+        mm = converted(seed)
+        mm.save_pretrained(tmp_path / f"model{seed}")
+        with torch.no_grad():
+            references[seed] = mm(**model_inputs("llama")).logits
+    return references
+
+
+def check_whole(target, references, mine):
+    """The folder holds one of the two checkpoints, complete, and every file of the user's."""
+    assert target.is_dir()
+    loaded = logits(target)
+    assert any(torch.equal(loaded, reference) for reference in references.values())
+    assert {k: v for k, v in snapshot(target).items() if k in mine} == mine
+    assert (target / "tokenizer.json").exists()
+
+
+def test_kill_9_at_random_points_never_loses_a_checkpoint(tmp_path, two_checkpoints):
+    target = tmp_path / "target"
+    MoMosModel.from_pretrained(tmp_path / "model1").save_pretrained(target, tokenizer=byte_tokenizer())
+    mine = user_files(target)
+    rng = random.Random(0)
+    interrupted = 0
+    for trial in range(8):
+        saver = start_saver(tmp_path / f"model{1 + trial % 2 + 0}", target, seed=trial, saves=50)
+        wait_ready(saver)
+        time.sleep(rng.uniform(0.0, 0.6))  # somewhere inside one of the saves
+        saver.kill()
+        saver.wait()
+        interrupted += bool(leftovers(target))
+        check_whole(target, two_checkpoints, mine)
+    assert interrupted >= 4  # most kills landed inside a save, leaving its journal or staging folder
+    MoMosModel.from_pretrained(tmp_path / "model2").save_pretrained(target, tokenizer=byte_tokenizer())
+    assert not leftovers(target)  # the next save cleaned up what the kills left
+    check_whole(target, two_checkpoints, mine)
+
+
+def test_two_processes_saving_into_one_folder_take_turns(tmp_path, two_checkpoints):
+    target = tmp_path / "target"
+    target.mkdir()
+    mine = user_files(target)
+    savers = [start_saver(tmp_path / f"model{seed}", target, seed=seed, saves=6) for seed in (1, 2)]
+    for saver in savers:
+        wait_ready(saver)
+    for saver in savers:
+        _, err = saver.communicate(timeout=300)
+        assert saver.returncode == 0, err[-3000:]
+    check_whole(target, two_checkpoints, mine)
+    assert not leftovers(target)
+    weights = [p.name for p in target.iterdir() if p.name.startswith("model") and "safetensors" in p.name]
+    quantization = checkpoint.read_checkpoint_config(target)["quantization_config"]
+    assert set(weights) == {quantization["weights"], *checkpoint.weight_file_names(target, quantization["weights"])}
+    assert isinstance(AutoModelForCausalLM.from_pretrained(target).model.layers[0].mlp.up_proj, type(
+        next(iter(MoMosModel.from_pretrained(target).momos_layers().values()))))
