@@ -29,7 +29,7 @@ model = LlamaForCausalLM(config).eval()
 calibration = [{"input_ids": torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(i))} for i in range(4)]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-mm = get_momos_model(model, MoMosConfig(k=256, s=16, init=init), calibration if init == "data-aware" else None)
+mm = get_momos_model(model, MoMosConfig(k=256, s=16, fit=init), calibration if init == "data-aware" else None)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 weights = sum(l.in_features * l.out_features for l in mm.momos_layers().values())

@@ -2,7 +2,7 @@
 
 Converts a Llama built from a config on the GPU (fp32 and bf16), runs forward/backward, saves the compact
 checkpoint and loads it back onto the GPU with `from_pretrained(..., device_map="cuda")`, comparing logits;
-then times `fit_mosaic` on one 4096x4096 matrix (k=256, s=16, 15 Lloyd steps) on CPU and GPU.
+then times `fit_weight_space` (k-means) on one 4096x4096 matrix (k=256, s=16, 15 Lloyd steps) on CPU and GPU.
 Usage (on a machine with a GPU): python benchmarks/cuda_check.py
 """
 
@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.fitting import fit_mosaic, reconstruct, relative_error
+from momos_hf.fitting import FitOptions, fit_weight_space, reconstruct, relative_error
 
 
 def check_model(dtype: torch.dtype) -> None:
@@ -42,11 +42,11 @@ def check_model(dtype: torch.dtype) -> None:
 
 def time_fit(device: str) -> tuple[float, float]:
     weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(device)
-    fit_mosaic([weight], 256, 16, iters=1)  # warm-up
+    fit_weight_space([weight], FitOptions(256, 16, iters=1))  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fit = fit_mosaic([weight], 256, 16, iters=15)
+    fit = fit_weight_space([weight], FitOptions(256, 16, iters=15))
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

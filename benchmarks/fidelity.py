@@ -29,7 +29,8 @@ from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.data import byte_tokenizer, calibration_batches
-from momos_hf.model import find_targets, _weight_out_in
+from momos_hf.layer import layer_class_for
+from momos_hf.targets import find_targets
 
 RATES = {0.5: (16, 256), 1.0: (8, 256), 2.0: (4, 256), 3.0: (2, 64)}
 METHODS = ("sample", "kmeans", "data-aware", "rtn")
@@ -38,6 +39,12 @@ LM = {"model_type": "llama", "vocab_size": 257, "hidden_size": 256, "intermediat
 QUICK_LM = dict(LM, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 TEXT = SHARED / "data" / "shakespeare"
 
+
+
+def matrix_of(model, name: str) -> torch.Tensor:
+    """The weight of module `name` as the `[out, in]` matrix MoMos fits (a view: writes reach the module)."""
+    module = model.get_submodule(name)
+    return layer_class_for(module).matrix_of(module)
 
 def round_to_nearest(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-row uniform quantization to `2^bits` levels over `[-c, c]`, the clip `c` chosen per row among
@@ -60,22 +67,22 @@ def round_to_nearest(weight: torch.Tensor, bits: int) -> torch.Tensor:
 def convert(model, method: str, rate: float, calibration) -> tuple[torch.nn.Module, dict]:
     """The model in `method`'s form at `rate` index bits/weight, and its size and weight-error figures."""
     targets = find_targets(model, None)
-    originals = {n: _weight_out_in(model.get_submodule(n)).detach().clone() for n in targets}
+    originals = {n: matrix_of(model, n).detach().clone() for n in targets}
     weights = sum(w.numel() for w in originals.values())
     if method == "rtn":
         if rate != int(rate):
             return None, {}
         with torch.no_grad():
             for name, w in originals.items():
-                _weight_out_in(model.get_submodule(name)).copy_(round_to_nearest(w, int(rate)))
-        approx = {n: _weight_out_in(model.get_submodule(n)).detach() for n in targets}
+                matrix_of(model, name).copy_(round_to_nearest(w, int(rate)))
+        approx = {n: matrix_of(model, n).detach() for n in targets}
         extra_bits = sum(w.shape[0] * 16 for w in originals.values())  # one fp16 clip per row
     else:
         s, k = RATES[rate]
-        config = MoMosConfig(k=k, s=s, init=method, scale=method == "data-aware")
+        config = MoMosConfig(k=k, s=s, fit=method, scale=method == "data-aware")
         model = get_momos_model(model, config, calibration if method == "data-aware" else None)
         layers = model.momos_layers()
-        approx = {n: layer.dense_weight().detach() for n, layer in layers.items()}
+        approx = {n: layer.mosaic_weight().detach() for n, layer in layers.items()}
         extra_bits = sum(l.k * l.s * 16 + (0 if l.scale is None else l.out_features * 16) for l in layers.values())
     error = sum(float((originals[n] - approx[n]).square().sum()) for n in targets)
     spread = sum(float((w - w.mean()).square().sum()) for w in originals.values())

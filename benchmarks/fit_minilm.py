@@ -47,10 +47,10 @@ def main() -> None:
         model = copy.deepcopy(dense)
         originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight") and m.weight is not None}
         start = time.perf_counter()
-        mm = get_momos_model(model, MoMosConfig(k=k, s=s, init=init, kmeans_iters=args.kmeans_iters))
+        mm = get_momos_model(model, MoMosConfig(k=k, s=s, fit=init, kmeans_iters=args.kmeans_iters))
         seconds = time.perf_counter() - start
         layers = mm.momos_layers()
-        squared_error = sum(float((originals[n] - l.dense_weight().detach()).square().sum()) for n, l in layers.items())
+        squared_error = sum(float((originals[n] - l.mosaic_weight().detach()).square().sum()) for n, l in layers.items())
         spread = sum(float((originals[n] - originals[n].mean()).square().sum()) for n in layers)
         weights = sum(originals[n].numel() for n in layers)
         bits = index_bits(k) / s

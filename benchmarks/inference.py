@@ -3,7 +3,7 @@
 Per layer (square, hidden 512-4096, k=256, s=16): dense fp32 and bf16 `nn.Linear` vs the three MoMos
 products, forced one at a time: `lookup` (table of input chunks x motifs, summed by the mosaic),
 `reconstruct` (rebuild the weight, one matmul, free it) and `cached` (a kept dense copy), plus `auto`
-(what `MoMosLinear` picks). Whole model: `generate` of 32 new tokens at batch 1 and 32 on a Llama built
+(what `momos_hf.products.select_product` picks). Whole model: `generate` of 32 new tokens at batch 1 and 32 on a Llama built
 from a config, dense vs MoMos (auto) vs MoMos (cached). Times are medians of repeated runs on whatever
 device is given; `weight MiB` is what the layers keep between calls (parameters and buffers), `work MiB`
 the largest temporary a product allocates (from its shapes).
@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 from common import write_json
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging
 
-import momos_hf.layer
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.fitting import reconstruct
-from momos_hf.layer import MoMosLinear
-from momos_hf.lookup import MIN_TABLE_WIDTH, lookup_linear, use_lookup
+from momos_hf.layer import MoMosLayer, MoMosLinear
+from momos_hf.products import MIN_TABLE_WIDTH, lookup_product, select_product
 
 K, S = 256, 16
 
@@ -48,20 +46,8 @@ def timed(fn, device: str, repeats: int) -> float:
 
 def held_bytes(module: torch.nn.Module) -> int:
     tensors = list(module.parameters()) + list(module.buffers())
-    cached = [m._cached[1] for m in module.modules() if isinstance(m, MoMosLinear) and m._cached is not None]
+    cached = [m._weight_cache[1] for m in module.modules() if isinstance(m, MoMosLayer) and m._weight_cache is not None]
     return sum(t.numel() * t.element_size() for t in tensors + cached)
-
-
-@contextmanager
-def forced_path(path: str):
-    """Make every `MoMosLinear` use one product (`auto`: its own rule)."""
-    original = momos_hf.layer.use_lookup
-    if path != "auto":
-        momos_hf.layer.use_lookup = lambda tokens: path == "lookup"
-    try:
-        yield
-    finally:
-        momos_hf.layer.use_lookup = original
 
 
 def momos_layer(size: int, device: str) -> MoMosLinear:
@@ -71,10 +57,10 @@ def momos_layer(size: int, device: str) -> MoMosLinear:
     return MoMosLinear(size, size, motifs, mosaic).requires_grad_(False)
 
 
-def working_bytes(path: str, size: int, tokens: int) -> int:
+def working_bytes(path: str, size: int, tokens: int, device: str) -> int:
     nb = size // S
     if path == "auto":
-        path = "lookup" if use_lookup(tokens) else "reconstruct"
+        path = select_product(torch.empty(tokens, size, device="meta" if device != "cpu" else "cpu"), size, size)
     if path == "lookup":
         return nb * K * max(tokens, MIN_TABLE_WIDTH) * 4 + size * nb * 4  # table + int32 block offsets
     if path == "reconstruct":
@@ -94,7 +80,7 @@ def layer_benchmark(sizes, token_counts, device: str, repeats: int) -> list[dict
         dense_bf16.weight.copy_(dense.weight)
         for tokens in token_counts:
             x = torch.randn(tokens, size, device=device)
-            torch.testing.assert_close(lookup_linear(x, momos.motifs, momos.mosaic), dense(x), rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(lookup_product(x, momos.motifs, momos.mosaic, None, size), dense(x), rtol=1e-3, atol=1e-3)
             variants = {"dense fp32": (lambda: dense(x), dense), "dense bf16": (lambda: dense_bf16(x.bfloat16()), dense_bf16)}
             for path in ("lookup", "reconstruct", "auto"):
                 variants[f"momos {path}"] = (lambda p=path: _forced(momos, x, p), momos)
@@ -104,23 +90,23 @@ def layer_benchmark(sizes, token_counts, device: str, repeats: int) -> list[dict
                 seconds = timed(fn, device, repeats)
                 weight = held_bytes(module)
                 base = base or (seconds, weight)
-                work = working_bytes(name.split()[-1], size, tokens) if name.startswith("momos") else 0
+                work = working_bytes(name.split()[-1], size, tokens, device) if name.startswith("momos") else 0
                 rows.append(dict(hidden=size, tokens=tokens, path=name, ms=seconds * 1e3, vs_dense=seconds / base[0],
                                  weight_mib=weight / 2**20, memory_saving=base[1] / weight, work_mib=work / 2**20))
                 r = rows[-1]
                 print(f"{size:>6} {tokens:>6} {name:<16} {r['ms']:>8.3f} {r['vs_dense']:>8.2f} {r['weight_mib']:>10.2f} "
                       f"{r['memory_saving']:>7.1f} {r['work_mib']:>8.2f}", flush=True)
-            momos.cache_weight, momos._cached = False, None
+            momos.weight_cache_enabled, momos._weight_cache = False, None
     return rows
 
 
 def _forced(momos: MoMosLinear, x: torch.Tensor, path: str) -> torch.Tensor:
-    with forced_path(path):
-        return momos(x)
+    momos.product = None if path == "auto" else path  # the layer's own override
+    return momos(x)
 
 
 def _cached(momos: MoMosLinear, x: torch.Tensor) -> torch.Tensor:
-    momos.cache_weight = True
+    momos.product, momos.weight_cache_enabled = None, True
     return momos(x)
 
 
@@ -131,7 +117,7 @@ def model_benchmark(layers: int, hidden: int, batches, new_tokens: int, device: 
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)
     dense = LlamaForCausalLM(config).to(device).eval()
     dense_bytes = held_bytes(dense)
-    momos = get_momos_model(LlamaForCausalLM(config).to(device).eval(), MoMosConfig(k=K, s=S, init="sample"))
+    momos = get_momos_model(LlamaForCausalLM(config).to(device).eval(), MoMosConfig(k=K, s=S, fit="sample"))
     rows = []
     print(f"\nLlama {layers} layers, hidden {hidden}: generate {new_tokens} tokens (greedy)")
     print(f"{'batch':>5} {'model':<14} {'tokens/s':>9} {'x dense':>8} {'weight MiB':>10} {'x less':>7}")

@@ -44,7 +44,7 @@ def build_checkpoints(layers: int) -> dict[str, str]:
                              num_attention_heads=16, num_key_value_heads=16)
         model = LlamaForCausalLM(config)
         model.save_pretrained(paths["dense fp32"])
-        get_momos_model(model, MoMosConfig(k=256, s=16, init="sample")).save_pretrained(paths["MoMos k=256 s=16"])
+        get_momos_model(model, MoMosConfig(k=256, s=16, fit="sample")).save_pretrained(paths["MoMos k=256 s=16"])
     return {name: str(path) for name, path in paths.items()}
 
 

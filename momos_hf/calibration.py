@@ -1,4 +1,5 @@
-"""Calibration: stream a model's inputs to its target layers into `H = X^T X / tokens` per layer."""
+"""Calibration: stream a model's inputs to its target layers into each layer's input moment
+`H = X^T X / rows`, the metric of data-aware fitting (`momos_hf.data_aware`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
+from .layer import layer_class_for
+
 
 @torch.no_grad()
-def input_second_moments(model: nn.Module, names: list[str], batches: Iterable[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+def input_moments(model: nn.Module, names: list[str], batches: Iterable[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """Run `batches` (dicts of model inputs, as a tokenizer or a DataLoader gives them) through `model`
-    and return, for each module in `names`, the mean outer product of its input rows `[in, in]` (float32).
+    and return, for each module in `names`, the mean outer product `[in, in]` (float32) of the rows its
+    matrix multiplies (`MoMosLayer.input_rows`: a linear layer's inputs, a convolution's patches).
 
     Memory is one `[in, in]` sum per layer, whatever the number of batches. Where a batch has an
     `attention_mask` of the inputs' `[batch, seq]` shape, padding positions are left out.
@@ -26,7 +30,7 @@ def input_second_moments(model: nn.Module, names: list[str], batches: Iterable[M
             x = args[0].detach()
             if mask and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
                 x = x[mask[0].bool()]
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = layer_class_for(module).input_rows(module, x).float()
             sums[name] = x.T @ x if name not in sums else sums[name].addmm_(x.T, x)
             rows[name] += x.shape[0]
 

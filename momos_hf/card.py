@@ -12,7 +12,8 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCardData
 
-from .checkpoint import checkpoint_info
+from .checkpoint import checkpoint_info, read_leading_weights
+from .complexity import DEFAULT_MAX_BYTES, bdm_of_signs, compression_ratios
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -25,13 +26,9 @@ def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = Non
                 results: Optional[dict[str, Any]] = None) -> str:
     """The model card (README.md) of the MoMos checkpoint in `directory`, with valid Hub metadata
     (`library_name`, `base_model` when it is a Hub id, tags), the sizes and complexity figures, and the
-    evaluation `results` when given (name -> number)."""
-    from .complexity import complexity_report
-    from .model import MoMosModel
-
+    evaluation `results` when given (name -> number). Read from the checkpoint's files: no model is built."""
     info = checkpoint_info(directory)
-    mm = MoMosModel.from_pretrained(directory)
-    report = complexity_report(mm, mm.fit_errors)
+    weights = read_leading_weights(directory, DEFAULT_MAX_BYTES // 4)
     base = info["base_model"]
     base_is_hub_id = bool(HUB_ID.match(base)) and not Path(base).exists()
     metadata = ModelCardData(
@@ -39,10 +36,12 @@ def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = Non
         base_model=base if base_is_hub_id else None,
         tags=["momos", "mosaic-of-motifs", "compression"],
     )
-    rows = [f"| {name} compression ratio (float32 bytes) | {ratio:.3f} |" for name, ratio in report.compression_ratios.items()]
-    if report.bdm_bits is not None:
-        rows.append(f"| BDM of sign bits | {report.bdm_bits:,.0f} bits over {report.bdm_sign_bits:,d} signs |")
-    errors = [layer.rel_error for layer in report.layers if layer.rel_error is not None]
+    ratios = compression_ratios(weights.numpy().tobytes())
+    rows = [f"| {name} compression ratio (float32 bytes) | {ratio:.3f} |" for name, ratio in ratios.items()]
+    bdm = bdm_of_signs(weights)
+    if bdm is not None:
+        rows.append(f"| BDM of sign bits | {bdm:,.0f} bits over {weights.numel():,d} signs |")
+    errors = list(info["fit_errors"].values())
     if errors:
         rows.append(f"| mean relative weight error at fit time | {sum(errors) / len(errors):.4f} |")
     mib = 2**20

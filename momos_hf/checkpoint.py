@@ -41,13 +41,14 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .config import MoMosConfig
-from .fitting import index_bits
-from .layer import LayerSpec, MoMosLinear
-from .packing import packed_size
+from .fitting import index_bits, num_blocks_per_row, reconstruct
+from .layer import LayerSpec, momos_layers
+from .packing import packed_size, unpack_indices
 
 try:  # the folder lock; where fcntl is missing (Windows) saves are not serialised
     import fcntl
@@ -71,10 +72,13 @@ DTYPE_BITS = {**FLOAT_DTYPES, "F64": 64, "U8": 8, "I8": 8, "U16": 16, "I16": 16,
 # -- what the checkpoint says ---------------------------------------------------------------------------
 
 def layer_specs(model: nn.Module) -> dict[str, LayerSpec]:
-    """The spec of every MoMos layer of `model`; a shared dictionary is owned by its first layer."""
+    """The spec of every MoMos layer of `model`: a shared dictionary is stored by its first layer, a tied
+    layer's mosaic and scale by the layer it is tied to."""
+    layers = momos_layers(model)
+    names = {id(layer): name for name, layer in layers.items()}
     owners: dict[int, str] = {}
-    return {name: layer.spec(owners.setdefault(id(layer.motifs), name))
-            for name, layer in model.named_modules() if isinstance(layer, MoMosLinear)}
+    return {name: layer.spec(owners.setdefault(id(layer.motifs), name), names[id(layer.leader or layer)])
+            for name, layer in layers.items()}
 
 
 def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
@@ -110,6 +114,12 @@ def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
             raise ValueError(f"layer {name!r} uses the motifs of {spec.motifs!r}, which does not store a dictionary")
         if (owner.k, owner.s) != (spec.k, spec.s):
             raise ValueError(f"layer {name!r} has k={spec.k}, s={spec.s} but its dictionary {spec.motifs!r} has k={owner.k}, s={owner.s}")
+        leader = specs.get(spec.mosaic)
+        if leader is None or leader.mosaic != spec.mosaic:
+            raise ValueError(f"layer {name!r} is tied to {spec.mosaic!r}, which does not store a mosaic")
+        same = ("in_features", "out_features", "k", "s", "scale", "motifs")
+        if spec.mosaic != name and any(getattr(spec, f) != getattr(leader, f) for f in same):
+            raise ValueError(f"layer {name!r} is tied to {spec.mosaic!r} but differs from it in shape, k, s, scale or dictionary")
     weights = quantization.get("weights")
     if weights is not None and not (plain_file_name(weights) and weights.endswith((".safetensors", INDEX_SUFFIX))):
         raise ValueError(f"quantization_config.weights must be a .safetensors or {INDEX_SUFFIX} file name, got {weights!r}")
@@ -137,9 +147,10 @@ def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
     re-ties them. `state_dict` replaces `model.state_dict()` (a gathered one, for sharded models)."""
     seen: set[tuple[torch.device, int]] = set()
     unique = {}
-    latents = {f"{n}.latent" for n, m in model.named_modules() if isinstance(m, MoMosLinear)}
+    layers = momos_layers(model)
+    skipped = {f"{n}.latent" for n in layers} | {f"{n}.mosaic_packed" for n, m in layers.items() if m.leader is not None}
     for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
-        if name in latents:  # training state only: the checkpoint is the mosaic
+        if name in skipped:  # training state, or a tied layer's copy of its leader's mosaic
             continue
         key = (tensor.device, tensor.untyped_storage().data_ptr())
         if tensor.numel() and key in seen:
@@ -151,7 +162,7 @@ def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
 
 def storage_dtype(state: dict[str, torch.Tensor], specs: dict[str, LayerSpec]) -> str:
     """The dtype the untouched float weights are stored in (what `dtype="auto"` loads them as)."""
-    momos = {f"{name}.{part}" for name in specs for part in ("motifs", "scale")}
+    momos = {f"{name}.{part}" for name in specs for part in ("motifs", "scale")}  # their dtype may differ
     for name, tensor in state.items():
         if tensor.is_floating_point() and name not in momos:
             return str(tensor.dtype).removeprefix("torch.")
@@ -434,11 +445,12 @@ def check_momos_tensors(tensors: dict[str, dict], specs: dict[str, LayerSpec]) -
     in the recorded shapes, and no MoMos tensor of a layer the config does not list."""
     expected = {}
     for name, spec in specs.items():
-        expected[f"{name}.mosaic_packed"] = ({"U8"}, [packed_size(spec.num_blocks, index_bits(spec.k))])
+        if spec.mosaic == name:  # a tied layer stores nothing of its own
+            expected[f"{name}.mosaic_packed"] = ({"U8"}, [packed_size(spec.num_blocks, index_bits(spec.k))])
+            if spec.scale:
+                expected[f"{name}.scale"] = (set(FLOAT_DTYPES), [spec.out_features])
         if spec.motifs == name:
             expected[f"{name}.motifs"] = (set(FLOAT_DTYPES), [spec.k, spec.s])
-        if spec.scale:
-            expected[f"{name}.scale"] = (set(FLOAT_DTYPES), [spec.out_features])
     for key, (dtypes, shape) in expected.items():
         if key not in tensors:
             raise ValueError(f"MoMos checkpoint lacks the tensor {key}")
@@ -497,12 +509,10 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     momos_names = {f"{n}.{part}" for n in specs for part in ("motifs", "mosaic_packed", "scale")} & set(tensors)
     description_bits = 0
     for name, spec in specs.items():
-        description_bits += spec.num_blocks * index_bits(spec.k)
-        if spec.motifs == name:
-            description_bits += 8 * nbytes(tensors[f"{name}.motifs"])
-        if spec.scale:
-            description_bits += 8 * nbytes(tensors[f"{name}.scale"])
-    converted = sum(spec.out_features * spec.in_features for spec in specs.values())
+        motif_bits = DTYPE_BITS[tensors[f"{spec.motifs}.motifs"]["dtype"]]
+        scale_bits = DTYPE_BITS[tensors[f"{spec.mosaic}.scale"]["dtype"]] if spec.scale else 0
+        description_bits += sum(spec.description_bits(name, motif_bits, scale_bits))
+    converted = sum(spec.out_features * spec.in_features for name, spec in specs.items() if spec.mosaic == name)
     other = {name: meta for name, meta in tensors.items() if name not in momos_names}
     return {
         "base_model": quantization.get("base_model", ""),
@@ -520,7 +530,39 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
         "checkpoint_bytes": sum(p.stat().st_size for p in files),
         "dense_fp32_bytes": 4 * (converted + sum(math.prod(m["shape"]) for m in other.values())),
         "dense_fp16_bytes": 2 * (converted + sum(math.prod(m["shape"]) for m in other.values())),
+        "fit_errors": {name: spec.fit_error for name, spec in specs.items() if spec.fit_error is not None},
     }
+
+
+@torch.no_grad()
+def read_leading_weights(directory: Union[str, os.PathLike], max_values: int) -> torch.Tensor:
+    """The first `max_values` values of a checkpoint's MoMos matrices (layer order, float32), rebuilt from
+    the motif and packed mosaic tensors of as many layers as that takes: no model is built."""
+    directory = Path(directory)
+    quantization = read_checkpoint_config(directory)["quantization_config"]
+    specs = parse_quantization(quantization)
+    location = {}
+    for name in weight_file_names(directory, quantization["weights"]):
+        location.update(dict.fromkeys(safetensors_header(checked_file(directory, name)), directory / name))
+
+    def tensor(key: str) -> torch.Tensor:
+        with safe_open(location[key], "pt") as f:
+            return f.get_tensor(key)
+
+    parts, count = [], 0
+    for name, spec in specs.items():
+        if count >= max_values:
+            break
+        if spec.mosaic != name:  # a tied layer's matrix is its leader's
+            continue
+        mosaic = unpack_indices(tensor(f"{name}.mosaic_packed"), index_bits(spec.k), spec.num_blocks)
+        scale = tensor(f"{name}.scale").float() if spec.scale else None
+        matrix = reconstruct(tensor(f"{spec.motifs}.motifs").float(),
+                             mosaic.reshape(spec.out_features, num_blocks_per_row(spec.in_features, spec.s)),
+                             spec.in_features, scale)
+        parts.append(matrix.flatten()[: max_values - count])
+        count += parts[-1].numel()
+    return torch.cat(parts)
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -530,7 +572,7 @@ def format_info(info: dict[str, Any]) -> str:
     k = settings["k"] if settings.get("k") is not None else f"capacity {settings['capacity']}"
     return "\n".join([
         f"architecture         {info['architecture']} (base model: {info['base_model'] or 'not recorded'})",
-        f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, init={settings['init']}, scale={settings['scale']}",
+        f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, fit={settings['fit']}, scale={settings['scale']}",
         f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), {info['converted_params']:,d} weights; "
         f"{info['other_params']:,d} other parameters stored as {info['dtype']}",
         f"bits per weight      {info['bits_per_weight']:.4f} (mosaic, dictionaries and scales)",

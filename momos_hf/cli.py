@@ -12,7 +12,8 @@ from typing import Optional
 
 from safetensors import SafetensorError
 
-from .config import INITS, SCOPES
+from .config import FITS, SCOPES
+from .fits import NEEDS_INPUT_MOMENTS
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -21,7 +22,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=256, help="motifs per dictionary")
     parser.add_argument("--s", type=int, default=16, help="values per block (the mosaic costs ceil(log2 k)/s bits per weight)")
     parser.add_argument("--motif_scope", choices=SCOPES, default="layer", help="one dictionary per layer, or one for all")
-    parser.add_argument("--init", choices=INITS, default="kmeans", help="how motifs and mosaic are fitted")
+    parser.add_argument("--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fits)")
     parser.add_argument("--kmeans_iters", type=int, default=15, help="Lloyd steps of the k-means fits")
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
     targets = parser.add_mutually_exclusive_group()
@@ -33,21 +34,21 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype to load the model in, and so to store its untouched weights and motifs "
                              "(auto: the dtype it was saved in)")
     parser.add_argument("--calibration_file", default=None,
-                        help="text file for --init data-aware: windows of it are run through the model")
+                        help="text file for --fit data-aware: windows of it are run through the model")
     parser.add_argument("--calibration_samples", type=int, default=128, help="calibration windows")
     parser.add_argument("--calibration_seq_len", type=int, default=128, help="tokens per calibration window")
 
 
 def calibration_from_args(args: argparse.Namespace, model, tokenizer):
-    """Calibration batches for `--init data-aware` (`None` otherwise), checking the flags agree."""
-    if args.init != "data-aware":
+    """Calibration batches for `--fit data-aware` (`None` otherwise), checking the flags agree."""
+    if args.fit not in NEEDS_INPUT_MOMENTS:
         if args.calibration_file:
-            raise ValueError("--calibration_file is used by --init data-aware only")
+            raise ValueError("--calibration_file is used by --fit data-aware only")
         return None
     if not args.calibration_file:
-        raise ValueError("--init data-aware needs --calibration_file TEXT")
+        raise ValueError(f"--fit {args.fit} needs --calibration_file TEXT")
     if tokenizer is None:
-        raise ValueError("--init data-aware needs a tokenizer in the model folder to tokenize --calibration_file")
+        raise ValueError(f"--fit {args.fit} needs a tokenizer in the model folder to tokenize --calibration_file")
     from .data import calibration_batches
 
     batches = calibration_batches(tokenizer, args.calibration_file, args.calibration_samples, args.calibration_seq_len)
@@ -63,7 +64,7 @@ def config_from_args(args: argparse.Namespace):
     if targets == ["all-linear"]:
         targets = "all-linear"
     return MoMosConfig(
-        k=args.k, s=args.s, motif_scope=args.motif_scope, init=args.init, kmeans_iters=args.kmeans_iters,
+        k=args.k, s=args.s, motif_scope=args.motif_scope, fit=args.fit, kmeans_iters=args.kmeans_iters,
         scale=args.scale, target_modules=targets, seed=args.seed,
     )
 

@@ -1,6 +1,6 @@
 """Size, description length and complexity of a MoMos model.
 
-Description length of one dictionary (the paper's bound, `MOMOS.md`):
+Description length of one dictionary (the bound of Bakhtiarifard et al., arXiv 2602.14896):
     DL = k * s * b_motif + n_blocks * ceil(log2 k)   bits,
 plus the row scales of the layers that have them and every untouched parameter at its storage width.
 Complexity figures are measured on the float32 bytes of the converted layers' weights: lossless
@@ -14,15 +14,15 @@ import gzip
 import json
 import lzma
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
 
-from .fitting import index_bits
-from .layer import MoMosLinear
-from .model import MoMosModel
+from .checkpoint import layer_specs
+from .layer import MoMosLayer, momos_layers
 
 DEFAULT_MAX_BYTES = 4 * 2**20
 
@@ -188,53 +188,59 @@ def complexity_report(
     fit_errors: Optional[dict[str, float]] = None,
     max_bytes: Optional[int] = DEFAULT_MAX_BYTES,
 ) -> ComplexityReport:
-    """Report on every `MoMosLinear` of `model` (a `MoMosModel` or its base model).
+    """Report on every MoMos layer of `model` (a `MoMosModel`, or the model it wraps); a tied layer is
+    counted with the layer it is tied to, whose matrix it uses.
 
-    `fit_errors` (layer name -> relative error at fit time, as `MoMosModel.fit_errors`) fills the error
-    column. Compressors and BDM read at most `max_bytes` of weights (`None`: all; `0`: skip them).
+    `fit_errors` (layer name -> relative error at fit time) fills the error column (default: what each
+    layer records). Compressors and BDM read at most `max_bytes` of weights (`None`: all; `0`: skip them),
+    rebuilt layer by layer until that much is there.
     """
-    if isinstance(model, MoMosModel):
-        model = model.base_model
-    momos = {name: m for name, m in model.named_modules() if isinstance(m, MoMosLinear)}
+    if callable(getattr(model, "get_base_model", None)):  # a MoMosModel, or a PEFT model around one
+        model = model.get_base_model()
+    momos = momos_layers(model)
     if not momos:
         raise ValueError(f"{type(model).__name__} has no MoMos layers to report on (convert it with get_momos_model)")
-    dictionaries: dict[int, torch.Tensor] = {}
-    for layer in momos.values():
-        dictionaries[id(layer.motifs)] = layer.motifs
-    users = {key: sum(layer.motifs is motifs for layer in momos.values()) for key, motifs in dictionaries.items()}
+    specs = layer_specs(model)
+    users = Counter(spec.motifs for name, spec in specs.items() if spec.mosaic == name)
+    leaders = {name: layer for name, layer in momos.items() if specs[name].mosaic == name}
     layers = []
-    for name, layer in momos.items():
-        shared = users[id(layer.motifs)] > 1
-        layers.append(
-            LayerStats(
-                name=name,
-                shape=(layer.out_features, layer.in_features),
-                params=layer.out_features * layer.in_features,
-                blocks=layer.mosaic.numel(),
-                k=layer.k,
-                s=layer.s,
-                mosaic_bits=layer.mosaic.numel() * index_bits(layer.k),
-                dictionary_bits=0 if shared else _bits(layer.motifs),
-                scale_bits=0 if layer.scale is None else _bits(layer.scale),
-                rel_error=(fit_errors or {}).get(name),
-                usage_entropy=usage_entropy(layer.mosaic, layer.k),
-            )
-        )
-    shared_bits = sum(_bits(m) for key, m in dictionaries.items() if users[key] > 1)
+    for name, layer in leaders.items():
+        spec = specs[name]
+        mosaic_bits, dictionary_bits, scale_bits = spec.description_bits(name, _bits(layer.motifs) // layer.motifs.numel(),
+                                                                          0 if layer.scale is None else _bits(layer.scale) // layer.out_features)
+        layers.append(LayerStats(
+            name=name, shape=(spec.out_features, spec.in_features), params=spec.out_features * spec.in_features,
+            blocks=spec.num_blocks, k=spec.k, s=spec.s, mosaic_bits=mosaic_bits,
+            dictionary_bits=0 if users[spec.motifs] > 1 else dictionary_bits, scale_bits=scale_bits,
+            rel_error=(fit_errors if fit_errors is not None else {}).get(name, layer.fit_error),
+            usage_entropy=usage_entropy(layer.mosaic, layer.k),
+        ))
+    shared_bits = sum(_bits(momos[owner].motifs) for owner, count in users.items() if count > 1)
     # Motifs and scales are in the layers' DL, latent weights are never saved; biases count as other parameters.
     momos_params = {id(p) for layer in momos.values() for p in (layer.motifs, layer.scale, layer.latent) if p is not None}
     others = [p for p in model.parameters() if id(p) not in momos_params]
     report = ComplexityReport(layers, shared_bits, sum(p.numel() for p in others), sum(_bits(p) for p in others))
-    if max_bytes != 0 and momos:
-        with torch.no_grad():
-            weights = torch.cat([layer.dense_weight().float().flatten().cpu() for layer in momos.values()])
-        if max_bytes is not None:
-            weights = weights[: max_bytes // 4]
+    if max_bytes != 0:
+        weights = _leading_weights(leaders.values(), None if max_bytes is None else max_bytes // 4)
         report.compression_ratios = compression_ratios(weights.numpy().tobytes())
         report.measured_bytes = weights.numel() * 4
         report.bdm_bits = bdm_of_signs(weights)
         report.bdm_sign_bits = weights.numel() if report.bdm_bits is not None else 0
     return report
+
+
+@torch.no_grad()
+def _leading_weights(layers: Iterable[MoMosLayer], max_values: Optional[int]) -> torch.Tensor:
+    """The first `max_values` values (all: `None`) of the layers' mosaic weights, in float32, rebuilding only
+    as many layers as that takes."""
+    parts, count = [], 0
+    for layer in layers:
+        if max_values is not None and count >= max_values:
+            break
+        values = layer.mosaic_weight(torch.float32).flatten().cpu()
+        parts.append(values if max_values is None else values[: max_values - count])
+        count += parts[-1].numel()
+    return torch.cat(parts)
 
 
 def _bits(tensor: torch.Tensor) -> int:

@@ -11,14 +11,16 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .fits import FIT_METHODS
+
 CONFIG_NAME = "momos_config.json"
 
-INITS = ("sample", "kmeans", "data-aware")
+FITS = tuple(FIT_METHODS)
 TRAIN_MODES = ("motifs", "projected", "ste")
 SCOPES = ("layer", "global")
 MOTIF_DTYPES = ("float32", "bfloat16", "float16")
 # The settings that decide what the MoMos layers hold; the others say how the model trains.
-FIT_FIELDS = ("k", "capacity", "s", "target_modules", "motif_scope", "init", "kmeans_iters", "zero_motif", "scale",
+FIT_FIELDS = ("k", "capacity", "s", "target_modules", "motif_scope", "fit", "kmeans_iters", "zero_motif", "scale",
               "motif_dtype", "seed")
 
 
@@ -43,19 +45,19 @@ class MoMosConfig:
             `"all-linear"` takes every linear layer except the output embeddings (LM head).
         motif_scope: `"layer"`: one dictionary per layer; `"global"`: one dictionary shared by all targets,
             as in the paper.
-        init: `"sample"`: the paper's `k` randomly sampled existing blocks; `"kmeans"`: k-means++ start
+        fit: the fit method, used at conversion and by every `project()` refit (`momos_hf.fits`):
+            `"sample"`: the paper's `k` randomly sampled existing blocks; `"kmeans"`: k-means++ start
             (random blocks when `k > 4096`) refined by `kmeans_iters` Lloyd steps; `"data-aware"`:
             minimise each layer's output error on calibration inputs (`get_momos_model(...,
             calibration_data=...)`): importance-weighted k-means, assignment with GPTQ-style error
             feedback, then motifs solved exactly for that mosaic (see `momos_hf.data_aware`).
-        kmeans_iters: Lloyd steps for `init="kmeans"` and `"data-aware"`.
+        kmeans_iters: Lloyd steps for `fit="kmeans"` and `"data-aware"`.
         zero_motif: pin motif 0 to the all-zero block (block sparsity).
         scale: learn one scale per output row; motifs are fitted to the rows divided by their RMS.
         motif_dtype: storage dtype of the motifs (`None`: the dtype of the converted weights).
         seed: seed of every random choice of the fit, so a conversion is reproducible.
         modules_to_save: modules (same matching as a list `target_modules`; one name may be given as a
             string) kept dense and trainable.
-        max_assign_bytes: memory budget of one chunk of the block-to-motif distance matrix.
         train_mode: how the model trains.
             `"motifs"` (default): the mosaic is frozen; motifs, scales and `modules_to_save` train, the rest
             is frozen (PEFT-like: few trainable parameters, always in MoMos form). For adapting a converted
@@ -75,14 +77,13 @@ class MoMosConfig:
     capacity: Optional[float] = None
     target_modules: Optional[Union[list[str], str]] = None
     motif_scope: str = "layer"
-    init: str = "kmeans"
+    fit: str = "kmeans"
     kmeans_iters: int = 15
     zero_motif: bool = False
     scale: bool = False
     motif_dtype: Optional[str] = None
     seed: int = 0
     modules_to_save: Optional[list[str]] = None
-    max_assign_bytes: int = 256 * 2**20
     train_mode: str = "motifs"
     project_every: int = 0
 
@@ -99,7 +100,7 @@ class MoMosConfig:
         if not _is_int(self.s) or self.s < 1:
             raise ValueError(f"s must be an integer >= 1 (values per block), got {self.s!r}")
         _check_choice("motif_scope", self.motif_scope, SCOPES)
-        _check_choice("init", self.init, INITS)
+        _check_choice("fit", self.fit, FITS)
         _check_choice("train_mode", self.train_mode, TRAIN_MODES)
         for name in ("zero_motif", "scale"):
             if not isinstance(getattr(self, name), bool):
@@ -114,8 +115,6 @@ class MoMosConfig:
             raise ValueError(f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if not _is_int(self.max_assign_bytes) or self.max_assign_bytes < 1:
-            raise ValueError(f"max_assign_bytes must be a positive integer, got {self.max_assign_bytes!r}")
         self.target_modules = _names_or_pattern("target_modules", self.target_modules)
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:

@@ -4,6 +4,7 @@ blocks step of the Transformers language-modelling examples, and calibration bat
 from __future__ import annotations
 
 import os
+from importlib import resources
 from typing import Optional
 
 import torch
@@ -11,9 +12,13 @@ from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .demo import embedded_text
 
 EOS = "<|endoftext|>"
+
+
+def embedded_text() -> str:
+    """About 39 KB of Shakespeare's sonnets (public domain), shipped in `momos_hf/data/`."""
+    return resources.files("momos_hf").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,7 +1,7 @@
 """Data-aware fitting: motifs and mosaic that minimise a layer's output error on calibration inputs.
 
 For inputs `X[t, in]` the output error of a weight `W_hat` is `||X (W - W_hat)^T||^2 = sum_o e_o H e_o^T`
-with `H = X^T X` and `e_o` row `o` of `W - W_hat`. Three steps, in the spirit of GPTQ/GPTVQ, as pure
+with `H = X^T X` (the input moment, `momos_hf.calibration`) and `e_o` row `o` of `W - W_hat`. Three steps, in the spirit of GPTQ/GPTVQ, as pure
 functions of `W` and `H`:
 
 1. Motifs start as weighted k-means of the blocks, each value weighted by how costly its error is
@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from .fitting import MosaicFit, assign, check_num_motifs, index_dtype, kmeans, num_blocks_per_row, reconstruct, row_rms
+from .fitting import FitOptions, MosaicFit, assign, check_num_motifs, index_dtype, kmeans, num_blocks_per_row, reconstruct, row_rms
 
 DAMPING = 0.03  # fraction of the mean diagonal added to H (GPTQ uses 0.01); 0.03 measured best on MiniLM
 PAD_DIAGONAL = 1e-6  # padding columns carry no input: a tiny diagonal keeps H invertible without weight
 
 
-def prepare_hessian(hessian: torch.Tensor, s: int, damping: float = DAMPING) -> torch.Tensor:
+def prepare_moment(moment: torch.Tensor, s: int, damping: float = DAMPING) -> torch.Tensor:
     """Normalise `H` to unit mean diagonal (so layers of a shared dictionary weigh alike), damp it, give
     columns no input reached a unit diagonal, and pad it to a multiple of `s` columns. float64."""
-    h = hessian.double().clone()
+    h = moment.double().clone()
     n = h.shape[0]
     diagonal = h.diagonal()
     dead = diagonal <= 0
@@ -43,9 +43,9 @@ def prepare_hessian(hessian: torch.Tensor, s: int, damping: float = DAMPING) -> 
     return out
 
 
-def inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
+def inverse_cholesky(moment: torch.Tensor) -> torch.Tensor:
     """Upper-triangular `U` with `H^-1 = U^T U`; row `c` of `U` is how column `c`'s error spreads right."""
-    lower = torch.linalg.cholesky(hessian)
+    lower = torch.linalg.cholesky(moment)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
@@ -74,22 +74,22 @@ def assign_with_feedback(
     return mosaic
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+def output_error(weight: torch.Tensor, approx: torch.Tensor, moment: torch.Tensor) -> float:
     """`tr((W - W_hat) H (W - W_hat)^T)`, the summed squared output error on the calibration inputs."""
     error = (weight - approx).double()
-    return float(((error @ hessian.double()) * error).sum())
+    return float(((error @ moment.double()) * error).sum())
 
 
 def solve_motifs(
     motifs: torch.Tensor,
     weights: list[torch.Tensor],
     mosaics: list[torch.Tensor],
-    hessians: list[torch.Tensor],
+    moments: list[torch.Tensor],
     iters: int = 25,
     zero_motif: bool = False,
 ) -> torch.Tensor:
     """Motifs minimising `sum_i tr((W_i - M[a_i]) H_i (W_i - M[a_i])^T)` for fixed mosaics `a_i`, by
-    conjugate gradient from `motifs` (padded weights `[out, nb * s]`, prepared Hessians). float64."""
+    conjugate gradient from `motifs` (padded weights `[out, nb * s]`, prepared moments). float64."""
     k, s = motifs.shape
 
     def gather(m: torch.Tensor) -> list[torch.Tensor]:
@@ -104,10 +104,10 @@ def solve_motifs(
         return total
 
     def normal_operator(m: torch.Tensor) -> torch.Tensor:  # the quadratic's Hessian (halved) times m
-        return scatter([r @ h for r, h in zip(gather(m), hessians)])
+        return scatter([r @ h for r, h in zip(gather(m), moments)])
 
     x = motifs.double().clone()
-    rhs = scatter([w.double() @ h for w, h in zip(weights, hessians)])
+    rhs = scatter([w.double() @ h for w, h in zip(weights, moments)])
     residual = rhs - normal_operator(x)
     direction = residual.clone()
     rr = residual.square().sum()
@@ -125,41 +125,32 @@ def solve_motifs(
     return x
 
 
-def weighted_scale(weight: torch.Tensor, unscaled: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+def weighted_scale(weight: torch.Tensor, unscaled: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     """Per-row `c` minimising `(w - c r) H (w - c r)^T` (1 where `r H r^T` is zero)."""
-    rh = unscaled.double() @ hessian
+    rh = unscaled.double() @ moment
     dot = (rh * weight.double()).sum(1)
     norm = (rh * unscaled.double()).sum(1)
     return torch.where(norm > 0, dot / norm.clamp(min=1e-300), torch.ones_like(dot))
 
 
-def fit_data_aware(
-    matrices: list[torch.Tensor],
-    hessians: list[torch.Tensor],
-    k: int,
-    s: int,
-    iters: int = 15,
-    seed: int = 0,
-    zero_motif: bool = False,
-    scale: bool = False,
-    max_bytes: int = 256 * 2**20,
-) -> MosaicFit:
-    """One dictionary for `matrices` (each `[out, in]`) given each one's input second moment `H[in, in]`
-    (`fit_mosaic`'s arguments plus `hessians`). With `scale`, rows are fitted divided by their RMS and
-    then get the scale that minimises their output error."""
+def fit_data_aware(matrices: list[torch.Tensor], moments: list[torch.Tensor], options: FitOptions) -> MosaicFit:
+    """One dictionary for `matrices` (each `[out, in]`) given each one's input moment `H[in, in]` (see the
+    module docstring). With `scale`, rows are fitted divided by their RMS and then get the scale that
+    minimises their output error."""
+    k, s = options.k, options.s
     check_num_motifs(matrices, k, s)
-    generator = torch.Generator().manual_seed(seed)
-    prepared = [prepare_hessian(h, s) for h in hessians]
+    generator = torch.Generator().manual_seed(options.seed)
+    prepared = [prepare_moment(h, s) for h in moments]
     uppers = [inverse_cholesky(h) for h in prepared]
     padded = [_pad_columns(m.detach(), s).double() for m in matrices]
-    normalised = [p / row_rms(p).unsqueeze(1) if scale else p for p in padded]
+    normalised = [p / row_rms(p).unsqueeze(1) if options.scale else p for p in padded]
     blocks = torch.cat([n.reshape(-1, s) for n in normalised]).float()
     importance = torch.cat([column_importance(u).reshape(-1, s).repeat(n.shape[0], 1) for u, n in zip(uppers, normalised)])
-    motifs = kmeans(blocks, k, iters, generator, importance.float(), zero_motif, max_bytes).double()
-    mosaics = [assign_with_feedback(n, motifs, u, max_bytes) for n, u in zip(normalised, uppers)]
-    motifs = solve_motifs(motifs, normalised, mosaics, prepared, zero_motif=zero_motif)
+    motifs = kmeans(blocks, k, options.iters, generator, importance.float(), options.zero_motif, options.max_assign_bytes).double()
+    mosaics = [assign_with_feedback(n, motifs, u, options.max_assign_bytes) for n, u in zip(normalised, uppers)]
+    motifs = solve_motifs(motifs, normalised, mosaics, prepared, zero_motif=options.zero_motif)
     scales = [
-        weighted_scale(p, reconstruct(motifs, a, p.shape[1]), h).float() if scale else None
+        weighted_scale(p, reconstruct(motifs, a, p.shape[1]), h).float() if options.scale else None
         for p, a, h in zip(padded, mosaics, prepared)
     ]
     return MosaicFit(motifs.float(), [a.to(index_dtype(k)) for a in mosaics], scales)

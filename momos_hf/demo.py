@@ -5,7 +5,6 @@ Nothing is downloaded: the text ships with the package and the tokenizer is plai
 from __future__ import annotations
 
 import math
-from importlib import resources
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -13,12 +12,8 @@ from transformers.utils.logging import tqdm
 
 from .complexity import complexity_report
 from .config import MoMosConfig
+from .data import embedded_text
 from .model import MoMosModel, get_momos_model
-
-
-def embedded_text() -> str:
-    """About 39 KB of Shakespeare's sonnets (public domain), shipped in `momos_hf/data/`."""
-    return resources.files("momos_hf").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 256) -> LlamaForCausalLM:

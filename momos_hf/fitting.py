@@ -202,42 +202,47 @@ class MosaicFit:
     scales: list[Optional[torch.Tensor]]
 
 
-def fit_mosaic(
-    matrices: list[torch.Tensor],
-    k: int,
-    s: int,
-    init: str = "kmeans",
-    iters: int = 15,
-    seed: int = 0,
-    zero_motif: bool = False,
-    scale: bool = False,
-    max_bytes: int = 256 * 2**20,
-) -> MosaicFit:
-    """Fit one dictionary of `k` motifs to all blocks of `matrices` (each `[out, in]`, any widths).
+@dataclass(frozen=True)
+class FitOptions:
+    """What every fit method reads: `k` motifs of `s` values, `iters` Lloyd steps, the `seed` of every random
+    choice, motif 0 pinned to zero (`zero_motif`), a scale per row (`scale`), and the memory budget of one
+    chunk of the block-to-motif distance matrix (`max_assign_bytes`)."""
+
+    k: int
+    s: int
+    iters: int = 15
+    seed: int = 0
+    zero_motif: bool = False
+    scale: bool = False
+    max_assign_bytes: int = 256 * 2**20
+
+
+def fit_weight_space(matrices: list[torch.Tensor], options: FitOptions, sampled: bool = False) -> MosaicFit:
+    """Fit one dictionary of `k` motifs to all blocks of `matrices` (each `[out, in]`, any widths) by the
+    squared weight error: k-means, or with `sampled` the paper's `k` randomly drawn existing blocks.
 
     With `scale`, each row is divided by its RMS before blocking, and after assignment its scale is set
     to the least-squares optimum `<w, r> / <r, r>` for the reconstruction `r` of the normalised row.
     """
-    generator = torch.Generator().manual_seed(seed)
+    k, s = options.k, options.s
+    generator = torch.Generator().manual_seed(options.seed)
     matrices = [m.detach().float() for m in matrices]
-    normalised = [m / row_rms(m).unsqueeze(1) if scale else m for m in matrices]
+    normalised = [m / row_rms(m).unsqueeze(1) if options.scale else m for m in matrices]
     check_num_motifs(matrices, k, s)
     blocks = torch.cat([to_blocks(m, s) for m in normalised])
     weights = _stacked_padding_weights(normalised, s, blocks.device)
-    if init == "sample":
-        motifs = sample_motifs(blocks, k, generator, zero_motif)
-    elif init == "kmeans":
-        motifs = kmeans(blocks, k, iters, generator, weights, zero_motif, max_bytes)
+    if sampled:
+        motifs = sample_motifs(blocks, k, generator, options.zero_motif)
     else:
-        raise ValueError(f"init {init!r} is not a weight-space fit: expected 'sample' or 'kmeans' (see data_aware.fit_data_aware)")
-    index, _ = assign(blocks, motifs, weights, max_bytes)
+        motifs = kmeans(blocks, k, options.iters, generator, weights, options.zero_motif, options.max_assign_bytes)
+    index, _ = assign(blocks, motifs, weights, options.max_assign_bytes)
     mosaics, scales, start = [], [], 0
-    for matrix, norm in zip(matrices, normalised):
+    for matrix in matrices:
         nb = num_blocks_per_row(matrix.shape[1], s)
         mosaic = index[start : start + matrix.shape[0] * nb].reshape(matrix.shape[0], nb)
         start += mosaic.numel()
         mosaics.append(mosaic.to(index_dtype(k)))
-        scales.append(None if not scale else least_squares_scale(matrix, reconstruct(motifs, mosaic, matrix.shape[1])))
+        scales.append(least_squares_scale(matrix, reconstruct(motifs, mosaic, matrix.shape[1])) if options.scale else None)
     return MosaicFit(motifs, mosaics, scales)
 
 
@@ -249,7 +254,7 @@ def least_squares_scale(matrix: torch.Tensor, unscaled: torch.Tensor) -> torch.T
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
-    """`||W - W_hat||^2 / ||W - mean(W)||^2`, the measure of `MOMOS.md` (1.0 = as bad as the mean)."""
+    """`||W - W_hat||^2 / ||W - mean(W)||^2`, the relative squared error of the weights (1.0 = as bad as their mean)."""
     weight, approx = weight.double(), approx.double()
     denom = (weight - weight.mean()).square().sum()
     return float((weight - approx).square().sum() / denom.clamp(min=1e-30))

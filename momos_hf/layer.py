@@ -1,77 +1,39 @@
-"""`MoMosLinear`: the module that replaces an `nn.Linear` or a GPT-2 `Conv1D` by motifs and a mosaic."""
+"""MoMos layers: modules whose weight matrix `W[out, in]` is `motifs[mosaic]` (times a scale per row), one
+class per kind of module they replace, and `LayerSpec`, the record a checkpoint keeps of each.
+
+- `motifs[k, s]`: trainable parameter, possibly the same object in several layers (a shared dictionary).
+- `mosaic[out, ceil(in / s)]`: integer buffer of the smallest dtype that holds `k` (uint8 for k <= 256), what
+  forward reads; `mosaic_packed` (ceil(log2 k) bits per block) is what state dicts and checkpoints carry.
+- `scale[out]`: optional trainable parameter.
+- `latent`: optional dense `[out, in]` weight for the `"projected"` and `"ste"` training modes
+  (`enable_latent`); forward then uses it directly (`projected`) or through the mosaic with a
+  straight-through gradient (`ste`). Checkpoints never store it.
+
+Adding a module type: subclass `MoMosLayer`, set `kind` and `replaces`, implement `matrix_of` (the module's
+weight as the `[out, in]` matrix MoMos fits), `_from_module` (the rest of the module's state: bias, ...),
+`forward`, `merge` and `weight`, and add the class to `LAYER_TYPES`. Conversion, checkpoints and loading
+then handle it.
+"""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
 from .fitting import index_bits, index_dtype, num_blocks_per_row, reconstruct
-from .lookup import lookup_linear, use_lookup
 from .packing import pack_indices, packed_size, unpack_indices
+from .products import PRODUCTS, select_product
 
-LinearLike = Union[nn.Linear, Conv1D]
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 MAX_K = 2**31 - 1  # mosaics are int32 at most
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What a checkpoint records of one MoMos layer, and all the loader needs to rebuild it.
-
-    `motifs` names the layer whose `motifs` tensor this one uses (itself, unless the dictionary is shared);
-    `fit_error` is the relative weight error of the fit (absent when unknown)."""
-
-    in_features: int
-    out_features: int
-    k: int
-    s: int
-    scale: bool
-    conv1d: bool
-    motifs: str
-    fit_error: Optional[float] = None
-
-    @classmethod
-    def from_dict(cls, name: str, values: Any) -> "LayerSpec":
-        """Validate one `quantization_config.layers` entry; errors name the layer and the field."""
-        where = f"quantization_config.layers[{name!r}]"
-        if not isinstance(name, str) or not MODULE_NAME.fullmatch(name):
-            raise ValueError(f"{where}: {name!r} is not a module name")
-        if not isinstance(values, dict):
-            raise ValueError(f"{where} must be an object, got {type(values).__name__}")
-        required = {"in_features", "out_features", "k", "s", "scale", "conv1d", "motifs"}
-        missing, unknown = required - set(values), set(values) - required - {"fit_error"}
-        if missing or unknown:
-            raise ValueError(f"{where} lacks {sorted(missing)}" if missing else f"{where} has unknown fields {sorted(unknown)}")
-        for field, upper in (("in_features", None), ("out_features", None), ("k", MAX_K), ("s", None)):
-            value = values[field]
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (upper and value > upper):
-                raise ValueError(f"{where}.{field} must be an integer in [1, {upper or 'inf'}], got {value!r}")
-        for field in ("scale", "conv1d"):
-            if not isinstance(values[field], bool):
-                raise ValueError(f"{where}.{field} must be true or false, got {values[field]!r}")
-        if not isinstance(values["motifs"], str) or not MODULE_NAME.fullmatch(values["motifs"]):
-            raise ValueError(f"{where}.motifs must name a MoMos layer, got {values['motifs']!r}")
-        error = values.get("fit_error")
-        if error is not None and (not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error)):
-            raise ValueError(f"{where}.fit_error must be a finite number, got {error!r}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        if self.fit_error is None:
-            del values["fit_error"]
-        return values
-
-    @property
-    def num_blocks(self) -> int:
-        return self.out_features * num_blocks_per_row(self.in_features, self.s)
 
 
 def full_tensor(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -87,38 +49,87 @@ def assign_(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
-class MoMosLinear(nn.Module):
-    """A linear layer whose weight is `motifs[mosaic]`, optionally times a scale per output row.
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a checkpoint records of one MoMos layer, and all the loader needs to rebuild it.
 
-    - `motifs[k, s]`: trainable parameter, possibly the same object in several layers (global scope).
-    - `mosaic[out, ceil(in / s)]`: integer buffer of the smallest dtype that holds `k` (uint8 for k <= 256).
-    - `scale[out]`: optional trainable parameter.
-    - `bias[out]`: the original layer's bias, kept as it was.
-    - `latent`: optional dense `[out, in]` weight for the `"projected"` and `"ste"` training modes
-      (`enable_latent`); forward then uses it directly (`projected`) or through the mosaic with a
-      straight-through gradient (`ste`). Checkpoints never store it.
+    `kind` names the layer class (`LAYER_TYPES`); `in_features`/`out_features` are the shape of the fitted
+    matrix; `motifs` names the layer that stores this one's dictionary (itself, unless shared); `mosaic` the
+    layer that stores its mosaic and scale (itself, unless it is tied to another, as an LM head to its input
+    embeddings); `fit_error` is the relative weight error of the fit (absent when unknown)."""
 
-    The weight is stored as `[out, in]` whatever the original layer was; `conv1d=True` remembers that it
-    replaced a GPT-2 `Conv1D` (weight `[in, out]`), so `weight` and `merge()` give that layout back.
-    Rows are padded internally to a multiple of `s`; the padding is cut before any product.
+    kind: str
+    in_features: int
+    out_features: int
+    k: int
+    s: int
+    scale: bool
+    motifs: str
+    mosaic: str
+    fit_error: Optional[float] = None
 
-    Forward never needs the dense weight in memory: up to 32 input rows it uses the lookup-table product
-    (`momos_hf.lookup`), beyond that it reconstructs the weight for one matmul and frees it. With
-    `cache_weight = True` it keeps the reconstructed weight instead (throughput at the cost of dense
-    memory); the cache follows in-place changes to motifs, scale and mosaic.
+    @classmethod
+    def from_dict(cls, name: str, values: Any) -> "LayerSpec":
+        """Validate one `quantization_config.layers` entry; errors name the layer and the field."""
+        where = f"quantization_config.layers[{name!r}]"
+        if not isinstance(name, str) or not MODULE_NAME.fullmatch(name):
+            raise ValueError(f"{where}: {name!r} is not a module name")
+        if not isinstance(values, dict):
+            raise ValueError(f"{where} must be an object, got {type(values).__name__}")
+        required = {"kind", "in_features", "out_features", "k", "s", "scale", "motifs", "mosaic"}
+        missing, unknown = required - set(values), set(values) - required - {"fit_error"}
+        if missing or unknown:
+            raise ValueError(f"{where} lacks {sorted(missing)}" if missing else f"{where} has unknown fields {sorted(unknown)}")
+        if values["kind"] not in LAYER_TYPES:
+            raise ValueError(f"{where}.kind must be one of {sorted(LAYER_TYPES)}, got {values['kind']!r}")
+        for field, upper in (("in_features", None), ("out_features", None), ("k", MAX_K), ("s", None)):
+            value = values[field]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (upper and value > upper):
+                raise ValueError(f"{where}.{field} must be an integer in [1, {upper or 'inf'}], got {value!r}")
+        if not isinstance(values["scale"], bool):
+            raise ValueError(f"{where}.scale must be true or false, got {values['scale']!r}")
+        for field in ("motifs", "mosaic"):
+            if not isinstance(values[field], str) or not MODULE_NAME.fullmatch(values[field]):
+                raise ValueError(f"{where}.{field} must name a MoMos layer, got {values[field]!r}")
+        error = values.get("fit_error")
+        if error is not None and (not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error)):
+            raise ValueError(f"{where}.fit_error must be a finite number, got {error!r}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        if self.fit_error is None:
+            del values["fit_error"]
+        return values
+
+    @property
+    def num_blocks(self) -> int:
+        return self.out_features * num_blocks_per_row(self.in_features, self.s)
+
+    def description_bits(self, name: str, motif_bits: int, scale_bits: int) -> tuple[int, int, int]:
+        """Bits of what layer `name` stores itself (0 for what another layer stores): its mosaic
+        `n_blocks * ceil(log2 k)`, its dictionary `k * s * b_motif` and its scales `out * b_scale`."""
+        if self.mosaic != name:  # tied to another layer: its mosaic, scales and dictionary are stored there
+            return 0, 0, 0
+        return (self.num_blocks * index_bits(self.k), self.k * self.s * motif_bits if self.motifs == name else 0,
+                self.out_features * scale_bits if self.scale else 0)
+
+
+class MoMosLayer(nn.Module):
+    """Base of the MoMos layers: the state every kind shares and the mosaic weight they all compute.
+
+    Forward never needs the dense weight in memory where a product exists for the call (see
+    `momos_hf.products`; `product` overrides the automatic choice). With `weight_cache_enabled` the layer
+    keeps its reconstructed weight instead (throughput at the cost of dense memory); the cache follows
+    in-place changes to motifs and scale, and to the mosaic through `set_mosaic`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        motifs: nn.Parameter,
-        mosaic: torch.Tensor,
-        scale: Optional[nn.Parameter] = None,
-        bias: Optional[nn.Parameter] = None,
-        zero_motif: bool = False,
-        conv1d: bool = False,
-    ) -> None:
+    kind: ClassVar[str]
+    replaces: ClassVar[type[nn.Module]]
+    multiplies_input: ClassVar[bool] = True  # the matrix multiplies the input (data-aware fits calibrate on it)
+
+    def __init__(self, in_features: int, out_features: int, motifs: nn.Parameter, mosaic: torch.Tensor,
+                 scale: Optional[nn.Parameter] = None, zero_motif: bool = False) -> None:
         super().__init__()
         k, s = motifs.shape
         expected = (out_features, num_blocks_per_row(in_features, s))
@@ -127,10 +138,7 @@ class MoMosLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.zero_motif = zero_motif
-        self.conv1d = conv1d
         self.motifs = motifs
-        # `mosaic` is what forward reads; `mosaic_packed` (ceil(log2 k) bits per block) is what state
-        # dicts and checkpoints carry. `set_mosaic` keeps them in step; loading refills `mosaic`.
         self.register_buffer("mosaic", mosaic.to(index_dtype(k)), persistent=False)
         packed_bytes = packed_size(mosaic.numel(), index_bits(k))
         self.register_buffer("mosaic_packed", torch.empty(packed_bytes, dtype=torch.uint8, device=mosaic.device))
@@ -138,56 +146,62 @@ class MoMosLinear(nn.Module):
         if not self._needs_unpack:
             self.set_mosaic(mosaic)
         self.scale = scale
-        self.bias = bias
         self.latent: Optional[nn.Parameter] = None
         self.fit_error: Optional[float] = None  # relative weight error of the last fit, when known
-        # Calibration inputs' second moment `X^T X / tokens`, kept for data-aware refits in projected/ste modes.
+        # The calibration inputs' second moment `X^T X / tokens`, kept for data-aware refits (projected/ste).
         self.register_buffer("input_moment", None, persistent=False)
         self.train_mode = "motifs"
-        self.cache_weight = False
-        self._cached: Optional[tuple[tuple, torch.Tensor]] = None  # (versions it was built from, weight)
+        self.product: Optional[str] = None  # a name in momos_hf.products.PRODUCTS; None: chosen per call
+        self._leader: tuple = ()
+        self.weight_cache_enabled = False
+        self._weight_cache: Optional[tuple[tuple, torch.Tensor]] = None  # (versions it was built from, weight)
         self.register_load_state_dict_post_hook(lambda module, _: module.unpack_mosaic())
 
+    # -- what each kind defines -------------------------------------------------------------------
+
+    @staticmethod
+    def matrix_of(module: nn.Module) -> torch.Tensor:
+        """`module`'s weight as the `[out, in]` matrix MoMos fits."""
+        raise NotImplementedError
+
+    @staticmethod
+    def input_rows(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rows `[t, in]` that `module`'s matrix multiplies for input `x` (what data-aware fitting
+        calibrates on), `None` where the matrix does not multiply its input (an embedding's lookups)."""
+        return x.reshape(-1, x.shape[-1])
+
     @classmethod
-    def from_module(
-        cls,
-        module: LinearLike,
-        motifs: nn.Parameter,
-        mosaic: torch.Tensor,
-        scale: Optional[torch.Tensor] = None,
-        zero_motif: bool = False,
-    ) -> "MoMosLinear":
-        """Wrap `module`'s shape and bias around a fitted dictionary and mosaic."""
-        conv1d = isinstance(module, Conv1D)
-        in_features, out_features = module.weight.shape if conv1d else module.weight.shape[::-1]
-        device = module.weight.device
-        scale_param = None if scale is None else nn.Parameter(scale.to(device=device, dtype=motifs.dtype))
-        return cls(in_features, out_features, motifs, mosaic.to(device), scale_param, module.bias, zero_motif, conv1d)
+    def from_module(cls, module: nn.Module, motifs: nn.Parameter, mosaic: torch.Tensor,
+                    scale: Optional[nn.Parameter] = None, zero_motif: bool = False) -> "MoMosLayer":
+        """The MoMos layer for `module`: its shape and remaining state (bias, ...) around a dictionary and
+        mosaic (fitted ones, or empty ones on the meta device when loading)."""
+        out_features, in_features = cls.matrix_of(module).shape
+        device = cls.matrix_of(module).device
+        return cls._from_module(module, in_features, out_features, motifs, mosaic.to(device), scale, zero_motif)
 
-    def spec(self, motifs_owner: str) -> LayerSpec:
-        """The checkpoint's record of this layer; `motifs_owner` names the layer that stores its motifs."""
-        return LayerSpec(self.in_features, self.out_features, self.k, self.s, self.scale is not None, self.conv1d,
-                         motifs_owner, self.fit_error)
+    @classmethod
+    def _from_module(cls, module, in_features, out_features, motifs, mosaic, scale, zero_motif) -> "MoMosLayer":
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def set_mosaic(self, mosaic: torch.Tensor) -> None:
-        """Replace the mosaic (`[out, ceil(in / s)]`, values in `0..k-1`) and its packed copy."""
-        if tuple(mosaic.shape) != tuple(self.mosaic.shape):
-            raise ValueError(f"mosaic shape {tuple(mosaic.shape)} != {tuple(self.mosaic.shape)}")
-        self.mosaic = mosaic.to(device=self.mosaic.device, dtype=index_dtype(self.k))
-        self.mosaic_packed = pack_indices(self.mosaic, index_bits(self.k)).to(self.mosaic.device)
-        self._cached = None
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """A module of the replaced type holding the mosaic weight, in `dtype` (default: the motifs')."""
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def unpack_mosaic(self) -> None:
-        """Rebuild `mosaic` from `mosaic_packed` (after loading a checkpoint), checking every index."""
-        count = self.mosaic.numel()
-        mosaic = unpack_indices(self.mosaic_packed, index_bits(self.k), count)
-        if count and int(mosaic.max()) >= self.k:
-            raise ValueError(f"mosaic holds index {int(mosaic.max())} but the layer has only k={self.k} motifs")
-        self.mosaic = mosaic.reshape(self.mosaic.shape).to(device=self.mosaic_packed.device, dtype=index_dtype(self.k))
-        self._needs_unpack = False
-        self._cached = None
+    # -- shared ------------------------------------------------------------------------------------
+
+    @property
+    def leader(self) -> Optional["MoMosLayer"]:
+        """The layer this one is tied to (an LM head to its input embeddings), `None` if it is not tied."""
+        return self._leader[0] if self._leader else None
+
+    def tie_to(self, leader: "MoMosLayer") -> None:
+        """Share `leader`'s motifs and scale (the same parameters) and hold a copy of its mosaic: the two
+        layers then use one matrix, as tied embeddings do. `MoMosModel.project` and loading keep the copy."""
+        if (leader.out_features, leader.in_features, leader.s) != (self.out_features, self.in_features, self.s):
+            raise ValueError("a MoMos layer can only be tied to one of the same shape and block size")
+        self.motifs, self.scale = leader.motifs, leader.scale
+        self.set_mosaic(leader.mosaic)
+        self._leader = (leader,)  # a tuple, so that the leader is not registered as a submodule
 
     @property
     def k(self) -> int:
@@ -202,6 +216,31 @@ class MoMosLinear(nn.Module):
         """Bits of the mosaic per weight, `ceil(log2 k) / s` (the dictionary and scales are extra)."""
         return index_bits(self.k) / self.s
 
+    def spec(self, motifs_owner: str, mosaic_owner: str) -> LayerSpec:
+        """The checkpoint's record of this layer, naming the layers that store its motifs and its mosaic."""
+        return LayerSpec(self.kind, self.in_features, self.out_features, self.k, self.s, self.scale is not None,
+                         motifs_owner, mosaic_owner, self.fit_error)
+
+    @torch.no_grad()
+    def set_mosaic(self, mosaic: torch.Tensor) -> None:
+        """Replace the mosaic (`[out, ceil(in / s)]`, values in `0..k-1`) and its packed copy."""
+        if tuple(mosaic.shape) != tuple(self.mosaic.shape):
+            raise ValueError(f"mosaic shape {tuple(mosaic.shape)} != {tuple(self.mosaic.shape)}")
+        self.mosaic = mosaic.to(device=self.mosaic.device, dtype=index_dtype(self.k))
+        self.mosaic_packed = pack_indices(self.mosaic, index_bits(self.k)).to(self.mosaic.device)
+        self._weight_cache = None
+
+    @torch.no_grad()
+    def unpack_mosaic(self) -> None:
+        """Rebuild `mosaic` from `mosaic_packed` (after loading a checkpoint), checking every index."""
+        count = self.mosaic.numel()
+        mosaic = unpack_indices(self.mosaic_packed, index_bits(self.k), count)
+        if count and int(mosaic.max()) >= self.k:
+            raise ValueError(f"mosaic holds index {int(mosaic.max())} but the layer has only k={self.k} motifs")
+        self.mosaic = mosaic.reshape(self.mosaic.shape).to(device=self.mosaic_packed.device, dtype=index_dtype(self.k))
+        self._needs_unpack = False
+        self._weight_cache = None
+
     def effective_motifs(self) -> torch.Tensor:
         """The motifs forward uses: motif 0 is exactly zero under `zero_motif`, whatever training did."""
         if self._needs_unpack:  # Transformers' weight init may read `.weight` before loading finishes
@@ -211,9 +250,9 @@ class MoMosLinear(nn.Module):
             motifs = torch.cat([torch.zeros_like(motifs[:1]), motifs[1:]])
         return motifs
 
-    def dense_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The constrained weight `[out, in]` in `dtype` (default: the motifs' dtype), computed in the wider
-        of the two so that it is rounded once (autograd flows to motifs and scale)."""
+    def mosaic_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The `[out, in]` matrix the mosaic stands for, in `dtype` (default: the motifs'), computed in the
+        wider of the two so that it is rounded once (autograd flows to motifs and scale)."""
         motifs, scale = self.effective_motifs(), full_tensor(self.scale)
         dtype = dtype or motifs.dtype
         wide = torch.promote_types(motifs.dtype, dtype)
@@ -221,68 +260,257 @@ class MoMosLinear(nn.Module):
         return weight.to(dtype)
 
     def cached_weight(self) -> torch.Tensor:
-        """`dense_weight()` without autograd, rebuilt only when motifs, scale or mosaic changed."""
+        """`mosaic_weight()` without autograd, rebuilt only when motifs, scale or mosaic changed."""
         versions = (self.motifs._version, None if self.scale is None else self.scale._version)
-        if self._cached is None or self._cached[0] != versions:
+        if self._weight_cache is None or self._weight_cache[0] != versions:
             with torch.no_grad():
-                self._cached = (versions, self.dense_weight())
-        return self._cached[1]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The weight in the original layer's layout (`[in, out]` for `Conv1D`), for code that reads it."""
-        weight = self.dense_weight()
-        return weight.T if self.conv1d else weight
+                self._weight_cache = (versions, self.mosaic_weight())
+        return self._weight_cache[1]
 
     def enable_latent(self, train_mode: str, weight: Optional[torch.Tensor] = None) -> None:
         """Give the layer a trainable dense latent weight (`weight`, default the mosaic weight)."""
         if train_mode not in ("projected", "ste"):
             raise ValueError(f"a latent weight serves train_mode 'projected' or 'ste', not {train_mode!r}")
         with torch.no_grad():
-            start = self.dense_weight() if weight is None else weight.to(self.motifs.dtype)
+            start = self.mosaic_weight() if weight is None else weight.to(self.motifs.dtype)
         self.latent = nn.Parameter(start.detach().clone())
         self.train_mode = train_mode
 
-    def training_weight(self) -> torch.Tensor:
-        """The weight forward uses: the mosaic weight, the latent (`projected`), or the mosaic weight with
-        the latent's straight-through gradient (`ste`)."""
-        if self.latent is None:
-            return self.dense_weight()
-        if self.train_mode == "projected":
-            return self.latent
-        with torch.no_grad():
-            mosaic_weight = self.dense_weight()
-        return mosaic_weight + (self.latent - self.latent.detach())  # exactly the mosaic weight in value
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def matrix(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The `[out, in]` matrix forward multiplies by when it is not computed from the mosaic on the fly:
+        the latent (`projected`), the mosaic weight with the latent's straight-through gradient (`ste`), or
+        the cached weight (inference without autograd). `None` when a product runs from the mosaic."""
         if self.latent is not None:
-            weight = self.training_weight()
-        elif self.cache_weight and not torch.is_grad_enabled():
-            weight = self.cached_weight()
-        elif use_lookup(x.numel() // x.shape[-1]):
-            y = lookup_linear(x, self.effective_motifs(), self.mosaic, full_tensor(self.scale))
-            return y if bias is None else y + bias
-        else:
-            weight = self.dense_weight(x.dtype)
-        return nn.functional.linear(x, weight.to(x.dtype), bias)
+            if self.train_mode == "projected":
+                return self.latent.to(dtype)
+            with torch.no_grad():
+                mosaic_weight = self.mosaic_weight(dtype)
+            return mosaic_weight + (self.latent - self.latent.detach()).to(dtype)  # exactly the mosaic weight
+        if self.weight_cache_enabled and not torch.is_grad_enabled():
+            return self.cached_weight().to(dtype)
+        return None
 
-    def merge(self, dtype: Optional[torch.dtype] = None) -> LinearLike:
-        """A plain `nn.Linear` (or `Conv1D`) holding the constrained weight in `dtype` (default: the motifs')."""
-        with torch.no_grad():
-            weight = self.dense_weight(dtype)
-        with torch.device("meta"):  # shapes only: both parameters are replaced right below
-            if self.conv1d:
-                layer = Conv1D(self.out_features, self.in_features)
-            else:
-                layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        layer.weight = nn.Parameter(weight.T.contiguous() if self.conv1d else weight)
-        layer.bias = self.bias
-        return layer
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """`x[..., in] @ W^T` by the matrix forward uses, or by a product from the mosaic."""
+        matrix = self.matrix(x.dtype)
+        if matrix is not None:
+            return F.linear(x, matrix)
+        product = self.product or select_product(x, self.out_features, self.in_features)
+        return PRODUCTS[product](x, self.effective_motifs(), self.mosaic, full_tensor(self.scale), self.in_features)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, s={self.s}, "
-            f"bits_per_weight={self.bits_per_weight:.3g}, scale={self.scale is not None}, "
-            f"bias={self.bias is not None}{', conv1d=True' if self.conv1d else ''}"
+            f"bits_per_weight={self.bits_per_weight:.3g}, scale={self.scale is not None}"
         )
+
+
+class MoMosLinear(MoMosLayer):
+    """Replaces `nn.Linear`: `y = x @ W^T + b`."""
+
+    kind = "linear"
+    replaces = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, motifs: nn.Parameter, mosaic: torch.Tensor,
+                 scale: Optional[nn.Parameter] = None, bias: Optional[nn.Parameter] = None, zero_motif: bool = False) -> None:
+        super().__init__(in_features, out_features, motifs, mosaic, scale, zero_motif)
+        self.bias = bias
+
+    @staticmethod
+    def matrix_of(module: nn.Module) -> torch.Tensor:
+        return module.weight
+
+    @classmethod
+    def _from_module(cls, module, in_features, out_features, motifs, mosaic, scale, zero_motif):
+        return cls(in_features, out_features, motifs, mosaic, scale, module.bias, zero_motif)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.multiply(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in the replaced layer's layout, for code that reads it."""
+        return self.mosaic_weight()
+
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        with torch.no_grad():
+            weight = self.mosaic_weight(dtype)
+        with torch.device("meta"):  # shapes only: both parameters are replaced right below
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight = nn.Parameter(weight)
+        layer.bias = self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bias={self.bias is not None}"
+
+
+class MoMosConv1D(MoMosLinear):
+    """Replaces GPT-2's `Conv1D`, a linear layer whose weight is stored `[in, out]`: the matrix is its
+    transpose, and `weight` and `merge()` give that layout back."""
+
+    kind = "conv1d"
+    replaces = Conv1D
+
+    @staticmethod
+    def matrix_of(module: nn.Module) -> torch.Tensor:
+        return module.weight.T
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.mosaic_weight().T
+
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        with torch.no_grad():
+            weight = self.mosaic_weight(dtype)
+        with torch.device("meta"):
+            layer = Conv1D(self.out_features, self.in_features)
+        layer.weight = nn.Parameter(weight.T.contiguous())
+        layer.bias = self.bias
+        return layer
+
+
+class MoMosEmbedding(MoMosLayer):
+    """Replaces `nn.Embedding` (weight `[num_embeddings, embedding_dim]`): a token's vector is its mosaic
+    row of motifs, gathered directly (no dense table is built)."""
+
+    kind = "embedding"
+    replaces = nn.Embedding
+    multiplies_input = False
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, motifs: nn.Parameter, mosaic: torch.Tensor,
+                 scale: Optional[nn.Parameter] = None, padding_idx: Optional[int] = None, zero_motif: bool = False) -> None:
+        super().__init__(embedding_dim, num_embeddings, motifs, mosaic, scale, zero_motif)
+        self.padding_idx = padding_idx
+
+    @staticmethod
+    def matrix_of(module: nn.Module) -> torch.Tensor:
+        return module.weight
+
+    @staticmethod
+    def input_rows(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    @classmethod
+    def _from_module(cls, module, in_features, out_features, motifs, mosaic, scale, zero_motif):
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise ValueError("MoMos replaces embeddings without max_norm, scale_grad_by_freq or sparse gradients")
+        return cls(out_features, in_features, motifs, mosaic, scale, module.padding_idx, zero_motif)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        motifs = self.effective_motifs()
+        matrix = self.matrix(motifs.dtype)
+        if matrix is not None:
+            return F.embedding(ids, matrix, self.padding_idx)
+        rows = motifs[self.mosaic[ids].long()].flatten(-2)[..., : self.in_features]
+        scale = full_tensor(self.scale)
+        return rows if scale is None else rows * scale[ids].unsqueeze(-1).to(rows.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.mosaic_weight()
+
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        with torch.no_grad():
+            weight = self.mosaic_weight(dtype)
+        with torch.device("meta"):
+            layer = nn.Embedding(self.out_features, self.in_features, self.padding_idx)
+        layer.weight = nn.Parameter(weight)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, k={self.k}, s={self.s}, scale={self.scale is not None}"
+
+
+class MoMosConv2d(MoMosLayer):
+    """Replaces `nn.Conv2d` (weight `[out, in / groups, kh, kw]`): the matrix is the weight with each output
+    channel's filter flattened; forward convolves with the mosaic weight."""
+
+    kind = "conv2d"
+    replaces = nn.Conv2d
+    CONV_OPTIONS = ("in_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+    def __init__(self, conv: dict[str, Any], motifs: nn.Parameter, mosaic: torch.Tensor,
+                 scale: Optional[nn.Parameter] = None, bias: Optional[nn.Parameter] = None, zero_motif: bool = False) -> None:
+        kh, kw = conv["kernel_size"]
+        super().__init__(conv["in_channels"] // conv["groups"] * kh * kw, mosaic.shape[0], motifs, mosaic, scale, zero_motif)
+        self.conv = dict(conv)
+        # nn.Conv2d's own rule for padding modes other than zeros (the padding is applied before convolving)
+        self.reversed_padding = nn.Conv2d(1, 1, conv["kernel_size"], padding=conv["padding"], dilation=conv["dilation"],
+                                          device="meta")._reversed_padding_repeated_twice
+        self.bias = bias
+
+    @staticmethod
+    def matrix_of(module: nn.Module) -> torch.Tensor:
+        return module.weight.flatten(1)
+
+    @staticmethod
+    def input_rows(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if module.groups != 1 or isinstance(module.padding, str):
+            raise ValueError("data-aware fitting supports convolutions with groups=1 and numeric padding; use fit='kmeans'")
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = 0 if module.padding_mode != "zeros" else module.padding
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [b, in * kh * kw, l]
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    @classmethod
+    def _from_module(cls, module, in_features, out_features, motifs, mosaic, scale, zero_motif):
+        return cls({name: getattr(module, name) for name in cls.CONV_OPTIONS}, motifs, mosaic, scale, module.bias, zero_motif)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        matrix = self.matrix(x.dtype)
+        weight = (self.mosaic_weight(x.dtype) if matrix is None else matrix).reshape(self.weight_shape)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        conv = self.conv
+        if conv["padding_mode"] != "zeros":  # as nn.Conv2d: pad explicitly, then convolve without padding
+            padded = F.pad(x, self.reversed_padding, mode=conv["padding_mode"])
+            return F.conv2d(padded, weight, bias, conv["stride"], 0, conv["dilation"], conv["groups"])
+        return F.conv2d(x, weight, bias, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.conv["in_channels"] // self.conv["groups"], *self.conv["kernel_size"])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.mosaic_weight().reshape(self.weight_shape)
+
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        with torch.no_grad():
+            weight = self.mosaic_weight(dtype).reshape(self.weight_shape)
+        options = {name: self.conv[name] for name in self.CONV_OPTIONS if name != "in_channels"}
+        with torch.device("meta"):
+            layer = nn.Conv2d(self.conv["in_channels"], self.out_features, bias=self.bias is not None, **options)
+        layer.weight = nn.Parameter(weight)
+        layer.bias = self.bias
+        return layer
+
+
+LAYER_TYPES: dict[str, type[MoMosLayer]] = {cls.kind: cls for cls in (MoMosLinear, MoMosConv1D, MoMosEmbedding, MoMosConv2d)}
+
+
+def layer_class_for(module: nn.Module) -> Optional[type[MoMosLayer]]:
+    """The MoMos class that replaces `module`, `None` if none does. Exact types only: a subclass (say an
+    embedding that scales its output) may compute something a MoMos layer would silently drop."""
+    return next((cls for cls in LAYER_TYPES.values() if type(module) is cls.replaces), None)
+
+
+def replace_with_momos(model: nn.Module, name: str, motifs: nn.Parameter, mosaic: torch.Tensor,
+                       scale: Optional[nn.Parameter] = None, zero_motif: bool = False) -> MoMosLayer:
+    """Swap module `name` of `model` for its MoMos layer around `motifs`, `mosaic` and `scale` (fitted ones
+    at conversion, empty ones on the meta device when loading): the one place a module is replaced."""
+    module = model.get_submodule(name)
+    cls = layer_class_for(module)
+    if cls is None:
+        raise ValueError(f"{name} is a {type(module).__name__}, which MoMos does not replace; it replaces "
+                         f"{', '.join(c.replaces.__name__ for c in LAYER_TYPES.values())}")
+    layer = cls.from_module(module, motifs, mosaic, scale, zero_motif)
+    model.set_submodule(name, layer)
+    return layer
+
+
+def momos_layers(model: nn.Module) -> dict[str, MoMosLayer]:
+    """Every MoMos layer of `model` by full name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MoMosLayer)}

@@ -1,11 +1,10 @@
-"""`get_momos_model` / `MoMosModel`: find the target layers of a Transformers model, fit their motifs and
-mosaics, swap in `MoMosLinear` modules, and undo it all with `merge_and_unload` (PEFT's tuner shape)."""
+"""`get_momos_model` / `MoMosModel`: fit motifs and mosaics to the target layers of a Transformers model, swap
+in MoMos layers, refit them (`project`), and undo it all with `merge_and_unload` (PEFT's tuner shape)."""
 
 from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from typing import Any, Iterable, Optional, Union
 
@@ -13,90 +12,41 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig
-from transformers.pytorch_utils import Conv1D
 from transformers.utils.logging import tqdm
 
-from .calibration import input_second_moments
+from .calibration import input_moments
 from .checkpoint import QUANT_METHOD
 from .config import FIT_FIELDS, MoMosConfig
-from .data_aware import fit_data_aware
-from .fitting import fit_mosaic, index_bits, num_blocks_per_row, reconstruct, relative_error
-from .layer import MoMosLinear, assign_, full_tensor
-from .quantizer import MoMosQuantizationConfig, mark_momos_model, momos_layers, save_momos_model, unmark
+from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
+from .fitting import FitOptions, index_bits, num_blocks_per_row, reconstruct, relative_error
+from .layer import MoMosLayer, assign_, full_tensor, layer_class_for, momos_layers, replace_with_momos
+from .quantizer import MoMosQuantizationConfig, drop_momos_ties, mark_momos_model, merge_layers, save_momos_model, unmark
+from .targets import find_targets, match_names, tie_groups
 
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def in_repeated_block(name: str) -> bool:
-    """True for modules inside an indexed stack of blocks (`layers.3.`, `h.0.`, `encoder.layer.5.`)."""
-    return any(part.isdigit() for part in name.split("."))
-
-
-def find_targets(model: nn.Module, target_modules: Optional[list[str] | str]) -> list[str]:
-    """Full names of the modules that `target_modules` selects (see `MoMosConfig.target_modules`)."""
-    output_embeddings = _output_embeddings(model)
-    candidates = {
-        name: module
-        for name, module in model.named_modules()
-        if is_linear_like(module) and module is not output_embeddings
-    }
-    if target_modules is None:
-        targets = [name for name in candidates if in_repeated_block(name)]
-    elif target_modules == "all-linear":
-        targets = list(candidates)
-    elif isinstance(target_modules, str):
-        targets = [name for name, _ in model.named_modules() if re.fullmatch(target_modules, name)]
-        if not targets and re.fullmatch(r"[\w.]+", target_modules):  # a single name, as PEFT users write it
-            targets = match_names(model, [target_modules], "target_modules")
-        _check_linear_like(model, targets)
-    else:
-        targets = match_names(model, target_modules, "target_modules")
-        _check_linear_like(model, targets)
-    if not targets:
-        raise ValueError(
-            f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
-            f"linear layers are named like {_leaf_names(candidates)}"
-        )
-    _check_not_tied(model, targets)
-    return targets
-
-
-def match_names(model: nn.Module, entries: Iterable[str], option: str) -> list[str]:
-    """Modules whose full name equals an entry or ends with `"." + entry`; every entry must match."""
-    entries = list(entries)
-    names = [name for name, _ in model.named_modules() if name]
-    matched = [n for n in names if any(n == e or n.endswith("." + e) for e in entries)]
-    unknown = [e for e in entries if not any(n == e or n.endswith("." + e) for n in names)]
-    if unknown:
-        linear = {n: m for n, m in model.named_modules() if is_linear_like(m)}
-        raise ValueError(
-            f"{option} {unknown} match no module of {type(model).__name__}; "
-            f"its linear layers are named like {_leaf_names(linear)}"
-        )
-    return matched
+DEFAULT_ASSIGN_BYTES = 256 * 2**20
 
 
 class MoMosModel(nn.Module):
-    """A Transformers model whose target layers are `MoMosLinear`; behaves like the model it wraps.
+    """A Transformers model whose target layers are MoMos layers; behaves like the model it wraps.
 
     Construction fits one dictionary per layer (or one for all, `motif_scope="global"`), replaces the
     layers in place, freezes everything except the motifs, scales and `modules_to_save` (as PEFT does), and
-    leaves the model untouched if any check fails. The converted model then carries the MoMos quantizer and
-    config like one loaded from a MoMos checkpoint, so `model.save_pretrained` writes the compact checkpoint
-    and `Trainer(model=mm.base_model)` saves it too.
+    leaves the model untouched if any check fails. Tied input and output embeddings become one dictionary,
+    mosaic and scale. The converted model then carries the MoMos quantizer and config like one loaded from a
+    MoMos checkpoint, so `model.save_pretrained` writes the compact checkpoint and `Trainer(model=
+    mm.base_model)` saves it too.
 
     A model that already holds MoMos layers (loaded from a MoMos checkpoint, or converted earlier) is
     wrapped as it is: with `config=None` nothing about it changes; a `config` may change the training
-    settings (`train_mode`, `project_every`, `modules_to_save`, `max_assign_bytes`), but one that asks for
-    another fit than the layers hold is refused, since the layers would not match it.
+    settings (`train_mode`, `project_every`, `modules_to_save`), but one that asks for another fit than the
+    layers hold is refused, since the layers would not match it.
 
-    `calibration_data` (required by `init="data-aware"`): an iterable of model-input dicts whose inputs
-    to each target layer are collected as `X^T X` before fitting (see `momos_hf.calibration`). In the
-    `"projected"`/`"ste"` train modes these statistics are kept for later `project()` calls.
-    `dtype`: cast every parameter to this dtype after the fit (motifs too, unless `motif_dtype` is set),
-    e.g. `torch.bfloat16` to store and run a model loaded in float32 at half the size.
+    `calibration_data` (needed by fits that read input moments, `fit="data-aware"`): an iterable of
+    model-input dicts whose inputs to each target layer are collected as `X^T X` before fitting (see
+    `momos_hf.calibration`); in the `"projected"`/`"ste"` train modes each layer keeps its moment for later
+    `project()` calls. `dtype`: cast every parameter to this dtype after the fit (motifs too, unless
+    `motif_dtype` is set). `max_assign_bytes`: memory budget of one chunk of the block-to-motif distance
+    matrix (a property of the machine, not of the model: it is not saved).
     """
 
     def __init__(
@@ -106,6 +56,7 @@ class MoMosModel(nn.Module):
         base_model_name: Optional[str] = None,
         calibration_data: Optional[Iterable[dict[str, Any]]] = None,
         dtype: Optional[torch.dtype] = None,
+        max_assign_bytes: int = DEFAULT_ASSIGN_BYTES,
     ) -> None:
         super().__init__()
         if isinstance(model, MoMosModel):
@@ -113,8 +64,8 @@ class MoMosModel(nn.Module):
         self.base_model = model
         # Calls go straight to the base model, whose signature Trainer and pipelines read to pick inputs.
         self.forward = model.forward
+        self.max_assign_bytes = max_assign_bytes
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        self._second_moments: dict[str, torch.Tensor] = {}
         recorded = getattr(getattr(model, "config", None), "quantization_config", None)
         if momos_layers(model):
             if not isinstance(recorded, MoMosQuantizationConfig) and config is None:
@@ -131,8 +82,8 @@ class MoMosModel(nn.Module):
         else:
             if config is None:
                 raise ValueError("converting a model needs a MoMosConfig")
-            if calibration_data is not None and config.init != "data-aware":
-                raise ValueError(f"calibration_data is only used by init='data-aware' (config has init={config.init!r})")
+            if calibration_data is not None and config.fit not in NEEDS_INPUT_MOMENTS:
+                raise ValueError(f"calibration_data is only used by fit='data-aware' (config has fit={config.fit!r})")
             self.momos_config = config
             self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
             originals = self._convert(calibration_data)
@@ -141,10 +92,8 @@ class MoMosModel(nn.Module):
                 mark_momos_model(model, config, name)
             if dtype is not None:
                 _cast_parameters(model, dtype, config.torch_motif_dtype)
-        if self.momos_config.train_mode != "motifs":  # latent weights start from the dense weights where known
-            for layer in self.momos_layers().values():
-                if layer.latent is None:
-                    layer.enable_latent(self.momos_config.train_mode, originals.get(layer))
+        if self.momos_config.train_mode != "motifs":
+            self._enable_latents(originals)
         self._mark_trainable()
 
     @property
@@ -160,34 +109,54 @@ class MoMosModel(nn.Module):
     def base_model_name(self, name: str) -> None:
         self.base_model.config.quantization_config.base_model = name
 
-    def _convert(self, calibration_data: Optional[Iterable[dict[str, Any]]]) -> dict[MoMosLinear, torch.Tensor]:
-        """Fit and swap in every target layer; returns each new layer's dense weight `[out, in]`."""
+    # -- conversion --------------------------------------------------------------------------------
+
+    def _convert(self, calibration_data: Optional[Iterable[dict[str, Any]]]) -> dict[MoMosLayer, torch.Tensor]:
+        """Fit and swap in every target layer; returns each new layer's original matrix `[out, in]`."""
         model, config = self.base_model, self.momos_config
         targets = find_targets(model, config.target_modules)
         overlap = sorted(set(targets) & set(self.modules_to_save))
         if overlap:
             raise ValueError(f"modules {overlap} are both MoMos targets and modules_to_save")
+        ties = tie_groups(model, targets)
         originals = {name: model.get_submodule(name) for name in targets}
-        for name, module in originals.items():
-            if not torch.isfinite(module.weight).all():
+        matrices = {name: layer_class_for(module).matrix_of(module) for name, module in originals.items() if name not in ties}
+        for name, matrix in matrices.items():
+            if not torch.isfinite(matrix).all():
                 raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
-        weights = {name: _weight_out_in(m) for name, m in originals.items()}
-        self._check_compresses(weights)
-        if config.init == "data-aware":
-            if calibration_data is None:
-                raise ValueError("init='data-aware' needs calibration_data: an iterable of model-input dicts (e.g. tokenized batches)")
-            self._second_moments = input_second_moments(model, targets, calibration_data)
-        fitted = self._fit(weights)
-        dense = {}
+        self._check_compresses(matrices)
+        moments = self._calibrate(calibration_data, originals, ties) if config.fit in NEEDS_INPUT_MOMENTS else None
+        fitted = self._fit(matrices, moments)
+        layers: dict[str, MoMosLayer] = {}
         for name, (motifs, mosaic, scale, error) in fitted.items():
-            layer = MoMosLinear.from_module(originals[name], motifs, mosaic, scale, config.zero_motif)
-            layer.fit_error = error
-            if config.train_mode != "motifs":  # later projections refit in the same metric
-                layer.input_moment = self._second_moments.get(name)
-            dense[layer] = weights[name].detach()
-            model.set_submodule(name, layer)
-        self._second_moments = {}
-        return dense
+            layers[name] = replace_with_momos(model, name, motifs, mosaic, scale, config.zero_motif)
+            if moments is not None and config.train_mode != "motifs":  # later projections refit in the same metric
+                layers[name].input_moment = moments[name]
+        for name, leader in ties.items():
+            layers[name] = replace_with_momos(model, name, layers[leader].motifs, layers[leader].mosaic.clone(),
+                                              layers[leader].scale, config.zero_motif)
+            layers[name].tie_to(layers[leader])
+            fitted[name] = fitted[leader]
+        for name, layer in layers.items():
+            layer.fit_error = fitted[name][3]
+        if ties:
+            drop_momos_ties(model)
+        return {layers[name]: matrix.detach() for name, matrix in matrices.items()}
+
+    def _calibrate(self, calibration_data: Optional[Iterable[dict[str, Any]]], originals: dict[str, nn.Module],
+                   ties: dict[str, str]) -> dict[str, torch.Tensor]:
+        """Each fitted matrix's input moment: its own, or for an embedding the moment of the head tied to it,
+        or the identity (the weight-space metric) for an embedding nothing multiplies by."""
+        if calibration_data is None:
+            raise ValueError(f"fit={self.momos_config.fit!r} needs calibration_data: an iterable of model-input dicts "
+                             "(e.g. tokenized batches)")
+        names = [name for name, module in originals.items() if layer_class_for(module).multiplies_input]
+        collected = input_moments(self.base_model, names, calibration_data)
+        for follower, leader in ties.items():
+            if leader not in collected and follower in collected:
+                collected[leader] = collected[follower]
+        return {name: collected.get(name, torch.eye(layer_class_for(module).matrix_of(module).shape[1]))
+                for name, module in originals.items() if name not in ties}
 
     # -- fitting -----------------------------------------------------------------------------------
 
@@ -195,67 +164,56 @@ class MoMosModel(nn.Module):
         return [names] if self.momos_config.motif_scope == "global" else [[n] for n in names]
 
     @torch.no_grad()
-    def _fit(self, weights: dict[str, torch.Tensor]) -> dict[str, tuple[nn.Parameter, torch.Tensor, Optional[torch.Tensor], float]]:
-        """Fit every dictionary; returns `name -> (motifs, mosaic, scale, relative error)`. Fits run in
-        float32 or wider on weights divided by their RMS (so that no square overflows), and the result must
-        be finite in the dtype it is stored in."""
+    def _fit(self, matrices: dict[str, torch.Tensor], moments: Optional[dict[str, torch.Tensor]] = None,
+             ) -> dict[str, tuple[nn.Parameter, torch.Tensor, Optional[nn.Parameter], float]]:
+        """Fit every dictionary with the configured method (`momos_hf.fits`); returns `name -> (motifs, mosaic,
+        scale, relative error)`. Fits run in float32 or wider on matrices divided by their RMS (so that no
+        square overflows), and the result must be finite in the dtype it is stored in."""
         config = self.momos_config
-        groups = self._groups(list(weights))
-        ks = [self._num_motifs(group, weights) for group in groups]
+        groups = self._groups(list(matrices))
+        ks = [self._num_motifs(group, matrices) for group in groups]
         fitted = {}
         for i, (group, k) in enumerate(tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict")):
-            matrices = [weights[n].detach() for n in group]
-            unit = _rms(matrices)
-            normalised = [m.double().div(unit).float() for m in matrices]
-            options = (config.kmeans_iters, config.seed + i, config.zero_motif, config.scale, config.max_assign_bytes)
-            if config.init == "data-aware":
-                fit = fit_data_aware(normalised, self._moments_of(group), k, config.s, *options)
-            else:
-                fit = fit_mosaic(normalised, k, config.s, config.init, *options)
-            dtype = config.torch_motif_dtype or matrices[0].dtype
+            originals = [matrices[n].detach() for n in group]
+            unit = _rms(originals)
+            normalised = [m.double().div(unit).float() for m in originals]
+            options = FitOptions(k, config.s, config.kmeans_iters, config.seed + i, config.zero_motif, config.scale,
+                                 self.max_assign_bytes)
+            fit = FIT_METHODS[config.fit](normalised, None if moments is None else [moments[n] for n in group], options)
+            dtype = config.torch_motif_dtype or originals[0].dtype
             motifs = nn.Parameter((fit.motifs.double() * unit).to(dtype))
-            scales = [None if s is None else s.to(dtype) for s in fit.scales]
+            scales = [None if s is None else nn.Parameter(s.to(dtype)) for s in fit.scales]
             if not torch.isfinite(motifs).all() or any(s is not None and not torch.isfinite(s).all() for s in scales):
                 raise ValueError(f"the motifs fitted to {group[0]}{' ...' if len(group) > 1 else ''} overflow {dtype}: "
                                  "its weights are too large for it; set motif_dtype='float32'")
-            for name, matrix, mosaic, scale in zip(group, matrices, fit.mosaics, scales):
+            for name, matrix, mosaic, scale in zip(group, originals, fit.mosaics, scales):
                 approx = reconstruct(motifs.double(), mosaic, matrix.shape[1], None if scale is None else scale.double())
                 fitted[name] = (motifs, mosaic, scale, relative_error(matrix, approx))
         return fitted
 
-    def _moments_of(self, group: list[str]) -> list[torch.Tensor]:
-        """Each layer's input second moment: collected for this conversion, or kept by the layer."""
-        layers = self.momos_layers()
-        moments = [self._second_moments.get(n, getattr(layers.get(n), "input_moment", None)) for n in group]
-        missing = [n for n, m in zip(group, moments) if m is None]
-        if missing:
-            raise ValueError(f"init='data-aware' has no calibration statistics for {missing[:3]} (a model loaded from a "
-                             "checkpoint has none): convert with calibration_data, or refit with init='kmeans'")
-        return moments
-
-    def _num_motifs(self, group: list[str], weights: dict[str, torch.Tensor]) -> int:
+    def _num_motifs(self, group: list[str], matrices: dict[str, torch.Tensor]) -> int:
         s = self.momos_config.s
-        n_blocks = sum(weights[n].shape[0] * num_blocks_per_row(weights[n].shape[1], s) for n in group)
+        n_blocks = sum(matrices[n].shape[0] * num_blocks_per_row(matrices[n].shape[1], s) for n in group)
         k = self.momos_config.num_motifs(n_blocks)
         if k > n_blocks:
-            shapes = ", ".join(f"{n} {tuple(weights[n].shape)}" for n in group[:3])
+            shapes = ", ".join(f"{n} {tuple(matrices[n].shape)}" for n in group[:3])
             raise ValueError(
                 f"k={k} motifs do not fit: {shapes}{' ...' if len(group) > 3 else ''} has only {n_blocks} blocks "
                 f"of s={s} values; use k <= {n_blocks}, a smaller s, motif_scope='global', or capacity"
             )
         return k
 
-    def _check_compresses(self, weights: dict[str, torch.Tensor]) -> None:
+    def _check_compresses(self, matrices: dict[str, torch.Tensor]) -> None:
         """Refuse settings under which a dictionary and its mosaics would take more bits than the dense
         weights they replace (so a MoMos checkpoint is never larger than the model it came from)."""
         config = self.momos_config
-        for group in self._groups(list(weights)):
-            k = self._num_motifs(group, weights)
-            motif_bits = torch.finfo(config.torch_motif_dtype or weights[group[0]].dtype).bits
-            dense = sum(weights[n].numel() * weights[n].element_size() * 8 for n in group)
+        for group in self._groups(list(matrices)):
+            k = self._num_motifs(group, matrices)
+            motif_bits = torch.finfo(config.torch_motif_dtype or matrices[group[0]].dtype).bits
+            dense = sum(matrices[n].numel() * matrices[n].element_size() * 8 for n in group)
             momos = k * config.s * motif_bits + sum(
-                weights[n].shape[0] * (num_blocks_per_row(weights[n].shape[1], config.s) * index_bits(k)
-                                       + (motif_bits if config.scale else 0)) for n in group)
+                matrices[n].shape[0] * (num_blocks_per_row(matrices[n].shape[1], config.s) * index_bits(k)
+                                        + (motif_bits if config.scale else 0)) for n in group)
             if momos > dense:
                 raise ValueError(
                     f"with k={k}, s={config.s} the MoMos form of {group[0]}{' ...' if len(group) > 1 else ''} takes "
@@ -269,21 +227,32 @@ class MoMosModel(nn.Module):
 
         The current weight is the latent weight where there is one (`"projected"`/`"ste"`), else the
         mosaic weight. In `"projected"` mode the latent weight then snaps onto the new mosaic weight.
-        Parameters are updated in place, so optimizers keep referring to them. Returns the relative
-        error of each layer's new fit against its weight before the projection.
+        Parameters are updated in place, so optimizers keep referring to them; tied layers follow their
+        leader. Returns the relative error of each layer's new fit against its weight before the projection.
         """
         layers = self.momos_layers()
-        current = {name: layer.dense_weight() if layer.latent is None else full_tensor(layer.latent) for name, layer in layers.items()}
-        fitted = self._fit(current)
-        for name, (motifs, mosaic, scale, error) in fitted.items():
-            layer = layers[name]
+        leaders = {name: layer for name, layer in layers.items() if layer.leader is None}
+        current = {name: layer.mosaic_weight() if layer.latent is None else full_tensor(layer.latent) for name, layer in leaders.items()}
+        moments = None
+        if self.momos_config.fit in NEEDS_INPUT_MOMENTS:
+            missing = [name for name, layer in leaders.items() if layer.input_moment is None]
+            if missing:
+                raise ValueError(f"fit={self.momos_config.fit!r} has no calibration statistics for {missing[:3]} (a model "
+                                 "loaded from a checkpoint has none): convert with calibration_data, or refit with fit='kmeans'")
+            moments = {name: layer.input_moment for name, layer in leaders.items()}
+        for name, (motifs, mosaic, scale, error) in self._fit(current, moments).items():
+            layer = leaders[name]
             assign_(layer.motifs, motifs)
             layer.set_mosaic(mosaic)
             if scale is not None:
                 assign_(layer.scale, scale)
             if layer.train_mode == "projected":
-                assign_(layer.latent, layer.dense_weight())
+                assign_(layer.latent, layer.mosaic_weight())
             layer.fit_error = error
+        for layer in layers.values():
+            if layer.leader is not None:
+                layer.set_mosaic(layer.leader.mosaic)
+                layer.fit_error = layer.leader.fit_error
         return self.fit_errors
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -318,11 +287,10 @@ class MoMosModel(nn.Module):
     ) -> str:
         """Save the compact checkpoint with a model card and upload it to the Hub (`HF_ENDPOINT`); a new
         repository is private unless `private=False`. Returns the commit URL."""
-        from .hub import push_folder
-
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, tokenizer, max_shard_size)
-            return push_folder(tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message)
+            return save_momos_model(self.base_model, tmp, max_shard_size=max_shard_size, tokenizer=tokenizer, push_to_hub=True,
+                                    repo_id=repo_id, private=private, token=token, revision=revision,
+                                    commit_message=commit_message)
 
     @classmethod
     def from_pretrained(cls, model_id: Union[str, os.PathLike], model_class: Any = None, **kwargs: Any) -> "MoMosModel":
@@ -337,42 +305,46 @@ class MoMosModel(nn.Module):
 
     # -- PEFT-style API ----------------------------------------------------------------------------
 
-    def momos_layers(self) -> dict[str, MoMosLinear]:
-        """Every `MoMosLinear` of the model by full name (names relative to the base model)."""
+    def momos_layers(self) -> dict[str, MoMosLayer]:
+        """Every MoMos layer of the model by full name (names relative to the base model)."""
         return momos_layers(self.base_model)
 
     def cache_weights(self, enabled: bool = True) -> None:
-        """Keep each layer's reconstructed dense weight for inference throughput (dense memory), or drop
-        it and compute from motifs and mosaic again (`MoMosLinear.forward` says which product runs)."""
+        """Keep each layer's reconstructed weight for inference throughput (dense memory), or drop it and
+        compute from motifs and mosaic again (`momos_hf.products` says which product runs)."""
         for layer in self.momos_layers().values():
-            layer.cache_weight = enabled
-            layer._cached = None
+            layer.weight_cache_enabled = enabled
+            layer._weight_cache = None
+
+    def set_product(self, product: Optional[str]) -> None:
+        """Force one product (a name in `momos_hf.products.PRODUCTS`) in every layer, or `None` to let each
+        call choose."""
+        for layer in self.momos_layers().values():
+            layer.product = product
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """`(trainable, total)` parameter counts. As PEFT counts packed 4-bit weights, `total` counts each
-        MoMos layer as the dense weight it stands for (`out * in`); trainable counts what the optimizer
-        updates (motifs once per dictionary, scales, latent weights, `modules_to_save`)."""
+        MoMos matrix as the dense weight it stands for (`out * in`, once for tied layers); trainable counts
+        what the optimizer updates (motifs once per dictionary, scales, latent weights, `modules_to_save`)."""
         layers = self.momos_layers().values()
         momos_params = {id(p) for layer in layers for p in (layer.motifs, layer.scale, layer.latent) if p is not None}
         params = list(self.base_model.parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
-        total = sum(p.numel() for p in params if id(p) not in momos_params) + sum(l.out_features * l.in_features for l in layers)
-        return trainable, total
+        matrices = sum(layer.out_features * layer.in_features for layer in layers if layer.leader is None)
+        return trainable, sum(p.numel() for p in params if id(p) not in momos_params) + matrices
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def merge_and_unload(self) -> nn.Module:
-        """Replace every MoMos layer by a plain `nn.Linear`/`Conv1D` holding the mosaic weight and return
+        """Replace every MoMos layer by a module of the type it replaced holding the mosaic weight, and return
         the base model as a plain Transformers model (no MoMos config or quantizer: it saves and reloads as
-        a dense one), with the `requires_grad` flags it had before conversion."""
-        dtype = _untouched_dtype(self.base_model)
-        for name, layer in self.momos_layers().items():
-            self.base_model.set_submodule(name, layer.merge(dtype))
+        a dense one; tied embeddings are tied again), with the `requires_grad` flags it had before conversion."""
+        merge_layers(self.base_model, _untouched_dtype(self.base_model))
         if hasattr(self.base_model, "config"):
             unmark(self.base_model)
         for name, param in self.base_model.named_parameters():
@@ -388,6 +360,17 @@ class MoMosModel(nn.Module):
             return getattr(self.base_model, name)
 
     # -- plumbing ----------------------------------------------------------------------------------
+
+    def _enable_latents(self, originals: dict[MoMosLayer, torch.Tensor]) -> None:
+        """Latent weights for `projected`/`ste`, starting from the dense weights where known; a tied layer
+        shares its leader's."""
+        layers = self.momos_layers().values()
+        for layer in layers:
+            if layer.latent is None and layer.leader is None:
+                layer.enable_latent(self.momos_config.train_mode, originals.get(layer))
+        for layer in layers:
+            if layer.leader is not None:
+                layer.latent, layer.train_mode = layer.leader.latent, layer.leader.train_mode
 
     def _mark_trainable(self) -> None:
         """`motifs` mode: motifs, scales and modules_to_save train. `projected`/`ste`: every parameter
@@ -408,42 +391,22 @@ def get_momos_model(
     config: MoMosConfig,
     calibration_data: Optional[Iterable[dict[str, Any]]] = None,
     dtype: Optional[torch.dtype] = None,
+    max_assign_bytes: int = DEFAULT_ASSIGN_BYTES,
 ) -> MoMosModel:
     """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`.
 
-    `calibration_data`, for `init="data-aware"`: an iterable of model-input dicts (tokenizer outputs,
+    `calibration_data`, for `fit="data-aware"`: an iterable of model-input dicts (tokenizer outputs,
     DataLoader batches); a few hundred sequences are enough. It is iterated once. `dtype`: cast the
-    converted model's parameters to it after the fit (see `MoMosModel`). A model that holds MoMos layers
-    already is refused unless `config` asks for the fit it has (then it is wrapped as it is)."""
-    return MoMosModel(model, config, calibration_data=calibration_data, dtype=dtype)
+    converted model's parameters to it after the fit. `max_assign_bytes`: memory budget of the assignment
+    (see `MoMosModel`). A model that holds MoMos layers already is refused unless `config` asks for the fit
+    it has (then it is wrapped as it is)."""
+    return MoMosModel(model, config, calibration_data=calibration_data, dtype=dtype, max_assign_bytes=max_assign_bytes)
 
 
 def architecture_class(config: Any) -> type:
     """The Transformers class named first in `config.architectures` (`AutoModel` when none is named)."""
     names = getattr(config, "architectures", None) or []
     return getattr(transformers, names[0], transformers.AutoModel) if names else transformers.AutoModel
-
-
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
-
-
-def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
-    getter = getattr(model, "get_output_embeddings", None)
-    return getter() if callable(getter) else None
-
-
-def _check_not_tied(model: nn.Module, targets: list[str]) -> None:
-    """Refuse targets whose weight another module shares (tied input/output embeddings): converting one
-    copy would untie them."""
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name.rpartition(".")[0])
-    for target in targets:
-        others = [n for n in names[id(model.get_submodule(target).weight)] if n != target]
-        if others:
-            raise ValueError(f"{target} shares its weight with {others[0]} (tied embeddings); converting it would "
-                             "untie them: leave it out of target_modules")
 
 
 def _check_same_fit(recorded: MoMosConfig, requested: MoMosConfig) -> None:
@@ -472,13 +435,3 @@ def _rms(matrices: list[torch.Tensor]) -> float:
     total = sum(float(m.double().square().sum()) for m in matrices)
     count = sum(m.numel() for m in matrices)
     return math.sqrt(total / count) if total > 0 else 1.0
-
-
-def _check_linear_like(model: nn.Module, names: list[str]) -> None:
-    wrong = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in names if not is_linear_like(model.get_submodule(n))]
-    if wrong:
-        raise ValueError(f"target_modules selects modules that are not nn.Linear or Conv1D: {wrong}")
-
-
-def _leaf_names(modules: dict[str, nn.Module]) -> list[str]:
-    return sorted({name.rpartition(".")[2] for name in modules})

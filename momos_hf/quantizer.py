@@ -2,7 +2,7 @@
 
 `import momos_hf` registers it, so every `AutoModel*.from_pretrained` (and `pipeline`) of a MoMos checkpoint
 verifies the checkpoint (see `momos_hf.checkpoint.verify_checkpoint`), swaps the target layers for
-`MoMosLinear` skeletons on the meta device before any weight is read (the dense matrices are never built),
+MoMos layer skeletons on the meta device before any weight is read (the dense matrices are never built),
 loads motifs, packed mosaics, scales and every other tensor as usual, then unpacks and checks the mosaics.
 
 A MoMos model in memory, converted or loaded, carries this quantizer and its config like any quantized
@@ -21,7 +21,6 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -35,7 +34,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD, layer_specs, parse_quantization, save_checkpoint, verify_checkpoint
 from .config import MoMosConfig
 from .fitting import num_blocks_per_row
-from .layer import LayerSpec, MoMosLinear
+from .hub import push_folder
+from .layer import LAYER_TYPES, LayerSpec, MoMosLayer, momos_layers, replace_with_momos
 
 logger = logging.get_logger(__name__)
 
@@ -107,15 +107,24 @@ class MoMosHfQuantizer(HfQuantizer):
         config = self.quantization_config
         tensors = verify_checkpoint(Path(checkpoint_files[0]).parent, config.to_dict())
         build_skeleton(model, config.specs, config.config.zero_motif, tensors)
-        # A shared dictionary is stored once, under its owner; the loader must not call the others missing.
-        shared = {rf"(^|\.){re.escape(name)}\.motifs$" for name, spec in config.specs.items() if spec.motifs != name}
+        # What a layer shares with another is stored once, under the owner: the others are not missing.
+        shared = {rf"(^|\.){re.escape(name)}\.{part}$" for name, spec in config.specs.items()
+                  for part, owner in (("motifs", spec.motifs), ("mosaic_packed", spec.mosaic), ("scale", spec.mosaic))
+                  if owner != name}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | shared
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        for name, spec in self.quantization_config.specs.items():
+        specs = self.quantization_config.specs
+        for name, spec in specs.items():  # the loader fills each name separately: share the owner's again
             layer = model.get_submodule(name)
-            if spec.motifs != name:  # the loader fills each name separately: share the owner's again
+            if spec.motifs != name:
                 layer.motifs = model.get_submodule(spec.motifs).motifs
+            layer.fit_error = spec.fit_error
+        for name, spec in sorted(specs.items(), key=lambda item: item[1].mosaic != item[0]):  # leaders first
+            layer = model.get_submodule(name)
+            if spec.mosaic != name:
+                layer.tie_to(model.get_submodule(spec.mosaic))
+                continue
             try:
                 layer.unpack_mosaic()
             except ValueError as err:
@@ -124,14 +133,11 @@ class MoMosHfQuantizer(HfQuantizer):
                 tensor = getattr(layer, part)
                 if tensor is not None and not torch.isfinite(tensor).all():
                     raise ValueError(f"corrupted MoMos checkpoint: layer {name} has NaN or infinite {part}")
-            layer.fit_error = spec.fit_error
         enable_momos_save(model)
         return model
 
     def _dequantize(self, model: nn.Module, dtype: Optional[Union[str, torch.dtype]] = None) -> nn.Module:
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        for name, layer in momos_layers(model).items():
-            model.set_submodule(name, layer.merge(dtype))
+        merge_layers(model, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model
 
     def remove_quantization_config(self, model: nn.Module) -> None:
@@ -152,41 +158,61 @@ class MoMosHfQuantizer(HfQuantizer):
         return False
 
 
-def momos_layers(model: nn.Module) -> dict[str, MoMosLinear]:
-    """Every `MoMosLinear` of `model` by full name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, MoMosLinear)}
-
-
 def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], zero_motif: bool, tensors: dict[str, dict]) -> None:
-    """Replace each listed `nn.Linear`/`Conv1D` of `model` by an empty `MoMosLinear` of the recorded shape (on
-    the device of the layer it replaces, usually meta), its motifs and scale in the dtypes they are stored in
-    (`tensors`: the checkpoint's header entries), sharing dictionaries as recorded."""
+    """Replace each listed module of `model` by an empty MoMos layer of the recorded kind and shape (on the
+    device of the module it replaces, usually meta), its motifs and scale in the dtypes they are stored in
+    (`tensors`: the checkpoint's header entries), sharing dictionaries as recorded; tied layers are tied
+    once their leader's mosaic is loaded."""
     motifs: dict[str, nn.Parameter] = {}
-    for name, spec in specs.items():
+    for name, spec in sorted(specs.items(), key=lambda item: item[1].mosaic != item[0]):  # leaders first
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"MoMos layer {name} of the checkpoint is not a module of {type(model).__name__}") from None
-        if not isinstance(module, (nn.Linear, Conv1D)):
-            raise ValueError(f"MoMos layer {name} replaces a {type(module).__name__}; expected nn.Linear or Conv1D")
-        expected = tuple(module.weight.shape[::-1] if spec.conv1d else module.weight.shape)
+        cls = LAYER_TYPES[spec.kind]
+        if type(module) is not cls.replaces:
+            raise ValueError(f"MoMos layer {name} is recorded as a {spec.kind} layer but the model has a {type(module).__name__} there")
+        expected = tuple(cls.matrix_of(module).shape)
         if expected != (spec.out_features, spec.in_features):
             raise ValueError(
                 f"MoMos layer {name} is recorded as {spec.out_features}x{spec.in_features} but the model "
                 f"config builds it as {expected[0]}x{expected[1]}: the checkpoint and its config.json disagree"
             )
-        device = module.weight.device
+        device = cls.matrix_of(module).device
         if spec.motifs not in motifs:
             dtype = SAFETENSORS_DTYPES[tensors[f"{spec.motifs}.motifs"]["dtype"]]
             motifs[spec.motifs] = nn.Parameter(torch.empty(spec.k, spec.s, device=device, dtype=dtype))
         mosaic = torch.empty(spec.out_features, num_blocks_per_row(spec.in_features, spec.s), device=device)
         scale = None
-        if spec.scale:
+        if spec.scale and spec.mosaic == name:
             dtype = SAFETENSORS_DTYPES[tensors[f"{name}.scale"]["dtype"]]
             scale = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype))
-        layer = MoMosLinear(spec.in_features, spec.out_features, motifs[spec.motifs], mosaic, scale, module.bias,
-                            zero_motif, spec.conv1d)
-        model.set_submodule(name, layer)
+        elif spec.scale:
+            scale = model.get_submodule(spec.mosaic).scale
+        replace_with_momos(model, name, motifs[spec.motifs], mosaic, scale, zero_motif)
+    drop_momos_ties(model)
+
+
+def merge_layers(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
+    """Replace every MoMos layer of `model` by a module of the type it replaced, holding the mosaic weight
+    in `dtype`; tied layers become tied Transformers modules again."""
+    layers = momos_layers(model)
+    tied = any(layer.leader is not None for layer in layers.values())
+    for name, layer in layers.items():
+        model.set_submodule(name, layer.merge(dtype))
+    if tied:
+        model.tie_weights()  # from the config, which still says which weights are tied
+
+
+def drop_momos_ties(model: nn.Module) -> None:
+    """Take the weights of MoMos layers out of the model's map of tied weights: MoMos ties those layers
+    itself (one dictionary, mosaic and scale), and Transformers' tying would assign a `weight` to a MoMos
+    layer. Other ties (an LM head's bias, say) stay."""
+    weights = {f"{name}.weight" for name in momos_layers(model)}
+    keys = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in list(keys.items()):
+        if target in weights or source in weights:
+            del keys[target]
 
 
 def mark_momos_model(model: nn.Module, momos_config: MoMosConfig, base_model: str = "") -> None:
@@ -232,10 +258,11 @@ def save_momos_model(
     save_original_format: bool = True,
     distributed_checkpoint: bool = False,
     **hub_kwargs: Any,
-) -> None:
+) -> Optional[str]:
     """`save_pretrained` of a MoMos model: the compact checkpoint (see `momos_hf.checkpoint`), with the
     arguments of `PreTrainedModel.save_pretrained`. `push_to_hub=True` then uploads it (`repo_id`,
-    `commit_message`, `revision`, `private`: a new repository is private unless `private=False`)."""
+    `commit_message`, `revision`, `private`: a new repository is private unless `private=False`) and returns
+    the commit URL."""
     if not safe_serialization:
         raise ValueError("MoMos checkpoints are safetensors only (safe_serialization=False is not supported)")
     if variant is not None or distributed_checkpoint:
@@ -244,16 +271,15 @@ def save_momos_model(
     if unknown:
         raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(unknown)}")
     if not is_main_process:
-        return
+        return None
     quantization = model.config.quantization_config
     directory = save_checkpoint(model, save_directory, quantization.momos_config, tokenizer, max_shard_size,
                                 quantization.base_model, state_dict)
-    if push_to_hub:
-        from .hub import push_folder
-
-        push_folder(directory, hub_kwargs.get("repo_id") or Path(save_directory).resolve().name,
-                    private=hub_kwargs.get("private"), token=token, revision=hub_kwargs.get("revision"),
-                    commit_message=hub_kwargs.get("commit_message") or "Upload MoMos model")
+    if not push_to_hub:
+        return None
+    return push_folder(directory, hub_kwargs.get("repo_id") or Path(save_directory).resolve().name,
+                       private=hub_kwargs.get("private"), token=token, revision=hub_kwargs.get("revision"),
+                       commit_message=hub_kwargs.get("commit_message") or "Upload MoMos model")
 
 
 def register() -> None:

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .complexity import BDM_2D_WIDTH, bdm_of_signs, complexity_report, compression_ratios, histogram_entropy
-from .layer import MoMosLinear, full_tensor
+from .layer import MoMosLayer, full_tensor
 
 logger = logging.get_logger(__name__)
 
@@ -30,8 +30,9 @@ def effective_weights(model: nn.Module) -> list[torch.Tensor]:
     (FSDP 2) parameters are gathered whole, so every rank must call this together."""
     tensors = []
     for module in model.modules():
-        if isinstance(module, MoMosLinear):
-            tensors += [module.dense_weight()] + ([] if module.bias is None else [module.bias])
+        if isinstance(module, MoMosLayer):  # a tied layer's matrix is its leader's: counted once
+            matrix = [module.mosaic_weight()] if module.leader is None else []
+            tensors += matrix + [p for name, p in module.named_parameters(recurse=False) if name not in ("motifs", "scale", "latent")]
         else:
             tensors += list(module.parameters(recurse=False))
     return [full_tensor(t).detach() for t in tensors]
@@ -54,7 +55,7 @@ def complexity_snapshot(model: nn.Module, max_values: int = DEFAULT_MAX_VALUES) 
     of their histogram (bits per value); and the mean motif-usage entropy of MoMos layers (if any)."""
     values = sample_values(effective_weights(model), max_values)
     figures: dict[str, float] = {"values": float(values.numel())}
-    if any(isinstance(m, MoMosLinear) for m in model.modules()):
+    if any(isinstance(m, MoMosLayer) for m in model.modules()):
         report = complexity_report(model, max_bytes=0)
         figures["description_length_bits"] = float(report.total_bits)
         figures["motif_usage_entropy"] = sum(l.usage_entropy for l in report.layers) / len(report.layers)

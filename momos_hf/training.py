@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from .layer import assign_, full_tensor
+from .layer import assign_, full_tensor, momos_layers
 from .model import MoMosModel
-from .quantizer import momos_layers
 
 
 def unwrap(model: Any) -> MoMosModel:
@@ -102,7 +101,7 @@ class MoMosCallback(TrainerCallback):
         if state.global_step > 0:  # resumed: checkpoints hold no latent weights, so restart them from the mosaic
             for layer in unwrap(model).momos_layers().values():
                 if layer.latent is not None:
-                    assign_(layer.latent, layer.dense_weight(layer.latent.dtype))
+                    assign_(layer.latent, layer.mosaic_weight(layer.latent.dtype))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._maybe_project(model, state.global_step, epoch_end=False)

@@ -36,7 +36,8 @@ from momos_hf.card import render_card
 from momos_hf.checkpoint import sha256_of
 from momos_hf.complexity import complexity_report
 from momos_hf.tracking import ComplexityTracker
-from momos_hf.config import INITS, SCOPES, TRAIN_MODES
+from momos_hf.config import FITS, SCOPES, TRAIN_MODES
+from momos_hf.fits import NEEDS_INPUT_MOMENTS
 from momos_hf.data import byte_tokenizer, load_text_datasets, tokenize_and_group
 from momos_hf.demo import tiny_llama
 from momos_hf.training import distillation_loss, hidden_state_loss, momos_state_digest, project_in_sync, projection_due
@@ -65,10 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     momos.add_argument("--k", type=int, default=256)
     momos.add_argument("--s", type=int, default=16)
     momos.add_argument("--motif_scope", choices=SCOPES, default="layer")
-    momos.add_argument("--init", choices=INITS, default="kmeans")
+    momos.add_argument("--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fits)")
     momos.add_argument("--scale", action="store_true")
     momos.add_argument("--calibration_batches", type=int, default=16,
-                       help="training batches whose inputs calibrate --init data-aware")
+                       help="training batches whose inputs calibrate --fit data-aware")
     momos.add_argument("--train_mode", choices=("dense",) + TRAIN_MODES, default="motifs",
                        help="what trains (see MoMosConfig.train_mode); dense: the baseline, no conversion")
     momos.add_argument("--project_every", type=int, default=50,
@@ -241,10 +242,10 @@ def main(argv=None) -> dict:
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None
     momos_mode = args.train_mode != "dense"
     if momos_mode:
-        config = MoMosConfig(k=args.k, s=args.s, motif_scope=args.motif_scope, init=args.init, scale=args.scale,
+        config = MoMosConfig(k=args.k, s=args.s, motif_scope=args.motif_scope, fit=args.fit, scale=args.scale,
                              train_mode=args.train_mode, project_every=args.project_every,
                              modules_to_save=args.modules_to_save, seed=args.seed)
-        calibration = list(itertools.islice(train_dl, args.calibration_batches)) if args.init == "data-aware" else None
+        calibration = list(itertools.islice(train_dl, args.calibration_batches)) if args.fit in NEEDS_INPUT_MOMENTS else None
         model = get_momos_model(model, config, calibration)
     trainable = [p for p in model.parameters() if p.requires_grad]
     accelerator.print(f"trainable parameters {sum(p.numel() for p in trainable):,d} of {sum(p.numel() for p in model.parameters()):,d}")

@@ -44,9 +44,9 @@ FIGURES = ("gzip_ratio", "lzma_ratio", "bdm1d_bits_per_sign", "bdm2d_bits_per_si
 
 def momos_config(procedure: str, k: int, s: int, seed: int, **extra) -> MoMosConfig:
     if procedure == "paper":
-        return MoMosConfig(k=k, s=s, motif_scope="global", init="sample", zero_motif=True, train_mode="projected",
+        return MoMosConfig(k=k, s=s, motif_scope="global", fit="sample", zero_motif=True, train_mode="projected",
                            seed=seed, **extra)
-    return MoMosConfig(k=k, s=s, motif_scope="global", init="data-aware", scale=True, seed=seed, **extra)
+    return MoMosConfig(k=k, s=s, motif_scope="global", fit="data-aware", scale=True, seed=seed, **extra)
 
 
 def train(model: nn.Module, procedure: str, k: int, s: int, seed: int, steps: int, epoch_steps: int, batches,

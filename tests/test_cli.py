@@ -104,7 +104,7 @@ def test_info_on_a_dense_folder_is_refused(tmp_path, capsys):
 
 def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     from momos_hf.data import byte_tokenizer
-    from momos_hf.demo import embedded_text
+    from momos_hf.data import embedded_text
 
     text = tmp_path / "calibration.txt"
     text.write_text(embedded_text(), encoding="utf-8")
@@ -112,10 +112,10 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     model.resize_token_embeddings(257)
     model.save_pretrained(tmp_path / "dense")
     byte_tokenizer().save_pretrained(tmp_path / "dense")
-    args = ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--init", "data-aware"]
-    assert "--init data-aware needs --calibration_file" in fails(args, capsys)
+    args = ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--fit", "data-aware"]
+    assert "--fit data-aware needs --calibration_file" in fails(args, capsys)
     main(args + ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"])
     assert "MoMos layers         8" in capsys.readouterr().out
     config = json.loads((tmp_path / "momos" / "config.json").read_text())
-    assert config["quantization_config"]["momos_config"]["init"] == "data-aware"
-    assert "--calibration_file is used by --init data-aware only" in fails(args[:-2] + ["--calibration_file", str(text)], capsys)
+    assert config["quantization_config"]["momos_config"]["fit"] == "data-aware"
+    assert "--calibration_file is used by --fit data-aware only" in fails(args[:-2] + ["--calibration_file", str(text)], capsys)

@@ -7,7 +7,7 @@ from momos_hf import MoMosConfig
 
 def test_defaults_are_the_headline_rate():
     config = MoMosConfig()
-    assert (config.k, config.s, config.motif_scope, config.init) == (256, 16, "layer", "kmeans")
+    assert (config.k, config.s, config.motif_scope, config.fit) == (256, 16, "layer", "kmeans")
 
 
 def test_json_round_trip(tmp_path):
@@ -36,7 +36,7 @@ def test_capacity_resolves_k_per_dictionary():
         ({"k": 8, "capacity": 0.1}, "not both"),
         ({"capacity": 1.5}, "capacity must be in (0, 1]"),
         ({"motif_scope": "model"}, "motif_scope must be one of ['layer', 'global']"),
-        ({"init": "random"}, "init must be one of ['sample', 'kmeans', 'data-aware']"),
+        ({"fit": "random"}, "fit must be one of ['sample', 'kmeans', 'data-aware']"),
         ({"motif_dtype": "int8"}, "motif_dtype must be one of"),
         ({"kmeans_iters": -1}, "kmeans_iters must be an integer >= 0"),
         ({"target_modules": "q_proj("}, "not a valid regex"),

@@ -5,16 +5,16 @@ import torch
 
 from conftest import ARCHITECTURES, build, main_output, model_inputs
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.calibration import input_second_moments
+from momos_hf.calibration import input_moments
 from momos_hf.data_aware import (
     assign_with_feedback,
     fit_data_aware,
     inverse_cholesky,
     output_error,
-    prepare_hessian,
+    prepare_moment,
     solve_motifs,
 )
-from momos_hf.fitting import assign, fit_mosaic, kmeans, reconstruct, to_blocks
+from momos_hf.fitting import FitOptions, assign, fit_weight_space, kmeans, reconstruct, to_blocks
 
 
 def correlated_layer(out=48, inp=64, tokens=2048, seed=0):
@@ -27,15 +27,15 @@ def correlated_layer(out=48, inp=64, tokens=2048, seed=0):
 
 def test_inverse_cholesky_factors_the_inverse():
     _, h = correlated_layer()
-    upper = inverse_cholesky(prepare_hessian(h, 4))
+    upper = inverse_cholesky(prepare_moment(h, 4))
     assert torch.equal(upper, upper.triu())
-    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(prepare_hessian(h, 4)))
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(prepare_moment(h, 4)))
 
 
-def test_prepare_hessian_pads_normalises_and_revives_dead_columns():
+def test_prepare_moment_pads_normalises_and_revives_dead_columns():
     _, h = correlated_layer(inp=30)
     h[:, 3] = h[3, :] = 0.0  # an input that is always zero
-    p = prepare_hessian(h, 8)
+    p = prepare_moment(h, 8)
     assert p.shape == (32, 32) and p.dtype == torch.float64
     assert p[3, 3] > 1.0 and p[31, 31] < 1e-5  # dead column gets weight 1 (+ damping); padding almost none
     assert abs(float(p.diagonal()[:30].mean()) - 1.03) < 0.05
@@ -44,8 +44,8 @@ def test_prepare_hessian_pads_normalises_and_revives_dead_columns():
 @pytest.mark.parametrize("s, k", [(4, 64), (8, 32)])
 def test_data_aware_beats_kmeans_on_output_error_and_kmeans_wins_on_weight_error(s, k):
     w, h = correlated_layer()
-    km = fit_mosaic([w], k, s, "kmeans", 10, seed=0)
-    da = fit_data_aware([w], [h], k, s, 10, seed=0)
+    km = fit_weight_space([w], FitOptions(k, s, 10, seed=0))
+    da = fit_data_aware([w], [h], FitOptions(k, s, 10, seed=0))
     w_km = reconstruct(km.motifs, km.mosaics[0], w.shape[1])
     w_da = reconstruct(da.motifs, da.mosaics[0], w.shape[1])
     assert output_error(w, w_da, h) < 0.7 * output_error(w, w_km, h)
@@ -55,7 +55,7 @@ def test_data_aware_beats_kmeans_on_output_error_and_kmeans_wins_on_weight_error
 def test_error_feedback_lowers_the_output_error_for_the_same_motifs():
     w, h = correlated_layer()
     s = 4
-    p = prepare_hessian(h, s)
+    p = prepare_moment(h, s)
     motifs = kmeans(to_blocks(w, s), 32, 5, torch.Generator().manual_seed(0)).double()
     plain = assign(to_blocks(w, s), motifs.float())[0].reshape(w.shape[0], -1)
     feedback = assign_with_feedback(w, motifs, inverse_cholesky(p))
@@ -66,7 +66,7 @@ def test_error_feedback_lowers_the_output_error_for_the_same_motifs():
 def test_solved_motifs_are_the_exact_minimiser():
     w, h = correlated_layer(out=16, inp=24)
     s, k = 4, 8
-    p = prepare_hessian(h, s)
+    p = prepare_moment(h, s)
     mosaic = torch.randint(0, k, (16, 6), generator=torch.Generator().manual_seed(1))
     start = torch.randn(k, s, dtype=torch.float64)
     solved = solve_motifs(start, [w.double()], [mosaic], [p], iters=k * s).requires_grad_(True)
@@ -79,13 +79,13 @@ def test_solved_motifs_are_the_exact_minimiser():
 def test_padding_zero_motif_scales_and_shared_dictionary():
     w1, h1 = correlated_layer(out=20, inp=30, seed=1)
     w2, h2 = correlated_layer(out=12, inp=64, seed=2)
-    fit = fit_data_aware([w1, w2], [h1, h2], 16, 8, 5, seed=0, zero_motif=True, scale=True)
+    fit = fit_data_aware([w1, w2], [h1, h2], FitOptions(16, 8, 5, seed=0, zero_motif=True, scale=True))
     assert fit.motifs.shape == (16, 8) and torch.equal(fit.motifs[0], torch.zeros(8))
     assert [m.shape for m in fit.mosaics] == [(20, 4), (12, 8)] and fit.mosaics[0].dtype == torch.uint8
     assert [s.shape for s in fit.scales] == [(20,), (12,)]
     assert all(bool((s > 0).all()) for s in fit.scales)
     with pytest.raises(ValueError, match="exceed the 80 blocks"):
-        fit_data_aware([w1], [h1], 81, 8)
+        fit_data_aware([w1], [h1], FitOptions(81, 8))
 
 
 def test_second_moments_skip_padding_positions():
@@ -94,7 +94,7 @@ def test_second_moments_skip_padding_positions():
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, 6:] = 0
     name = "encoder.layer.0.intermediate.dense"
-    padded = input_second_moments(model, [name], [{"input_ids": ids, "attention_mask": mask}])[name]
+    padded = input_moments(model, [name], [{"input_ids": ids, "attention_mask": mask}])[name]
     rows = []
     hook = model.get_submodule(name).register_forward_pre_hook(lambda m, a: rows.append(a[0][mask.bool()]))
     with torch.no_grad():
@@ -114,23 +114,23 @@ def test_calibrated_conversion_tracks_the_dense_model_better(arch):
         reference = main_output(dense(**held_out))
         errors = {}
         for init in ("kmeans", "data-aware"):
-            mm = get_momos_model(build(arch), MoMosConfig(k=32, s=4, init=init), calibration_data=calibration if init == "data-aware" else None)
+            mm = get_momos_model(build(arch), MoMosConfig(k=32, s=4, fit=init), calibration_data=calibration if init == "data-aware" else None)
             errors[init] = float((main_output(mm(**held_out)) - reference).square().mean())
     assert errors["data-aware"] < 0.9 * errors["kmeans"], errors
 
 
 def test_calibration_errors_are_clear():
     with pytest.raises(ValueError, match="needs calibration_data"):
-        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, init="data-aware"))
-    with pytest.raises(ValueError, match="only used by init='data-aware'"):
+        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, fit="data-aware"))
+    with pytest.raises(ValueError, match="only used by fit='data-aware'"):
         get_momos_model(build("llama"), MoMosConfig(k=8, s=4), calibration_data=[model_inputs("llama")])
     with pytest.raises(ValueError, match="never reached"):
-        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, init="data-aware"), calibration_data=[])
+        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, fit="data-aware"), calibration_data=[])
 
 
 def test_projection_reuses_the_calibration_of_the_conversion():
     calibration = [model_inputs("llama", batch=4, seed=i) for i in range(2)]
-    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, init="data-aware", train_mode="projected", motif_scope="global"),
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, fit="data-aware", train_mode="projected", motif_scope="global"),
                          calibration_data=calibration)
     layer = next(iter(mm.momos_layers().values()))
     with torch.no_grad():

@@ -73,7 +73,7 @@ def text_files(tmp_path):
 def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
     monkeypatch.chdir(text_files)
     # motifs mode starts from a data-aware fit calibrated on two training batches
-    extra = ["--modules_to_save", "embed_tokens", "lm_head", "--init", "data-aware", "--calibration_batches", "2"] if mode == "motifs" else []
+    extra = ["--modules_to_save", "embed_tokens", "lm_head", "--fit", "data-aware", "--calibration_batches", "2"] if mode == "motifs" else []
     metrics = finetune.main(["--train_file", "train.txt", "--validation_file", "valid.txt", "--max_steps", "12",
                              "--train_mode", mode, "--k", "64", "--project_every", "6", "--block_size", "64",
                              "--learning_rate", "3e-3", "--output_dir", "out", "--complexity_every", "4", *extra])

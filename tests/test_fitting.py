@@ -3,7 +3,8 @@ import torch
 
 from momos_hf.fitting import (
     assign,
-    fit_mosaic,
+    FitOptions,
+    fit_weight_space,
     index_bits,
     index_dtype,
     kmeans,
@@ -57,7 +58,7 @@ def test_padding_never_pulls_on_motifs():
     # distinct real blocks the fit must be exact on real values, whatever the padded motif values are.
     row = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     weight = torch.stack([row, -row, row, -row])
-    fit = fit_mosaic([weight], k=4, s=4, iters=5)
+    fit = fit_weight_space([weight], FitOptions(k=4, s=4, iters=5))
     assert relative_error(weight, reconstruct(fit.motifs, fit.mosaics[0], 6)) < 1e-10
 
 
@@ -83,7 +84,7 @@ def test_kmeans_beats_sampling_and_error_falls_with_k():
     errors = {}
     for init in ("sample", "kmeans"):
         for k in (16, 64, 256):
-            fit = fit_mosaic([weight], k=k, s=4, init=init, iters=10)
+            fit = fit_weight_space([weight], FitOptions(k=k, s=4, iters=10), sampled=init == "sample")
             errors[init, k] = relative_error(weight, reconstruct(fit.motifs, fit.mosaics[0], 256))
     for k in (16, 64, 256):
         assert errors["kmeans", k] < errors["sample", k]
@@ -94,14 +95,14 @@ def test_kmeans_beats_sampling_and_error_falls_with_k():
 def test_gaussian_error_is_near_the_rate_distortion_bound():
     # 2 bits/weight (k=256, s=4): the bound is 2^-4 = 0.0625; MOMOS.md measured 0.092 with 15 Lloyd steps.
     weight = gaussian(512, 512)
-    fit = fit_mosaic([weight], k=256, s=4, iters=15)
+    fit = fit_weight_space([weight], FitOptions(k=256, s=4, iters=15))
     error = relative_error(weight, reconstruct(fit.motifs, fit.mosaics[0], 512))
     assert 0.0625 < error < 0.105
 
 
 def test_shared_dictionary_over_matrices_of_different_widths():
     a, b = gaussian(16, 20, 1), gaussian(8, 13, 2)
-    fit = fit_mosaic([a, b], k=32, s=4, iters=3)
+    fit = fit_weight_space([a, b], FitOptions(k=32, s=4, iters=3))
     assert [m.shape for m in fit.mosaics] == [(16, 5), (8, 4)]
     assert fit.mosaics[0].dtype == torch.uint8
     assert relative_error(b, reconstruct(fit.motifs, fit.mosaics[1], 13)) < 0.5
@@ -115,8 +116,8 @@ def test_row_scales_keep_small_rows_accurate():
         approx = reconstruct(fit.motifs, fit.mosaics[0], 64, fit.scales[0])
         return float(((weight - approx).square().sum(1) / weight.square().sum(1)).mean())
 
-    plain = mean_row_error(fit_mosaic([weight], k=32, s=4, iters=10))
-    scaled = mean_row_error(fit_mosaic([weight], k=32, s=4, iters=10, scale=True))
+    plain = mean_row_error(fit_weight_space([weight], FitOptions(k=32, s=4, iters=10)))
+    scaled = mean_row_error(fit_weight_space([weight], FitOptions(k=32, s=4, iters=10, scale=True)))
     assert scaled < 0.5 and plain > 2 * scaled
 
 
@@ -128,4 +129,4 @@ def test_least_squares_scale():
 
 def test_k_larger_than_blocks_is_refused():
     with pytest.raises(ValueError, match="k=9 motifs exceed the 8 blocks"):
-        fit_mosaic([gaussian(4, 8)], k=9, s=4)
+        fit_weight_space([gaussian(4, 8)], FitOptions(k=9, s=4))

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, build, main_output, model_inputs
 from torch import nn
-from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
+from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
+from momos_hf import MoMosConfig, MoMosConv1D, MoMosLayer, MoMosLinear, MoMosModel, get_momos_model
 from momos_hf.fitting import to_blocks
 
 ARCHS = list(ARCHITECTURES)
@@ -39,7 +39,7 @@ def test_default_targets_are_the_block_projections_and_nothing_else(arch):
 def test_each_weight_uses_at_most_k_distinct_blocks(arch):
     _, mm = converted(arch, k=8, s=4)
     for layer in mm.momos_layers().values():
-        blocks = to_blocks(layer.dense_weight().detach(), layer.s)
+        blocks = to_blocks(layer.mosaic_weight().detach(), layer.s)
         assert len(torch.unique(blocks, dim=0)) <= 8
         assert layer.mosaic.dtype == torch.uint8
 
@@ -91,7 +91,7 @@ def test_weights_made_of_k_blocks_convert_losslessly(arch):
 def test_gpt2_conv1d_layout_round_trips():
     model, mm = converted("gpt2")
     layer = mm.base_model.transformer.h[0].attn.c_attn
-    assert layer.conv1d and (layer.in_features, layer.out_features) == (32, 96)
+    assert isinstance(layer, MoMosConv1D) and (layer.in_features, layer.out_features) == (32, 96)
     assert layer.weight.shape == (32, 96)  # the original Conv1D layout, for code that reads .weight
     merged = layer.merge()
     assert isinstance(merged, Conv1D) and merged.weight.shape == (32, 96)
@@ -144,7 +144,7 @@ def test_scales_and_zero_motif():
         layer.motifs[0] = 5.0  # training may move the stored value; motif 0 still reads as zero
     used_zero = (layer.mosaic == 0).any(1)
     assert used_zero.any()
-    blocks = to_blocks(layer.dense_weight().detach(), layer.s).reshape(layer.out_features, -1, layer.s)
+    blocks = to_blocks(layer.mosaic_weight().detach(), layer.s).reshape(layer.out_features, -1, layer.s)
     assert (blocks[layer.mosaic == 0] == 0).all()
 
 
@@ -191,7 +191,7 @@ def test_target_selection_by_list_regex_and_all_linear():
     "config, message",
     [
         ({"target_modules": ["q_proj", "qkv"]}, r"target_modules \['qkv'\] match no module of LlamaForCausalLM; its linear layers are named like \['down_proj'"),
-        ({"target_modules": ["mlp"]}, r"not nn.Linear or Conv1D: \['model.layers.0.mlp \(LlamaMLP\)'"),
+        ({"target_modules": ["mlp"]}, r"MoMos does not replace: \['model.layers.0.mlp \(LlamaMLP\)'"),
         ({"target_modules": "nothing.*"}, "selects no linear layer"),
         ({"k": 1000}, r"k=1000 motifs do not fit: model.layers.0.self_attn.q_proj \(32, 32\) has only 256 blocks"),
         ({"modules_to_save": ["q_proj"]}, "both MoMos targets and modules_to_save"),
@@ -272,18 +272,6 @@ def test_dequantize_gives_the_layers_back(tmp_path, loaded):
     assert not any(isinstance(m, MoMosLinear) for m in AutoModelForCausalLM.from_pretrained(tmp_path / "dense").modules())
 
 
-@pytest.mark.parametrize("builder, target", [
-    (lambda: build("gpt2"), "lm_head"),
-    (lambda: BertForMaskedLM(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=4)), "cls.predictions.decoder"),
-])
-def test_tied_output_embeddings_are_refused(builder, target):
-    model = builder()
-    with pytest.raises(ValueError, match=rf"{target} shares its weight with .* \(tied embeddings\)"):
-        get_momos_model(model, MoMosConfig(k=8, s=4, target_modules=[target]))
-    assert not any(isinstance(m, MoMosLinear) for m in model.modules())
-
-
 def test_float16_with_row_scales_stays_finite():
     model = build("llama").half()
     with torch.no_grad():
@@ -299,7 +287,7 @@ def test_huge_weights_fit_in_float32_and_overflow_float16_clearly():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[:4].mul_(1e20)
     mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=16, s=4, kmeans_iters=2))
-    assert all(torch.isfinite(l.dense_weight()).all() for l in mm.momos_layers().values())
+    assert all(torch.isfinite(l.mosaic_weight()).all() for l in mm.momos_layers().values())
     with pytest.raises(ValueError, match=r"the motifs fitted to model.layers.1.mlp.up_proj overflow torch.float16"):
         get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2, motif_dtype="float16"))
 

@@ -19,14 +19,14 @@ def test_projected_mode_starts_dense_and_snaps_onto_the_mosaic():
     with torch.no_grad():
         torch.testing.assert_close(mm(**inputs).logits, dense)  # the latent weights are the dense ones
     mm.project()
-    assert torch.equal(layer.latent, layer.dense_weight())
+    assert torch.equal(layer.latent, layer.mosaic_weight())
     assert len(torch.unique(layer.latent.reshape(-1, 4), dim=0)) <= 16
 
 
 def test_ste_mode_uses_the_mosaic_and_trains_the_latent():
     mm = get_momos_model(build("gpt2"), MoMosConfig(k=16, s=4, kmeans_iters=2, train_mode="ste"))
     layer = mm.base_model.transformer.h[0].mlp.c_fc
-    torch.testing.assert_close(layer.training_weight(), layer.dense_weight())
+    torch.testing.assert_close(layer.matrix(layer.motifs.dtype), layer.mosaic_weight())
     ids = model_inputs("gpt2")["input_ids"]
     mm(input_ids=ids, labels=ids).loss.backward()
     assert layer.latent.grad is not None and layer.latent.grad.abs().sum() > 0
@@ -75,7 +75,7 @@ def test_trainer_callback_projects_on_schedule(tmp_path, monkeypatch):
     Trainer(model=mm.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train()
     assert len(projections) == 3  # steps 2 and 4, and at the end of training
     layer = mm.base_model.model.layers[1].self_attn.o_proj
-    assert torch.equal(layer.latent, layer.dense_weight())
+    assert torch.equal(layer.latent, layer.mosaic_weight())
 
 
 def test_trainer_checkpoints_and_save_model_are_compact_momos_checkpoints(tmp_path):
@@ -102,7 +102,7 @@ def test_trainer_checkpoints_and_save_model_are_compact_momos_checkpoints(tmp_pa
     args.output_dir = str(tmp_path / "resumed")
     Trainer(model=resumed.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train(
         resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
-    assert all(torch.isfinite(l.dense_weight()).all() for l in resumed.momos_layers().values())
+    assert all(torch.isfinite(l.mosaic_weight()).all() for l in resumed.momos_layers().values())
 
 
 def test_trainer_given_the_wrapper_is_refused(tmp_path):

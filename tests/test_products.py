@@ -1,12 +1,15 @@
-"""The lookup-table product and how `MoMosLinear` picks its path."""
+"""The products (lookup table, reconstruction), how a layer picks one per call, and its override."""
 
 import pytest
 import torch
 
-import momos_hf.layer
 from momos_hf.fitting import reconstruct
 from momos_hf.layer import MoMosLinear
-from momos_hf.lookup import LOOKUP_MAX_TOKENS, lookup_linear
+from momos_hf.products import LOOKUP_MAX_ROWS, PRODUCTS, lookup_product, reconstruct_product, select_product
+
+
+def lookup_linear(x, motifs, mosaic, scale=None):
+    return lookup_product(x, motifs, mosaic, scale, 37)
 
 
 def random_mosaic(out=24, inp=37, k=16, s=8, seed=0):
@@ -41,29 +44,51 @@ def layer(zero_motif=False):
     return MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic, bias=torch.nn.Parameter(torch.randn(24)), zero_motif=zero_motif)
 
 
-def test_layer_uses_lookup_for_few_rows_and_reconstruction_for_many(monkeypatch):
+def test_the_selector_picks_by_device_and_rows():
+    for rows, expected in ((1, "lookup"), (LOOKUP_MAX_ROWS, "lookup"), (LOOKUP_MAX_ROWS + 1, "reconstruct")):
+        assert select_product(torch.empty(rows, 37), 24, 37) == expected
+    assert select_product(torch.empty(2, 3, 37), 24, 37) == "lookup"  # rows count every leading dimension
+    assert select_product(torch.empty(1, 37, device="meta"), 24, 37) == "reconstruct"  # no lookup measured there
+
+
+@pytest.mark.parametrize("name", list(PRODUCTS))
+def test_every_product_computes_the_layer(name):
+    motifs, mosaic = random_mosaic()
+    scale = torch.rand(24) + 0.5
+    x = torch.randn(5, 37)
+    torch.testing.assert_close(PRODUCTS[name](x, motifs, mosaic, scale, 37), x @ reconstruct(motifs, mosaic, 37, scale).T,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_layer_uses_the_chosen_product_and_its_override(monkeypatch):
     calls = []
-    monkeypatch.setattr(momos_hf.layer, "lookup_linear", lambda *a: calls.append(a) or lookup_linear(*a))
+    monkeypatch.setitem(PRODUCTS, "lookup", lambda *a: calls.append(a) or lookup_product(*a))
     momos = layer(zero_motif=True)
-    for rows in (1, LOOKUP_MAX_TOKENS, LOOKUP_MAX_TOKENS + 1):
+    for rows in (1, LOOKUP_MAX_ROWS, LOOKUP_MAX_ROWS + 1):
         x = torch.randn(rows, 37)
-        expected = x @ momos.dense_weight().T + momos.bias
+        expected = x @ momos.mosaic_weight().T + momos.bias
         torch.testing.assert_close(momos(x), expected, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2
     assert torch.equal(calls[0][1][0], torch.zeros(8))  # the zero motif reaches the lookup as zero
+    momos.product = "reconstruct"  # the per-layer override
+    momos(torch.randn(1, 37))
+    assert len(calls) == 2
+    momos.product = "lookup"
+    momos(torch.randn(100, 37))
+    assert len(calls) == 3
 
 
 def test_cached_weight_follows_changes_and_is_skipped_with_grad():
     momos = layer()
-    momos.cache_weight = True
+    momos.weight_cache_enabled = True
     x = torch.randn(64, 37)
     with torch.no_grad():
         before = momos(x)
-        assert momos._cached is not None
+        assert momos._weight_cache is not None
         momos.motifs.mul_(2.0)  # an in-place update, as an optimizer step makes
         torch.testing.assert_close(momos(x) - momos.bias, 2 * (before - momos.bias))
         momos.set_mosaic(torch.zeros_like(momos.mosaic))
-        torch.testing.assert_close(momos(x), x @ momos.dense_weight().T + momos.bias)
+        torch.testing.assert_close(momos(x), x @ momos.mosaic_weight().T + momos.bias)
     momos(x).sum().backward()  # with grad the cache is not used: the motifs get a gradient
     assert momos.motifs.grad is not None
 
@@ -79,6 +104,6 @@ def test_model_cache_weights_switches_every_layer():
         reference = mm(**inputs).logits
         mm.cache_weights()
         torch.testing.assert_close(mm(**inputs).logits, reference, rtol=1e-5, atol=1e-5)
-        assert all(layer._cached is not None for layer in mm.momos_layers().values())
+        assert all(layer._weight_cache is not None for layer in mm.momos_layers().values())
         mm.cache_weights(False)
-        assert all(layer._cached is None and not layer.cache_weight for layer in mm.momos_layers().values())
+        assert all(layer._weight_cache is None and not layer.weight_cache_enabled for layer in mm.momos_layers().values())

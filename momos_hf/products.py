@@ -1,0 +1,64 @@
+"""Products `x @ W_hat^T` of an input with a MoMos weight `W_hat = motifs[mosaic]` (times a scale per row),
+and the choice of product per call. Pure functions: no modules.
+
+Every product has one signature, `product(x[..., in], motifs[k, s], mosaic[out, nb], scale[out] | None,
+in_features) -> y[..., out]`, so a new kernel is one function and one entry in `PRODUCTS` (and a line in
+`select_product` if it should be picked automatically). A layer's `product` attribute overrides the choice.
+
+- `reconstruct`: build `W_hat` (one gather), one matmul, free it. The dense fallback; any device, dtype, shape.
+- `lookup`: each input row is cut into `nb` chunks of `s` values; every chunk is dotted with all `k` motifs
+  once, giving a table `T[nb, k]` per row (`in * k` multiply-adds). Output `o` is then the sum over `j` of
+  `T[j, mosaic[o, j]]`: `out * nb = out * in / s` additions instead of `out * in` multiply-adds, and only the
+  small integer mosaic is read instead of a dense matrix. That wins when few rows share the weight (decoding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .fitting import reconstruct
+
+Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
+
+LOOKUP_MAX_ROWS = 32  # measured on 2 CPU cores, 512-4096 features (benchmarks/inference.py)
+MIN_TABLE_WIDTH = 4  # embedding_bag is slow on one-value rows: pad the table to at least 4 columns
+
+
+def reconstruct_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
+                        in_features: int) -> torch.Tensor:
+    """`x @ W_hat^T` through the reconstructed weight (computed in the wider of the two dtypes, rounded once)."""
+    wide = torch.promote_types(motifs.dtype, x.dtype)
+    weight = reconstruct(motifs.to(wide), mosaic, in_features, None if scale is None else scale.to(wide))
+    return F.linear(x, weight.to(x.dtype))
+
+
+def lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
+                   in_features: int) -> torch.Tensor:
+    """`x @ W_hat^T` from a table of input chunks times motifs, summed by the mosaic (no dense `W_hat`)."""
+    k, s = motifs.shape
+    out_features, nb = mosaic.shape
+    rows = x.reshape(-1, x.shape[-1])
+    tokens = rows.shape[0]
+    rows = F.pad(rows, (0, nb * s - rows.shape[1]))  # padded weights are zero-padded inputs' partners
+    table = torch.einsum("tjs,ks->jkt", rows.view(tokens, nb, s), motifs.to(rows.dtype))
+    table = F.pad(table.reshape(nb * k, tokens), (0, max(tokens, MIN_TABLE_WIDTH) - tokens))
+    # Row (j, m) of the table is chunk j dotted with motif m, so block (o, j) reads row j * k + mosaic[o, j].
+    offsets = torch.arange(0, nb * k, k, dtype=torch.int32, device=mosaic.device)
+    y = F.embedding_bag(mosaic.to(torch.int32) + offsets, table, mode="sum")[:, :tokens].T
+    if scale is not None:
+        y = y * scale.to(y.dtype)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+PRODUCTS: dict[str, Product] = {"reconstruct": reconstruct_product, "lookup": lookup_product}
+
+
+def select_product(x: torch.Tensor, out_features: int, in_features: int) -> str:
+    """The product for this call. On CPU: the lookup for up to 32 input rows (measured faster than
+    reconstructing at every size from 512 to 4096), else reconstruction. Elsewhere: reconstruction, the
+    one product measured there so far."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return "lookup" if x.device.type == "cpu" and rows <= LOOKUP_MAX_ROWS else "reconstruct"

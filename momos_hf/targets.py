@@ -1,0 +1,86 @@
+"""Which modules of a model become MoMos layers (`MoMosConfig.target_modules`), and which of them are tied."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional, Union
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .layer import LAYER_TYPES, layer_class_for
+
+
+def in_repeated_block(name: str) -> bool:
+    """True for modules inside an indexed stack of blocks (`layers.3.`, `h.0.`, `encoder.layer.5.`)."""
+    return any(part.isdigit() for part in name.split("."))
+
+
+def find_targets(model: nn.Module, target_modules: Optional[Union[list[str], str]]) -> list[str]:
+    """Full names of the modules that `target_modules` selects (see `MoMosConfig.target_modules`), in module
+    order, with the modules tied to them (see `tie_groups`)."""
+    output_embeddings = _output_embeddings(model)
+    linear = {name: module for name, module in model.named_modules()
+              if type(module) in (nn.Linear, Conv1D) and module is not output_embeddings}
+    if target_modules is None:
+        targets = [name for name in linear if in_repeated_block(name)]
+    elif target_modules == "all-linear":
+        targets = list(linear)
+    elif isinstance(target_modules, str):
+        targets = [name for name, _ in model.named_modules() if re.fullmatch(target_modules, name)]
+        if not targets and re.fullmatch(r"[\w.]+", target_modules):  # a single name, as PEFT users write it
+            targets = match_names(model, [target_modules], "target_modules")
+    else:
+        targets = match_names(model, target_modules, "target_modules")
+    if not targets:
+        raise ValueError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
+                         f"linear layers are named like {_leaf_names(linear)}")
+    unsupported = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in targets if layer_class_for(model.get_submodule(n)) is None]
+    if unsupported:
+        raise ValueError(f"target_modules selects modules MoMos does not replace: {unsupported[:5]}; it replaces "
+                         f"{', '.join(cls.replaces.__name__ for cls in LAYER_TYPES.values())}")
+    tied = {name for pair in tie_groups(model, targets).items() for name in pair}
+    return [name for name, _ in model.named_modules() if name in set(targets) | tied]
+
+
+def tie_groups(model: nn.Module, targets: Iterable[str]) -> dict[str, str]:
+    """`{follower: leader}` for every module that shares a target's weight, or whose weight a target shares
+    (tied input and output embeddings): both become MoMos layers with one dictionary, mosaic and scale. The
+    leader is the first of them in module order."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append(name)
+    ties = {}
+    for target in targets:
+        group = holders.get(id(model.get_submodule(target)._parameters.get("weight")), [target])
+        for name in group[1:]:
+            module, leader = model.get_submodule(name), model.get_submodule(group[0])
+            cls, leader_cls = layer_class_for(module), layer_class_for(leader)
+            if cls is None or leader_cls is None or cls.matrix_of(module).shape != leader_cls.matrix_of(leader).shape:
+                raise ValueError(f"{name} shares its weight with {group[0]} (tied) and cannot follow it into MoMos form")
+            ties[name] = group[0]
+    return ties
+
+
+def match_names(model: nn.Module, entries: Iterable[str], option: str) -> list[str]:
+    """Modules whose full name equals an entry or ends with `"." + entry`; every entry must match."""
+    entries = list(entries)
+    names = [name for name, _ in model.named_modules() if name]
+    matched = [n for n in names if any(n == e or n.endswith("." + e) for e in entries)]
+    unknown = [e for e in entries if not any(n == e or n.endswith("." + e) for n in names)]
+    if unknown:
+        linear = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D)}
+        raise ValueError(f"{option} {unknown} match no module of {type(model).__name__}; "
+                         f"its linear layers are named like {_leaf_names(linear)}")
+    return matched
+
+
+def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _leaf_names(modules: dict[str, nn.Module]) -> list[str]:
+    return sorted({name.rpartition(".")[2] for name in modules})
