@@ -22,7 +22,7 @@ from common import encode, load_minilm, sentence_embeddings, shakespeare_lines, 
 from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.training import project_in_sync
+from momos_hf.training import ProjectionSchedule
 
 
 @torch.no_grad()
@@ -40,6 +40,7 @@ def distil(teacher, tokenizer, held_out, train_lines, s: int, args) -> dict:
     before = mean_cosine(student, teacher, held_out)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr)
     rng = random.Random(0)
+    schedule = ProjectionSchedule(student)
     for step in range(1, args.steps + 1):
         batch = encode(tokenizer, rng.sample(train_lines, args.batch_size))
         with torch.no_grad():
@@ -52,10 +53,10 @@ def distil(teacher, tokenizer, held_out, train_lines, s: int, args) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if args.mode != "motifs" and (step % config.project_every == 0 or step == args.steps):
-            project_in_sync(student)
+        schedule.step_end(step)
         if step % 50 == 0:
             print(f"  s={s} step {step}: loss {loss.item():.4f}, batch cosine {cosine.item():.4f}", flush=True)
+    schedule.train_end(args.steps)
     after = mean_cosine(student, teacher, held_out)
     return {"s": s, "k": 256, "bits_per_weight": 8 / s, "cosine_projection_only": before, "cosine_distilled": after,
             "steps": args.steps, "seconds": time.perf_counter() - start}

@@ -11,9 +11,17 @@ from pathlib import Path
 from typing import Optional
 
 from safetensors import SafetensorError
+from transformers import AutoConfig, AutoTokenizer
 
-from .config import FITS, SCOPES
+from . import __version__
+from .checkpoint import checkpoint_info, format_info
+from .complexity import complexity_report
+from .config import FITS, SCOPES, MoMosConfig
+from .data import byte_tokenizer, calibration_batches
+from .demo import run_demo, tiny_llama
 from .fits import NEEDS_INPUT_MOMENTS
+from .hub import push_folder
+from .model import architecture_class, get_momos_model
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -49,8 +57,6 @@ def calibration_from_args(args: argparse.Namespace, model, tokenizer):
         raise ValueError(f"--fit {args.fit} needs --calibration_file TEXT")
     if tokenizer is None:
         raise ValueError(f"--fit {args.fit} needs a tokenizer in the model folder to tokenize --calibration_file")
-    from .data import calibration_batches
-
     batches = calibration_batches(tokenizer, args.calibration_file, args.calibration_samples, args.calibration_seq_len)
     if model.config.is_encoder_decoder:
         batches = [dict(b, decoder_input_ids=b["input_ids"]) for b in batches]
@@ -58,8 +64,6 @@ def calibration_from_args(args: argparse.Namespace, model, tokenizer):
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import MoMosConfig
-
     targets = args.target_regex or args.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
@@ -70,17 +74,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
-
     run_demo(steps=args.steps, k=args.k, s=args.s, scope=args.motif_scope, seed=args.seed, show_layers=args.layers)
 
 
 def load_model(path: str, torch_dtype: str = "auto"):
     """The model in a local Transformers folder, as the class its config names, in `torch_dtype`."""
-    from transformers import AutoConfig
-
-    from .model import architecture_class
-
     folder = Path(path)
     if not (folder.is_dir() and (folder / "config.json").is_file()):
         raise ValueError(f"{path} is not a local model folder (a folder with config.json)")
@@ -89,10 +87,6 @@ def load_model(path: str, torch_dtype: str = "auto"):
 
 def load_tokenizer(path: Optional[str]):
     """The tokenizer of a model folder (`None` if it has none); the byte tokenizer for the default model."""
-    from transformers import AutoTokenizer
-
-    from .data import byte_tokenizer
-
     if path is None:
         return byte_tokenizer()
     try:
@@ -102,10 +96,6 @@ def load_tokenizer(path: Optional[str]):
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .complexity import complexity_report
-    from .demo import tiny_llama
-    from .model import get_momos_model
-
     model = tiny_llama(args.seed) if args.model_path is None else load_model(args.model_path, args.torch_dtype)
     calibration = calibration_from_args(args, model, load_tokenizer(args.model_path))
     mm = get_momos_model(model, config_from_args(args), calibration)
@@ -116,9 +106,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .checkpoint import checkpoint_info, format_info
-    from .model import get_momos_model
-
     model = load_model(args.model_path, args.torch_dtype)
     tokenizer = load_tokenizer(args.model_path)
     mm = get_momos_model(model, config_from_args(args), calibration_from_args(args, model, tokenizer))
@@ -127,22 +114,16 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .checkpoint import checkpoint_info, format_info
-
     print(format_info(checkpoint_info(args.directory)))
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    from .hub import push_folder
-
     url = push_folder(args.directory, args.repo_id, private=not args.public, token=args.token,
                       revision=args.revision, commit_message=args.commit_message)
     print(f"pushed {args.directory} to {args.repo_id}: {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models",
                                      formatter_class=formatter)

@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
+from .card import render_card
 from .checkpoint import read_checkpoint_config, verify_checkpoint, weight_file_names
 
 # Files beside the weights that a model repository carries (tokenizers write some of these, never all).
@@ -56,8 +57,6 @@ def push_folder(
     """Upload the checkpoint in `directory` to `repo_id` in one commit (see the module docstring for what is
     uploaded), adding a model card as README.md when the folder has none. The repository is created if
     needed, private unless `private=False`. Returns the commit URL."""
-    from .card import render_card
-
     directory = Path(directory)
     files = files_to_push(directory)
     card = None if (directory / "README.md").exists() else render_card(directory, repo_id).encode("utf-8")

@@ -9,10 +9,11 @@ class per kind of module they replace, and `LayerSpec`, the record a checkpoint 
   (`enable_latent`); forward then uses it directly (`projected`) or through the mosaic with a
   straight-through gradient (`ste`). Checkpoints never store it.
 
-Adding a module type: subclass `MoMosLayer`, set `kind` and `replaces`, implement `matrix_of` (the module's
-weight as the `[out, in]` matrix MoMos fits), `_from_module` (the rest of the module's state: bias, ...),
-`forward`, `merge` and `weight`, and add the class to `LAYER_TYPES`. Conversion, checkpoints and loading
-then handle it.
+Adding a module type: subclass `MoMosLayer`, set `kind` and `replaces`, give `matrix_of` and
+`module_layout` (the module's weight as the `[out, in]` matrix MoMos fits, and back) where the weight is not
+already that matrix, `_from_module` (the rest of the module's state: bias, ...), `empty_module`, `forward`,
+and `input_rows` where data-aware fits should calibrate on something else than the input's last dimension;
+then add the class to `LAYER_TYPES`. Conversion, checkpoints, loading and merging handle it from there.
 """
 
 from __future__ import annotations
@@ -161,7 +162,15 @@ class MoMosLayer(nn.Module):
 
     @staticmethod
     def matrix_of(module: nn.Module) -> torch.Tensor:
-        """`module`'s weight as the `[out, in]` matrix MoMos fits."""
+        """`module`'s weight as the `[out, in]` matrix MoMos fits (its weight itself, unless overridden)."""
+        return module.weight
+
+    def module_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The `[out, in]` matrix in the replaced module's weight layout (the inverse of `matrix_of`)."""
+        return matrix
+
+    def empty_module(self) -> nn.Module:
+        """A module of the replaced type and shape, built on the meta device (merge fills its weight)."""
         raise NotImplementedError
 
     @staticmethod
@@ -185,7 +194,19 @@ class MoMosLayer(nn.Module):
 
     def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
         """A module of the replaced type holding the mosaic weight, in `dtype` (default: the motifs')."""
-        raise NotImplementedError
+        with torch.no_grad():
+            weight = self.module_layout(self.mosaic_weight(dtype)).contiguous()
+        with torch.device("meta"):  # shapes only: the parameters are replaced right below
+            module = self.empty_module()
+        module.weight = nn.Parameter(weight)
+        if hasattr(module, "bias"):
+            module.bias = self.bias
+        return module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight in the replaced module's layout, for code that reads it (rebuilt on every read)."""
+        return self.module_layout(self.mosaic_weight())
 
     # -- shared ------------------------------------------------------------------------------------
 
@@ -316,10 +337,6 @@ class MoMosLinear(MoMosLayer):
         super().__init__(in_features, out_features, motifs, mosaic, scale, zero_motif)
         self.bias = bias
 
-    @staticmethod
-    def matrix_of(module: nn.Module) -> torch.Tensor:
-        return module.weight
-
     @classmethod
     def _from_module(cls, module, in_features, out_features, motifs, mosaic, scale, zero_motif):
         return cls(in_features, out_features, motifs, mosaic, scale, module.bias, zero_motif)
@@ -328,19 +345,8 @@ class MoMosLinear(MoMosLayer):
         y = self.multiply(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The weight in the replaced layer's layout, for code that reads it."""
-        return self.mosaic_weight()
-
-    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
-        with torch.no_grad():
-            weight = self.mosaic_weight(dtype)
-        with torch.device("meta"):  # shapes only: both parameters are replaced right below
-            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        layer.weight = nn.Parameter(weight)
-        layer.bias = self.bias
-        return layer
+    def empty_module(self) -> nn.Module:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bias={self.bias is not None}"
@@ -357,18 +363,11 @@ class MoMosConv1D(MoMosLinear):
     def matrix_of(module: nn.Module) -> torch.Tensor:
         return module.weight.T
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.mosaic_weight().T
+    def module_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T
 
-    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
-        with torch.no_grad():
-            weight = self.mosaic_weight(dtype)
-        with torch.device("meta"):
-            layer = Conv1D(self.out_features, self.in_features)
-        layer.weight = nn.Parameter(weight.T.contiguous())
-        layer.bias = self.bias
-        return layer
+    def empty_module(self) -> nn.Module:
+        return Conv1D(self.out_features, self.in_features)
 
 
 class MoMosEmbedding(MoMosLayer):
@@ -383,10 +382,6 @@ class MoMosEmbedding(MoMosLayer):
                  scale: Optional[nn.Parameter] = None, padding_idx: Optional[int] = None, zero_motif: bool = False) -> None:
         super().__init__(embedding_dim, num_embeddings, motifs, mosaic, scale, zero_motif)
         self.padding_idx = padding_idx
-
-    @staticmethod
-    def matrix_of(module: nn.Module) -> torch.Tensor:
-        return module.weight
 
     @staticmethod
     def input_rows(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -407,17 +402,8 @@ class MoMosEmbedding(MoMosLayer):
         scale = full_tensor(self.scale)
         return rows if scale is None else rows * scale[ids].unsqueeze(-1).to(rows.dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.mosaic_weight()
-
-    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
-        with torch.no_grad():
-            weight = self.mosaic_weight(dtype)
-        with torch.device("meta"):
-            layer = nn.Embedding(self.out_features, self.in_features, self.padding_idx)
-        layer.weight = nn.Parameter(weight)
-        return layer
+    def empty_module(self) -> nn.Module:
+        return nn.Embedding(self.out_features, self.in_features, self.padding_idx)
 
     def extra_repr(self) -> str:
         return f"{self.out_features}, {self.in_features}, k={self.k}, s={self.s}, scale={self.scale is not None}"
@@ -461,7 +447,7 @@ class MoMosConv2d(MoMosLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         matrix = self.matrix(x.dtype)
-        weight = (self.mosaic_weight(x.dtype) if matrix is None else matrix).reshape(self.weight_shape)
+        weight = self.module_layout(self.mosaic_weight(x.dtype) if matrix is None else matrix)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         conv = self.conv
         if conv["padding_mode"] != "zeros":  # as nn.Conv2d: pad explicitly, then convolve without padding
@@ -469,23 +455,12 @@ class MoMosConv2d(MoMosLayer):
             return F.conv2d(padded, weight, bias, conv["stride"], 0, conv["dilation"], conv["groups"])
         return F.conv2d(x, weight, bias, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (self.out_features, self.conv["in_channels"] // self.conv["groups"], *self.conv["kernel_size"])
+    def module_layout(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(self.out_features, self.conv["in_channels"] // self.conv["groups"], *self.conv["kernel_size"])
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.mosaic_weight().reshape(self.weight_shape)
-
-    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Module:
-        with torch.no_grad():
-            weight = self.mosaic_weight(dtype).reshape(self.weight_shape)
+    def empty_module(self) -> nn.Module:
         options = {name: self.conv[name] for name in self.CONV_OPTIONS if name != "in_channels"}
-        with torch.device("meta"):
-            layer = nn.Conv2d(self.conv["in_channels"], self.out_features, bias=self.bias is not None, **options)
-        layer.weight = nn.Parameter(weight)
-        layer.bias = self.bias
-        return layer
+        return nn.Conv2d(self.conv["in_channels"], self.out_features, bias=self.bias is not None, **options)
 
 
 LAYER_TYPES: dict[str, type[MoMosLayer]] = {cls.kind: cls for cls in (MoMosLinear, MoMosConv1D, MoMosEmbedding, MoMosConv2d)}

@@ -4,7 +4,8 @@ the projection schedule, keeping ranks in agreement, and distillation from the d
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,10 +29,37 @@ def unwrap(model: Any) -> MoMosModel:
     raise TypeError(f"expected a model with MoMos layers (get_momos_model), got {type(model).__name__}")
 
 
-def projection_due(config_project_every: int, step: int, epoch_end: bool) -> bool:
-    """Whether the `projected`/`ste` schedule projects now: every `project_every` optimizer steps, or at
-    each epoch end when `project_every` is 0."""
-    return epoch_end if config_project_every == 0 else (not epoch_end and step > 0 and step % config_project_every == 0)
+class ProjectionSchedule:
+    """When the `projected`/`ste` train modes project (from the model's `MoMosConfig`): every `project_every`
+    optimizer steps, or at each epoch end when it is 0, and once more when training ends unless that step
+    was just projected, so that the model finishes in MoMos form. In `motifs` mode it never projects. One
+    schedule serves the recipe, `MoMosCallback` and plain loops: call `step_end`, `epoch_end` and
+    `train_end`; each returns whether it projected. `seconds` is what projecting has cost."""
+
+    def __init__(self, model: Any, clock: Callable[[], float] = time.perf_counter) -> None:
+        config = unwrap(model).momos_config
+        self.model, self.clock = model, clock
+        self.every, self.active = config.project_every, config.train_mode != "motifs"
+        self.last_step: Optional[int] = None
+        self.seconds = 0.0
+
+    def step_end(self, step: int) -> bool:
+        return self._project(step) if self.every and step > 0 and step % self.every == 0 else False
+
+    def epoch_end(self, step: int) -> bool:
+        return self._project(step) if self.every == 0 else False
+
+    def train_end(self, step: int) -> bool:
+        return self._project(step) if self.last_step != step else False
+
+    def _project(self, step: int) -> bool:
+        if not self.active:
+            return False
+        start = self.clock()
+        project_in_sync(self.model)
+        self.seconds += self.clock() - start
+        self.last_step = step
+        return True
 
 
 @torch.no_grad()
@@ -83,14 +111,17 @@ def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: 
 
 
 class MoMosCallback(TrainerCallback):
-    """Projection schedule of the `projected`/`ste` train modes for `transformers.Trainer`.
+    """The `ProjectionSchedule` of the `projected`/`ste` train modes for `transformers.Trainer`.
 
-    Projects every `project_every` optimizer steps (from the model's `MoMosConfig`), or at each epoch end
-    when it is 0, and once more when training ends so that the model finishes in MoMos form. Give Trainer
-    the converted Transformers model (`mm.base_model`): Trainer saves only a bare state dict of models that
-    are not Transformers models, so it is refused here, while `mm.base_model.save_pretrained` (what Trainer's
-    checkpoints and `save_model` call) writes the compact MoMos checkpoint.
+    Give Trainer the converted Transformers model (`mm.base_model`): Trainer saves only a bare state dict of
+    models that are not Transformers models, so the wrapper is refused here, while
+    `mm.base_model.save_pretrained` (what Trainer's checkpoints and `save_model` call) writes the compact
+    MoMos checkpoint. When Trainer resumes, the latent weights (which checkpoints do not hold) restart from
+    the saved mosaic.
     """
+
+    def __init__(self) -> None:
+        self.schedule: Optional[ProjectionSchedule] = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if isinstance(model, MoMosModel):
@@ -98,23 +129,17 @@ class MoMosCallback(TrainerCallback):
                              "would save the wrapper as a bare state dict that no from_pretrained can load")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.schedule = ProjectionSchedule(model)
         if state.global_step > 0:  # resumed: checkpoints hold no latent weights, so restart them from the mosaic
             for layer in unwrap(model).momos_layers().values():
-                if layer.latent is not None:
+                if layer.latent is not None and layer.leader is None:
                     assign_(layer.latent, layer.mosaic_weight(layer.latent.dtype))
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._maybe_project(model, state.global_step, epoch_end=False)
+    def on_step_end(self, args, state, control, **kwargs):
+        self.schedule.step_end(state.global_step)
 
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._maybe_project(model, state.global_step, epoch_end=True)
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.schedule.epoch_end(state.global_step)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if unwrap(model).momos_config.train_mode != "motifs":
-            project_in_sync(model)
-
-    @staticmethod
-    def _maybe_project(model: Any, step: int, epoch_end: bool) -> None:
-        config = unwrap(model).momos_config
-        if config.train_mode != "motifs" and projection_due(config.project_every, step, epoch_end):
-            project_in_sync(model)
+    def on_train_end(self, args, state, control, **kwargs):
+        self.schedule.train_end(state.global_step)

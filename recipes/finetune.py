@@ -40,7 +40,7 @@ from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fits import NEEDS_INPUT_MOMENTS
 from momos_hf.data import byte_tokenizer, load_text_datasets, tokenize_and_group
 from momos_hf.demo import tiny_llama
-from momos_hf.training import distillation_loss, hidden_state_loss, momos_state_digest, project_in_sync, projection_due
+from momos_hf.training import ProjectionSchedule, distillation_loss, hidden_state_loss, momos_state_digest
 
 STEP_FILE = "momos_step.json"
 
@@ -267,17 +267,8 @@ def main(argv=None) -> dict:
         accelerator.print(f"resumed from step {step}")
     initial = evaluate(model, eval_dl, accelerator)
     accelerator.print(f"step {step}: eval loss {initial['eval_loss']:.4f}, perplexity {initial['perplexity']:.2f}")
-    latent_mode = args.train_mode in ("projected", "ste")
-    last_projection = None
-    projection_seconds = 0.0
+    schedule = ProjectionSchedule(model) if momos_mode else None
     train_start = time.perf_counter()
-
-    def project() -> None:
-        nonlocal last_projection, projection_seconds
-        start = time.perf_counter()
-        project_in_sync(model)
-        projection_seconds += time.perf_counter() - start
-        last_projection = step
 
     tracker = ComplexityTracker(every=args.complexity_every) if args.complexity_every else None
     if tracker is not None:
@@ -298,8 +289,8 @@ def main(argv=None) -> dict:
                 continue
             step += 1
             progress.update(1)
-            if latent_mode and projection_due(args.project_every, step, epoch_end=False):
-                project()
+            if schedule is not None:
+                schedule.step_end(step)
             if tracker is not None and (row := tracker.track(model, step, loss.item())) is not None:
                 accelerator.log({f"complexity/{key}": value for key, value in row.items() if key not in ("step", "loss")}, step=step)
             if step % args.logging_steps == 0:
@@ -314,13 +305,13 @@ def main(argv=None) -> dict:
                 save_training_state(accelerator, Path(args.output_dir), step)
             if step >= max_steps:
                 break
-        if latent_mode and projection_due(args.project_every, step, epoch_end=True):
-            project()
+        if schedule is not None:
+            schedule.epoch_end(step)
         if step >= max_steps:
             break
     progress.close()
-    if latent_mode and last_projection != step:
-        project()  # finish exactly in MoMos form
+    if schedule is not None:
+        schedule.train_end(step)  # finish exactly in MoMos form
     train_seconds = time.perf_counter() - train_start
     if tracker is not None:
         accelerator.print(f"complexity tracking: {len(tracker.history)} measurements, {tracker.overhead:.1%} of training time")
@@ -329,7 +320,7 @@ def main(argv=None) -> dict:
             (Path(args.output_dir) / "complexity.json").write_text(json.dumps(tracker.history, indent=1))
     metrics = evaluate(model, eval_dl, accelerator)
     metrics.update({"initial_eval_loss": initial["eval_loss"], "steps": step, "world_size": accelerator.num_processes,
-                    "train_seconds": train_seconds, "projection_seconds": projection_seconds})
+                    "train_seconds": train_seconds, "projection_seconds": schedule.seconds if schedule else 0.0})
     if tracker is not None:
         metrics["complexity_overhead"] = tracker.overhead
     if momos_mode:

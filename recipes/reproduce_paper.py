@@ -36,6 +36,7 @@ from transformers.utils import logging
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.complexity import complexity_report
 from momos_hf.tracking import ComplexityTracker
+from momos_hf.training import ProjectionSchedule
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare" / "train.txt"
 PROCEDURES = ("dense", "paper", "library")
@@ -55,8 +56,10 @@ def train(model: nn.Module, procedure: str, k: int, s: int, seed: int, steps: in
     def optimizer_for(m):
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
 
+    schedule = None
     if procedure == "paper":
         model = get_momos_model(model, momos_config("paper", k, s, seed, **momos_extra))
+        schedule = ProjectionSchedule(model)  # the paper's: at each epoch end
     optimizer = optimizer_for(model)
     tracker.track(model, 0)
     for step in range(1, steps + 1):
@@ -68,9 +71,11 @@ def train(model: nn.Module, procedure: str, k: int, s: int, seed: int, steps: in
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if procedure == "paper" and (step % epoch_steps == 0 or step == steps):
-            model.project()
+        if schedule is not None and step % epoch_steps == 0:
+            schedule.epoch_end(step)
         tracker.track(model, step, loss.item())
+    if schedule is not None:
+        schedule.train_end(steps)
     return model
 
 

@@ -5,7 +5,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
-from momos_hf.training import MoMosCallback, distillation_loss, momos_state_digest, projection_due
+from momos_hf.training import MoMosCallback, ProjectionSchedule, distillation_loss, momos_state_digest
 
 
 def test_projected_mode_starts_dense_and_snaps_onto_the_mosaic():
@@ -49,8 +49,20 @@ def test_checkpoints_never_hold_latent_weights(tmp_path):
 
 @pytest.mark.parametrize("every, step, epoch_end, due", [(0, 5, False, False), (0, 5, True, True), (2, 4, False, True),
                                                          (2, 3, False, False), (2, 4, True, False)])
-def test_projection_schedule(every, step, epoch_end, due):
-    assert projection_due(every, step, epoch_end) is due
+def test_projection_schedule(every, step, epoch_end, due, monkeypatch):
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=every))
+    steps = []
+    monkeypatch.setattr(MoMosModel, "project", lambda self: steps.append(step))
+    schedule = ProjectionSchedule(mm)
+    assert (schedule.epoch_end(step) if epoch_end else schedule.step_end(step)) is due
+    assert schedule.train_end(step) is not due  # the end projects unless that step just did
+    assert len(steps) == 1
+
+
+def test_motifs_mode_never_projects():
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, project_every=1))
+    schedule = ProjectionSchedule(mm)
+    assert not (schedule.step_end(1) or schedule.epoch_end(1) or schedule.train_end(1))
 
 
 def test_distillation_loss():
@@ -73,7 +85,7 @@ def test_trainer_callback_projects_on_schedule(tmp_path, monkeypatch):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
                              report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
     Trainer(model=mm.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train()
-    assert len(projections) == 3  # steps 2 and 4, and at the end of training
+    assert len(projections) == 2  # steps 2 and 4; the end of training needs none after step 4's
     layer = mm.base_model.model.layers[1].self_attn.o_proj
     assert torch.equal(layer.latent, layer.mosaic_weight())
 
