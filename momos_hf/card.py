@@ -16,6 +16,15 @@ from .checkpoint import checkpoint_info, read_leading_weights
 from .complexity import DEFAULT_MAX_BYTES, bdm_of_signs, compression_ratios
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+CARD_MARKER = "model card written by momos-hf; a later save may rewrite it (remove this line to keep your edits)"
+
+
+def is_generated_card(path: Union[str, os.PathLike]) -> bool:
+    """Whether the file at `path` is a model card momos-hf wrote (and may rewrite), not one of the user's."""
+    try:
+        return CARD_MARKER in Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def load_class_for(architecture: str) -> str:
@@ -50,6 +59,7 @@ def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = Non
     return string.Template(template).substitute(
         metadata=metadata.to_yaml(),
         title=f"{repo_id.split('/')[-1] if repo_id else info['architecture']} (MoMos, {info['bits_per_weight']:.2f} bits/weight)",
+        marker=CARD_MARKER,
         base_model_text=f"[{base}](https://huggingface.co/{base})" if base_is_hub_id else (f"`{base}`" if base else "a model"),
         layers=info["layers"],
         s=settings["s"],

@@ -64,8 +64,11 @@ INDEX_SUFFIX = ".safetensors.index.json"
 JOURNAL_NAME = ".momos-save.json"
 STAGING_PREFIX = ".momos-save-"
 STAGING_NAME = re.compile(r"\.momos-save-[0-9a-f]{12}")
+# The only names a save ever removes: weight files and indexes in the two naming schemes above.
+WEIGHT_FILE_NAME = re.compile(r"model(-momos-[0-9a-f]{12})?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 QUANTIZATION_FIELDS = {"quant_method", "format_version", "base_model", "momos_config", "layers", "weights", "checksums"}
 FLOAT_DTYPES = {"F32": 32, "F16": 16, "BF16": 16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DTYPE_BITS = {**FLOAT_DTYPES, "F64": 64, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "I32": 32, "I64": 64, "BOOL": 8}
 
 
@@ -103,12 +106,15 @@ def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
         raise ValueError("quantization_config.base_model must be a string")
     if not isinstance(quantization.get("momos_config"), dict):
         raise ValueError("quantization_config.momos_config must be an object")
-    MoMosConfig.from_dict(quantization["momos_config"])
+    config = MoMosConfig.from_dict(quantization["momos_config"])
     layers = quantization.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise ValueError("quantization_config.layers must list at least one MoMos layer")
     specs = {name: LayerSpec.from_dict(name, values) for name, values in layers.items()}
     for name, spec in specs.items():
+        if spec.s != config.s or (config.k is not None and spec.k != config.k) or spec.scale != config.scale:
+            raise ValueError(f"layer {name!r} (k={spec.k}, s={spec.s}, scale={spec.scale}) contradicts momos_config "
+                             f"(k={config.k}, s={config.s}, scale={config.scale})")
         owner = specs.get(spec.motifs)
         if owner is None or owner.motifs != spec.motifs:
             raise ValueError(f"layer {name!r} uses the motifs of {spec.motifs!r}, which does not store a dictionary")
@@ -130,9 +136,12 @@ def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
     return specs
 
 
-def config_digest(quantization: dict[str, Any]) -> str:
-    """sha256 of the quantization config without its checksums (they hash the files that carry this digest)."""
-    covered = {key: value for key, value in quantization.items() if key != "checksums"}
+def config_digest(config: dict[str, Any]) -> str:
+    """sha256 of a checkpoint's config.json as saved, without the two entries that cannot be in it: the
+    checksums (they hash the files that carry this digest) and the load marker."""
+    quantization = {key: value for key, value in config["quantization_config"].items() if key != "checksums"}
+    covered = {**{key: value for key, value in config.items() if key != "transformers_weights"},
+               "quantization_config": quantization}
     return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -142,22 +151,26 @@ def plain_file_name(name: Any) -> bool:
 
 
 def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` without latent weights and with each shared tensor kept once, under its first
-    name (a shared dictionary under its owner layer, tied embeddings under the input embeddings); loading
-    re-ties them. `state_dict` replaces `model.state_dict()` (a gathered one, for sharded models)."""
-    seen: set[tuple[torch.device, int]] = set()
-    unique = {}
+    """What a checkpoint of `model` holds: every persistent parameter and buffer of its state dict, each
+    shared parameter once under its first name (a shared dictionary under its owner layer, tied embeddings
+    under the input embeddings; loading re-ties them), no latent weights, no tied layer's copy of its
+    leader's mosaic. `state_dict` gives the values instead (a gathered one, for sharded models): it must
+    hold every one of those names, in the model's shapes, or nothing is saved."""
     layers = momos_layers(model)
     skipped = {f"{n}.latent" for n in layers} | {f"{n}.mosaic_packed" for n, m in layers.items() if m.leader is not None}
-    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
-        if name in skipped:  # training state, or a tied layer's copy of its leader's mosaic
-            continue
-        key = (tensor.device, tensor.untyped_storage().data_ptr())
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        unique[name] = tensor.detach().contiguous()
-    return unique
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            skipped.add(name)
+    own = {name: tensor for name, tensor in model.state_dict().items() if name not in skipped}
+    if state_dict is None:
+        return {name: tensor.detach().contiguous() for name, tensor in own.items()}
+    missing = [name for name in own if name not in state_dict]
+    wrong = [name for name in own if name in state_dict and tuple(state_dict[name].shape) != tuple(own[name].shape)]
+    if missing or wrong:
+        raise ValueError(f"the state_dict to save lacks {missing[:5]}" if missing else
+                         f"the state_dict to save has other shapes than the model for {wrong[:5]}")
+    return {name: state_dict[name].detach().contiguous() for name in own}
 
 
 def storage_dtype(state: dict[str, torch.Tensor], specs: dict[str, LayerSpec]) -> str:
@@ -185,16 +198,26 @@ def save_checkpoint(
     specs = layer_specs(model)
     if not specs:
         raise ValueError(f"{type(model).__name__} has no MoMos layers to save (convert it with get_momos_model)")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise ValueError(f"tokenizer must be a tokenizer or processor (with save_pretrained), got {type(tokenizer).__name__}")
     state = unique_state_dict(model, state_dict)
+    for name, tensor in state.items():
+        if name.rpartition(".")[0] in specs and name.endswith((".motifs", ".scale")) and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} has NaN or infinite values: the checkpoint would not load, so it is not saved")
     quantization = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "base_model": base_model,
                     "momos_config": momos_config, "layers": {n: s.to_dict() for n, s in specs.items()}}
     config = json.loads(model.config.to_json_string())
     config.pop("quantization_config", None)
     config.update(architectures=[type(model).__name__], dtype=storage_dtype(state, specs), transformers_weights=LOAD_MARKER)
     target = Path(directory)
+    if target.is_symlink() and not target.exists():
+        raise ValueError(f"cannot save into {target}: it is a link to a folder that does not exist")
     if target.exists() and not target.is_dir():
         raise ValueError(f"cannot save into {target}: it is a file, not a folder")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the folder {target}: {err.strerror or err}") from None
     with folder_lock(target):
         recover_interrupted_save(target)
         try:
@@ -225,7 +248,7 @@ def _write_and_commit(model: nn.Module, target: Path, state: dict[str, torch.Ten
     previous = owned_weight_files(target)
     split, weights = plan_weight_files(state, target, max_shard_size)
     quantization = {**quantization, "weights": weights}
-    metadata = {"format": "pt", "momos_config_sha256": config_digest(quantization)}
+    metadata = {"format": "pt", "momos_config_sha256": config_digest({**config, "quantization_config": quantization})}
     staging = target / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
     staging.mkdir()
     created = list(split.filename_to_tensors) + ([weights] if split.is_sharded else [])
@@ -246,12 +269,13 @@ def _write_and_commit(model: nn.Module, target: Path, state: dict[str, torch.Ten
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     config["quantization_config"] = {**quantization, "checksums": checksums}
-    for entry in sorted(staging.iterdir()):  # weight files (fresh names), then generation config, tokenizer
-        if entry.is_file() and entry.name != "config.json":
-            os.replace(entry, target / entry.name)
     write_text_synced(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in created:  # fresh names: nothing the current config.json refers to is touched
+        os.replace(staging / name, target / name)
     os.replace(staging / "config.json", target / "config.json")  # the commit
     sync_directory(target)
+    # The generation config and tokenizer follow the commit; if the process dies first, the next save moves
+    # them from the staging folder (`recover_interrupted_save`), so they never sit beside the old weights.
 
 
 @contextlib.contextmanager
@@ -269,21 +293,28 @@ def folder_lock(directory: Path) -> Iterator[None]:
 
 
 def recover_interrupted_save(directory: Path) -> None:
-    """Finish or undo the save recorded in the folder's journal, if any: after its commit (config.json names
-    its weights) the previous weight files go, before it the new ones do. Only names the journal lists, and
-    staging folders of this format, are ever removed. Call with the folder lock held."""
+    """Finish or undo the save recorded in the folder's journal, if any. After its commit (config.json names
+    its weights): move the files still waiting in its staging folder (generation config, tokenizer) into
+    place and remove the previous weights. Before it: remove the new weights. Only weight-file names of
+    this format that the journal lists, and staging folders of this format, are ever removed. Call with the
+    folder lock held."""
     journal_path = directory / JOURNAL_NAME
     if journal_path.exists():
         try:
             journal = json.loads(journal_path.read_text(encoding="utf-8"))
-            staging, create, remove = journal["staging"], list(journal["create"]), list(journal["remove"])
+            staging, create, remove = str(journal["staging"]), list(journal["create"]), list(journal["remove"])
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{journal_path} (the record of an interrupted save) is unreadable ({err}); "
                              "remove it by hand after checking the folder") from None
         committed = current_weights(directory) in create
+        waiting = directory / staging
+        if committed and STAGING_NAME.fullmatch(staging) and waiting.is_dir() and not waiting.is_symlink():
+            for entry in sorted(waiting.iterdir()):
+                if entry.is_file() and not entry.is_symlink() and plain_file_name(entry.name):
+                    os.replace(entry, directory / entry.name)
         for name in remove if committed else create:
-            path = directory / name
-            if plain_file_name(name) and path.is_file() and not path.is_symlink():
+            path = directory / str(name)
+            if WEIGHT_FILE_NAME.fullmatch(str(name)) and path.is_file() and not path.is_symlink():
                 path.unlink()
     for entry in directory.iterdir():
         if STAGING_NAME.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
@@ -306,17 +337,17 @@ def owned_weight_files(directory: Path) -> set[str]:
     """The weight files that the folder's previous MoMos save wrote (its checksums list them); refuses a
     folder whose config.json belongs to a model momos-hf did not write."""
     path = directory / "config.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         return set()
     try:
         quantization = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (OSError, ValueError, AttributeError):  # not a file, not JSON, not an object: not ours
         quantization = {}
     if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{directory} already holds a model that is not a MoMos checkpoint (its config.json); "
                          "save into a new or empty folder")
     checksums = quantization.get("checksums") or {}
-    return {name for name in checksums if plain_file_name(name)} if isinstance(checksums, dict) else set()
+    return {name for name in checksums if WEIGHT_FILE_NAME.fullmatch(name)} if isinstance(checksums, dict) else set()
 
 
 def write_json_atomic(path: Path, value: Any, staging: Path) -> None:
@@ -374,7 +405,8 @@ def checked_file(directory: Path, name: Any) -> Path:
 
 
 def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, after checking that the file is whole."""
+    """The JSON header of a safetensors file, after checking its form and that the file is whole: every
+    tensor's dtype, shape and byte range agree, and the ranges tile the data exactly."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -385,21 +417,52 @@ def safetensors_header(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path.name} is corrupted or truncated: its header claims {header_len} bytes, the file has {size}")
         try:
             header = json.loads(f.read(header_len))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError) as err:
-            raise ValueError(f"{path.name} is corrupted: its safetensors header is not valid ({err})") from None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path.name} is corrupted: its safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict) or not all(
+            isinstance(v, str) for v in header.get("__metadata__", {}).values()):
+        raise ValueError(f"{path.name} is corrupted: its safetensors header is not an object of tensors and metadata")
+    end = 0
+    for name, meta in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda item: _offsets(item[1])[0] if _offsets(item[1]) else -1):
+        offsets = _offsets(meta)
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if (offsets is None or meta.get("dtype") not in DTYPE_BITS or not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                or offsets[0] != end or offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BITS[meta["dtype"]] // 8):
+            raise ValueError(f"{path.name} is corrupted: the header entry of {name} does not describe its bytes")
+        end = offsets[1]
     if 8 + header_len + end != size:
         raise ValueError(f"{path.name} is truncated or corrupted: its header describes {8 + header_len + end} bytes, the file has {size}")
     return header
+
+
+def _offsets(meta: Any) -> Optional[tuple[int, int]]:
+    offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+    if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+        return offsets[0], offsets[1]
+    return None
+
+
+def checkpoint_folder(name_or_path: Any, files: list[Union[str, os.PathLike]]) -> Path:
+    """The folder a load reads: the one folder every resolved weight file lies in, which must be the model
+    folder given to `from_pretrained` or a folder inside it (a shard index cannot point elsewhere)."""
+    parents = {Path(f).parent.resolve() for f in files}
+    if len(parents) != 1:
+        raise ValueError("the checkpoint's weight files are not all in its folder: its shard index points elsewhere")
+    root = Path(str(name_or_path)) if name_or_path else None
+    if root is not None and root.is_dir() and not parents.pop().is_relative_to(root.resolve()):
+        raise ValueError(f"the checkpoint's shard index points outside {root}")
+    return Path(files[0]).parent
 
 
 def weight_file_names(directory: Path, weights: str) -> list[str]:
     """The safetensors files of a checkpoint: `weights` itself, or the shards its index lists."""
     if not weights.endswith(INDEX_SUFFIX):
         return [weights]
+    path = checked_file(directory, weights)
     try:
-        weight_map = json.loads(checked_file(directory, weights).read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{weights} is corrupted: {err!r}") from None
     for name in names:
@@ -408,12 +471,14 @@ def weight_file_names(directory: Path, weights: str) -> list[str]:
     return names
 
 
-def verify_checkpoint(directory: Union[str, os.PathLike], quantization: dict[str, Any]) -> dict[str, dict]:
+def verify_checkpoint(directory: Union[str, os.PathLike], config: dict[str, Any]) -> dict[str, dict]:
     """Check a MoMos checkpoint before anything is loaded from it: every weight file (and the index) is a
     whole regular file inside the folder with the sha256 that config.json records, carries the digest of
-    this very quantization config, and the files hold exactly the MoMos tensors the layer specs call for,
-    with the right dtypes and shapes. Returns the header entry of every tensor."""
+    this very config.json, and the files hold exactly the MoMos tensors the layer specs call for, with the
+    right dtypes and shapes. `config` is the folder's config.json as read. Returns the header entry of every
+    tensor."""
     directory = Path(directory)
+    quantization = config.get("quantization_config")
     specs = parse_quantization(quantization)
     checksums, weights = quantization.get("checksums"), quantization.get("weights")
     if not checksums or not weights:
@@ -425,16 +490,15 @@ def verify_checkpoint(directory: Union[str, os.PathLike], quantization: dict[str
         raise ValueError(f"config.json records no checksum for {uncovered}: the MoMos checkpoint cannot be verified")
     if weights.endswith(INDEX_SUFFIX) and sha256_of(checked_file(directory, weights)) != checksums[weights]:
         raise ValueError(f"{weights} is corrupted: its sha256 differs from the one recorded in config.json at save time")
-    digest = config_digest(quantization)
+    digest = config_digest(config)
     tensors: dict[str, dict] = {}
     for name in files:
         path = checked_file(directory, name)
         header = safetensors_header(path)
         if sha256_of(path) != checksums[name]:
             raise ValueError(f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time")
-        if (header.get("__metadata__") or {}).get("momos_config_sha256") != digest:
-            raise ValueError(f"config.json's quantization_config is not the one {name} was saved with (edited, or "
-                             "from another save)")
+        if header.get("__metadata__", {}).get("momos_config_sha256") != digest:
+            raise ValueError(f"config.json is not the one {name} was saved with (edited, or from another save)")
         tensors.update((key, value) for key, value in header.items() if key != "__metadata__")
     check_momos_tensors(tensors, specs)
     return tensors
@@ -500,7 +564,10 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     files = [checked_file(directory, name) for name in weight_file_names(directory, quantization["weights"])]
     tensors = {}
     for path in files:
-        tensors.update((k, v) for k, v in safetensors_header(path).items() if k != "__metadata__")
+        header = safetensors_header(path)
+        if header.get("__metadata__", {}).get("momos_config_sha256") != config_digest(config):
+            raise ValueError(f"config.json is not the one {path.name} was saved with (edited, or from another save)")
+        tensors.update((k, v) for k, v in header.items() if k != "__metadata__")
     check_momos_tensors(tensors, specs)
 
     def nbytes(meta: dict) -> int:

@@ -26,12 +26,35 @@ from .model import architecture_class, get_momos_model
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, `PROG: error: ...`, exit status 2 (`--help` shows usage)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--k", type=int, default=256, help="motifs per dictionary")
-    parser.add_argument("--s", type=int, default=16, help="values per block (the mosaic costs ceil(log2 k)/s bits per weight)")
+    parser.add_argument("--k", type=positive_int, default=256, help="motifs per dictionary")
+    parser.add_argument("--s", type=positive_int, default=16, help="values per block (the mosaic costs ceil(log2 k)/s bits per weight)")
     parser.add_argument("--motif_scope", choices=SCOPES, default="layer", help="one dictionary per layer, or one for all")
     parser.add_argument("--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fits)")
-    parser.add_argument("--kmeans_iters", type=int, default=15, help="Lloyd steps of the k-means fits")
+    parser.add_argument("--kmeans_iters", type=non_negative_int, default=15, help="Lloyd steps of the k-means fits")
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--target_modules", nargs="+", default=None,
@@ -43,8 +66,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                              "(auto: the dtype it was saved in)")
     parser.add_argument("--calibration_file", default=None,
                         help="text file for --fit data-aware: windows of it are run through the model")
-    parser.add_argument("--calibration_samples", type=int, default=128, help="calibration windows")
-    parser.add_argument("--calibration_seq_len", type=int, default=128, help="tokens per calibration window")
+    parser.add_argument("--calibration_samples", type=positive_int, default=128, help="calibration windows")
+    parser.add_argument("--calibration_seq_len", type=positive_int, default=128, help="tokens per calibration window")
 
 
 def calibration_from_args(args: argparse.Namespace, model, tokenizer):
@@ -125,16 +148,16 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models",
-                                     formatter_class=formatter)
+    parser = OneLineParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models",
+                           formatter_class=formatter)
     parser.add_argument("--version", action="version", version=f"momos-hf {__version__}")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     demo = sub.add_parser("demo", formatter_class=formatter,
                           help="convert a small Llama, train it on embedded text, print the report (default)")
-    demo.add_argument("--steps", type=int, default=60, help="training steps")
-    demo.add_argument("--k", type=int, default=256, help="motifs in the dictionary")
-    demo.add_argument("--s", type=int, default=16, help="values per block")
+    demo.add_argument("--steps", type=positive_int, default=60, help="training steps")
+    demo.add_argument("--k", type=positive_int, default=256, help="motifs in the dictionary")
+    demo.add_argument("--s", type=positive_int, default=16, help="values per block")
     demo.add_argument("--motif_scope", choices=SCOPES, default="global", help="one dictionary for all layers, or one per layer")
     demo.add_argument("--seed", type=int, default=0, help="seed of the model, the fit and the batches")
     demo.add_argument("--layers", action="store_true", help="print the per-layer table")
@@ -143,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", formatter_class=formatter, help="convert a local model and print its size/complexity report")
     report.add_argument("model_path", nargs="?", help="local Hugging Face model folder (default: a small Llama built from a config)")
     add_fit_arguments(report)
-    report.add_argument("--max_bytes", type=int, default=4 * 2**20, help="bytes of weights given to the compressors and BDM (0: skip)")
+    report.add_argument("--max_bytes", type=non_negative_int, default=4 * 2**20, help="bytes of weights given to the compressors and BDM (0: skip)")
     report.add_argument("--totals_only", action="store_true", help="leave out the per-layer table")
     report.add_argument("--json", help="also write the report as JSON to this file")
     report.set_defaults(func=cmd_report)

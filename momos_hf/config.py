@@ -165,11 +165,13 @@ class MoMosConfig:
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "MoMosConfig":
         path = os.path.join(directory, CONFIG_NAME)
-        with open(path, encoding="utf-8") as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 return cls.from_json_string(f.read())
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} is not valid JSON: {err}") from err
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        except OSError as err:
+            raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def _is_int(value: Any) -> bool:

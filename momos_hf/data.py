@@ -3,6 +3,7 @@ blocks step of the Transformers language-modelling examples, and calibration bat
 
 from __future__ import annotations
 
+import copy
 import os
 from importlib import resources
 from typing import Optional
@@ -110,7 +111,9 @@ def calibration_batches(tokenizer, text_file: str, num_samples: int = 128, seq_l
     in batches of model inputs for `get_momos_model(..., calibration_data=...)`. Deterministic."""
     check_text_file(text_file)
     lines = load_dataset("text", data_files=text_file, split="train")["text"]
-    ids = tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    # A copy: encoding without truncation switches off the tokenizer's own truncation and padding settings,
+    # which a save of the tokenizer afterwards would then lose.
+    ids = copy.deepcopy(tokenizer)("\n".join(lines), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     seq_len = min(seq_len, getattr(tokenizer, "model_max_length", seq_len) or seq_len)
     if len(ids) < seq_len:
         raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than one calibration window of {seq_len}")

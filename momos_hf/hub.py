@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, constants
 
 from .card import render_card
 from .checkpoint import read_checkpoint_config, verify_checkpoint, weight_file_names
@@ -31,8 +31,9 @@ def files_to_push(directory: Union[str, os.PathLike]) -> list[Path]:
     (checksums included) and that each file is a regular file inside the folder (a link may point only
     inside it)."""
     directory = Path(directory)
-    quantization = read_checkpoint_config(directory)["quantization_config"]
-    verify_checkpoint(directory, quantization)
+    config = read_checkpoint_config(directory)
+    quantization = config["quantization_config"]
+    verify_checkpoint(directory, config)
     names = {"config.json", quantization["weights"], *weight_file_names(directory, quantization["weights"])}
     names |= {entry.name for entry in directory.iterdir() if entry.name in UPLOADABLE}
     root = directory.resolve()
@@ -60,12 +61,15 @@ def push_folder(
     directory = Path(directory)
     files = files_to_push(directory)
     card = None if (directory / "README.md").exists() else render_card(directory, repo_id).encode("utf-8")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=True if private is None else private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files]
     if card is not None:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
-    commit = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
-    return commit.commit_url
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=True if private is None else private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision).commit_url
+    except Exception as err:  # network and Hub errors come in many classes; say which request failed, once
+        raise OSError(f"the upload of {directory} to {repo_id} at {constants.ENDPOINT} failed: "
+                      f"{type(err).__name__}: {' '.join(str(err).split())}") from err

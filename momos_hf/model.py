@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -15,12 +14,12 @@ from transformers import AutoConfig
 from transformers.utils.logging import tqdm
 
 from .calibration import input_moments
-from .checkpoint import QUANT_METHOD
+from .checkpoint import QUANT_METHOD, read_checkpoint_config
 from .config import FIT_FIELDS, MoMosConfig
 from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
 from .fitting import FitOptions, index_bits, num_blocks_per_row, reconstruct, relative_error
 from .layer import MoMosLayer, assign_, full_tensor, layer_class_for, momos_layers, replace_with_momos
-from .quantizer import MoMosQuantizationConfig, drop_momos_ties, mark_momos_model, merge_layers, save_momos_model, unmark
+from .quantizer import MoMosQuantizationConfig, drop_momos_ties, mark_momos_model, merge_layers, push_momos_model, save_momos_model, unmark
 from .targets import find_targets, match_names, tie_groups
 
 DEFAULT_ASSIGN_BYTES = 256 * 2**20
@@ -61,6 +60,14 @@ class MoMosModel(nn.Module):
         super().__init__()
         if isinstance(model, MoMosModel):
             raise ValueError("the model is already a MoMosModel; refit it with .project(), or convert the dense model")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if config is not None:
+            if not isinstance(config, MoMosConfig):
+                raise ValueError(f"config must be a MoMosConfig, got {type(config).__name__}")
+            config = MoMosConfig.from_dict(config.to_dict())  # checked again: its fields may have changed since
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.base_model = model
         # Calls go straight to the base model, whose signature Trainer and pipelines read to pick inputs.
         self.forward = model.forward
@@ -287,15 +294,14 @@ class MoMosModel(nn.Module):
     ) -> str:
         """Save the compact checkpoint with a model card and upload it to the Hub (`HF_ENDPOINT`); a new
         repository is private unless `private=False`. Returns the commit URL."""
-        with tempfile.TemporaryDirectory() as tmp:
-            return save_momos_model(self.base_model, tmp, max_shard_size=max_shard_size, tokenizer=tokenizer, push_to_hub=True,
-                                    repo_id=repo_id, private=private, token=token, revision=revision,
-                                    commit_message=commit_message)
+        return push_momos_model(self.base_model, repo_id, commit_message, private, token, revision, max_shard_size, tokenizer)
 
     @classmethod
     def from_pretrained(cls, model_id: Union[str, os.PathLike], model_class: Any = None, **kwargs: Any) -> "MoMosModel":
         """Load a MoMos checkpoint (local folder or Hub id) and wrap it. `model_class` defaults to the
         architecture recorded in its `config.json`; `kwargs` go to `from_pretrained` (dtype, revision, ...)."""
+        if os.path.isdir(model_id):  # checked before Transformers reads it, whose errors would not name the problem
+            read_checkpoint_config(model_id)
         config = AutoConfig.from_pretrained(model_id, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
         quantization = getattr(config, "quantization_config", None) or {}
         if dict(quantization).get("quant_method") != QUANT_METHOD:
@@ -404,9 +410,12 @@ def get_momos_model(
 
 
 def architecture_class(config: Any) -> type:
-    """The Transformers class named first in `config.architectures` (`AutoModel` when none is named)."""
+    """The Transformers model class named first in `config.architectures` (`AutoModel` when none is named)."""
     names = getattr(config, "architectures", None) or []
-    return getattr(transformers, names[0], transformers.AutoModel) if names else transformers.AutoModel
+    cls = getattr(transformers, names[0], None) if names else transformers.AutoModel
+    if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or cls is transformers.AutoModel)):
+        raise ValueError(f"config.json names {names[0]!r} as its architecture, which is not a Transformers model class")
+    return cls
 
 
 def _check_same_fit(recorded: MoMosConfig, requested: MoMosConfig) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from types import MethodType
 from typing import Any, Optional, Union
@@ -31,15 +32,23 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD, layer_specs, parse_quantization, save_checkpoint, verify_checkpoint
+from .checkpoint import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    SAFETENSORS_DTYPES,
+    checkpoint_folder,
+    layer_specs,
+    parse_quantization,
+    read_checkpoint_config,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import MoMosConfig
 from .fitting import num_blocks_per_row
 from .hub import push_folder
 from .layer import LAYER_TYPES, LayerSpec, MoMosLayer, momos_layers, replace_with_momos
 
 logger = logging.get_logger(__name__)
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class MoMosQuantizationConfig(QuantizationConfigMixin):
@@ -97,21 +106,28 @@ class MoMosHfQuantizer(HfQuantizer):
     def update_attn_implementation(self, config):
         # The one quantizer hook that sees the model config before Transformers resolves the weight files:
         # point `transformers_weights` from the load marker to this checkpoint's weight file.
-        if self.quantization_config.weights:
-            config.transformers_weights = self.quantization_config.weights
+        if not self.quantization_config.weights:
+            raise ValueError("config.json's quantization_config names no weight file ('weights'): the MoMos checkpoint is damaged")
+        config.transformers_weights = self.quantization_config.weights
         return config
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files=None, **kwargs: Any) -> None:
         if not checkpoint_files:
             raise ValueError("a MoMos checkpoint loads from its folder or Hub repository, with from_pretrained(path)")
         config = self.quantization_config
-        tensors = verify_checkpoint(Path(checkpoint_files[0]).parent, config.to_dict())
+        directory = checkpoint_folder(getattr(model.config, "name_or_path", None), checkpoint_files)
+        saved = read_checkpoint_config(directory)
+        if saved["quantization_config"] != config.to_dict():
+            raise ValueError(f"the config given to from_pretrained describes other MoMos layers than {directory}/config.json")
+        tensors = verify_checkpoint(directory, saved)
         build_skeleton(model, config.specs, config.config.zero_motif, tensors)
         # What a layer shares with another is stored once, under the owner: the others are not missing.
         shared = {rf"(^|\.){re.escape(name)}\.{part}$" for name, spec in config.specs.items()
                   for part, owner in (("motifs", spec.motifs), ("mosaic_packed", spec.mosaic), ("scale", spec.mosaic))
                   if owner != name}
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | shared
+        if type(model).__name__ in (saved.get("architectures") or []):  # another class may bring new heads
+            check_complete(model, tensors)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         specs = self.quantization_config.specs
@@ -193,6 +209,27 @@ def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], zero_motif: bo
     drop_momos_ties(model)
 
 
+def check_complete(model: nn.Module, tensors: dict[str, dict]) -> None:
+    """Every tensor the model will read from the checkpoint is in it, in the model's shape: Transformers would
+    only warn about a missing one and leave it random. Tied targets and shared MoMos parts are filled from
+    their source, and patterns the model lists as optional may be absent. (Called when the model is of the
+    class the checkpoint was saved from: another class, say one with a new task head, starts that head
+    afresh by design.)"""
+    optional = [re.compile(pattern) for pattern in (model._keys_to_ignore_on_load_missing or ())]
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing, wrong = [], []
+    for name, tensor in model.state_dict().items():
+        if name in tied or any(pattern.search(name) for pattern in optional):
+            continue
+        if name not in tensors:
+            missing.append(name)
+        elif tensors[name]["shape"] != list(tensor.shape):
+            wrong.append(name)
+    if missing or wrong:
+        raise ValueError(f"the MoMos checkpoint lacks {missing[:5]}: they would load as random weights" if missing else
+                         f"the MoMos checkpoint holds {wrong[:5]} in other shapes than its config.json builds")
+
+
 def merge_layers(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
     """Replace every MoMos layer of `model` by a module of the type it replaced, holding the mosaic weight
     in `dtype`; tied layers become tied Transformers modules again."""
@@ -229,7 +266,7 @@ def mark_momos_model(model: nn.Module, momos_config: MoMosConfig, base_model: st
 
 def unmark(model: nn.Module) -> None:
     """Undo `mark_momos_model` (or loading): the model is a plain Transformers model again."""
-    for attribute in ("hf_quantizer", "quantization_method", "save_pretrained"):
+    for attribute in ("hf_quantizer", "quantization_method", "save_pretrained", "push_to_hub"):
         model.__dict__.pop(attribute, None)
     for attribute in ("quantization_config", "transformers_weights", "_is_quantized"):
         if attribute in model.config.__dict__:
@@ -238,9 +275,10 @@ def unmark(model: nn.Module) -> None:
 
 
 def enable_momos_save(model: nn.Module) -> None:
-    # An instance attribute shadows `PreTrainedModel.save_pretrained` for this model only, so every caller
-    # (Trainer, push_to_hub, user code) writes the compact checkpoint.
+    # Instance attributes shadow `PreTrainedModel.save_pretrained` and `push_to_hub` for this model only, so
+    # every caller (Trainer, user code) writes the compact checkpoint, and pushes it privately by default.
     model.save_pretrained = MethodType(save_momos_model, model)
+    model.push_to_hub = MethodType(push_momos_model, model)
 
 
 def save_momos_model(
@@ -280,6 +318,26 @@ def save_momos_model(
     return push_folder(directory, hub_kwargs.get("repo_id") or Path(save_directory).resolve().name,
                        private=hub_kwargs.get("private"), token=token, revision=hub_kwargs.get("revision"),
                        commit_message=hub_kwargs.get("commit_message") or "Upload MoMos model")
+
+
+def push_momos_model(
+    model: nn.Module,
+    repo_id: str,
+    commit_message: Optional[str] = None,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    revision: Optional[str] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    tokenizer: Any = None,
+    **unused: Any,
+) -> str:
+    """`push_to_hub` of a MoMos model: its compact checkpoint (and `tokenizer`) with a model card, uploaded
+    as `momos_hf.hub.push_folder` does (allow-list; a new repository is private unless `private=False`).
+    Returns the commit URL."""
+    with tempfile.TemporaryDirectory() as folder:
+        return save_momos_model(model, folder, max_shard_size=max_shard_size, tokenizer=tokenizer, push_to_hub=True,
+                                repo_id=repo_id, private=private, token=token, revision=revision,
+                                commit_message=commit_message)
 
 
 def register() -> None:

@@ -127,6 +127,10 @@ class MoMosCallback(TrainerCallback):
         if isinstance(model, MoMosModel):
             raise ValueError("give Trainer the converted model, mm.base_model, not the MoMosModel wrapper: Trainer "
                              "would save the wrapper as a bare state dict that no from_pretrained can load")
+        if args.push_to_hub:
+            raise ValueError("Trainer's push_to_hub uploads its whole output folder (training_args.bin holds the hub "
+                             "token), public unless hub_private_repo: push the model with model.push_to_hub or "
+                             "`momos-hf push` instead, which upload the checkpoint privately")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.schedule = ProjectionSchedule(model)

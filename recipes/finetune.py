@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.card import render_card
+from momos_hf.card import is_generated_card, render_card
+from momos_hf.cli import OneLineParser
 from momos_hf.checkpoint import sha256_of
 from momos_hf.complexity import complexity_report
 from momos_hf.tracking import ComplexityTracker
@@ -46,7 +47,7 @@ STEP_FILE = "momos_step.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="MoMos-aware training of a causal LM with Accelerate")
+    p = OneLineParser(prog="finetune.py", description="MoMos-aware training of a causal LM with Accelerate")
     model = p.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="local folder or Hub id of a pretrained causal LM")
     model.add_argument("--model_config", help="JSON config to train from scratch (default: a 1M-parameter Llama)")
@@ -212,9 +213,13 @@ def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) 
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {STEP_FILE}
     if present != set(files) or any(sha256_of(folder / name) != digest for name, digest in files.items()):
         raise ValueError(f"{folder} is corrupted: its files differ from those recorded in {STEP_FILE} when it was saved")
-    if step > max_steps:
-        raise ValueError(f"{folder} is at step {step}, beyond --max_steps {max_steps}: nothing is left to train")
-    accelerator.load_state(folder)
+    if step >= max_steps:
+        raise ValueError(f"{folder} is at step {step}, and --max_steps is {max_steps}: nothing is left to train")
+    try:
+        accelerator.load_state(folder)
+    except (RuntimeError, KeyError, ValueError) as err:  # a model or optimizer of another shape
+        raise ValueError(f"{folder} was saved by a run with other settings (model, train mode or optimizer): "
+                         f"{str(err).splitlines()[0]}") from None
     return step
 
 
@@ -342,13 +347,20 @@ def main(argv=None) -> dict:
             tokenizer.save_pretrained(args.output_dir)
         (Path(args.output_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         if momos_mode:
-            card = render_card(args.output_dir, args.hub_model_id, results=metrics)
-            (Path(args.output_dir) / "README.md").write_text(card, encoding="utf-8")
+            readme = Path(args.output_dir) / "README.md"
+            if not readme.exists() or is_generated_card(readme):  # a README of the user's is kept
+                readme.write_text(render_card(args.output_dir, args.hub_model_id, results=metrics), encoding="utf-8")
             if args.push_to_hub:
                 from momos_hf.hub import push_folder
 
                 push_folder(args.output_dir, args.hub_model_id, private=not args.hub_public, token=args.hub_token,
                             commit_message=f"MoMos training, step {step}")
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        # torch's gloo backend frees the tensors of finished collectives on its worker thread, which needs the
+        # GIL; releasing the process group (the DDP model going out of scope) while that is pending deadlocks
+        # in ~ProcessGroupGloo (seen one run in a few on a busy machine). Let the worker finish first.
+        time.sleep(1.0)
     accelerator.end_training()
     return metrics
 

@@ -89,12 +89,14 @@ def test_motif_dtype_survives_reload_and_resave(tmp_path, arch):
 @pytest.mark.parametrize("k", [2, 256, 300, 65536])
 def test_packing_edge_cases_round_trip(tmp_path, k):
     # k=65536 is set by hand: fitting 65536 motifs would take minutes; packing is what is tested here.
-    mm = converted("gpt2", k=2)
+    mm = converted("gpt2", k=2, target_modules=["transformer.h.0.mlp.c_fc"])
     layer = mm.base_model.transformer.h[0].mlp.c_fc
     generator = torch.Generator().manual_seed(k)
     layer.motifs = nn.Parameter(torch.randn(k, 5, generator=generator))
     layer.mosaic = torch.empty(layer.mosaic.shape, dtype=torch.uint8)  # shape only; set_mosaic picks the dtype
     layer.set_mosaic(torch.randint(0, k, layer.mosaic.shape, generator=generator))
+    quantization = mm.base_model.config.quantization_config
+    quantization.momos_config = {**quantization.momos_config, "k": k}  # what a fit with this k would record
     reference = outputs(mm, "gpt2")
     mm.save_pretrained(tmp_path)
     with safe_open(weight_file(tmp_path), "pt") as f:
@@ -213,7 +215,7 @@ def resign(path):
     file = path / quantization["weights"]
     with safe_open(file, "pt") as f:
         metadata = f.metadata()
-    save_file(load_file(file), file, metadata={**metadata, "momos_config_sha256": checkpoint.config_digest(quantization)})
+    save_file(load_file(file), file, metadata={**metadata, "momos_config_sha256": checkpoint.config_digest(config)})
     quantization["checksums"] = {file.name: checkpoint.sha256_of(file)}
     (path / "config.json").write_text(json.dumps(config))
 
@@ -255,7 +257,7 @@ def test_mosaic_index_beyond_k_is_refused(saved):
 
 def test_an_edited_config_is_caught_by_the_digest(saved):
     edit_config(saved, lambda c: c["quantization_config"]["momos_config"].update(zero_motif=True))
-    with pytest.raises(ValueError, match="quantization_config is not the one .* was saved with"):
+    with pytest.raises(ValueError, match="config.json is not the one .* was saved with"):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
@@ -282,7 +284,7 @@ def change_owner(config):
     (change_owner, "lacks the tensor model.layers.1.mlp.up_proj.motifs"),
     (lambda c: c["quantization_config"].update(layers={}), "layers must list at least one MoMos layer"),
     (lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(scale=False),
-     r"tensors \['model.layers.0.mlp.up_proj.scale'\] of layers its config.json does not list"),
+     r"up_proj' \(k=300, s=4, scale=False\) contradicts momos_config"),
 ])
 def test_config_edits_that_keep_the_integrity_record_are_still_refused(saved, edit, message):
     edit_config(saved, edit)
@@ -333,7 +335,7 @@ def test_malformed_layer_specs_are_named(saved, spec_edit, message):
     (lambda q: q.update(format_version=1), "format_version 1, which carries no integrity record"),
     (lambda q: q.update(layers=[1, 2]), "layers must list at least one MoMos layer"),
     (lambda q: q["layers"].update({"model.layers.0.mlp.down_proj.weight": q["layers"]["model.layers.0.mlp.down_proj"]}),
-     "quantization_config is not the one .* was saved with"),
+     "config.json is not the one .* was saved with"),
     (lambda q: q.update(weights="../outside.safetensors"), "weights must be a .safetensors"),
     (lambda q: q.update(checksums={"../x": "0" * 64}), "checksums must map file names"),
 ])
@@ -345,7 +347,8 @@ def test_malformed_quantization_configs_are_named(saved, edit, message):
 
 def test_shard_index_entries_outside_the_folder_or_not_regular_files_are_refused(tmp_path):
     converted("llama").save_pretrained(tmp_path, max_shard_size=8000)
-    quantization = read_config(tmp_path)["quantization_config"]
+    config = read_config(tmp_path)
+    quantization = config["quantization_config"]
     index_path = tmp_path / quantization["weights"]
     index = json.loads(index_path.read_text())
     first = sorted(set(index["weight_map"].values()))[0]
@@ -354,13 +357,66 @@ def test_shard_index_entries_outside_the_folder_or_not_regular_files_are_refused
         index["weight_map"] = {k: (bad if v == first else v) for k, v in index["weight_map"].items()}
         index_path.write_text(json.dumps(index))
         with pytest.raises(ValueError, match="not a safetensors file inside the checkpoint folder"):
-            checkpoint.verify_checkpoint(tmp_path, quantization)
+            checkpoint.verify_checkpoint(tmp_path, config)
     index["weight_map"] = {k: ("fifo.safetensors" if v.startswith("../") else v) for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     quantization["checksums"].update({"fifo.safetensors": "0" * 64, index_path.name: checkpoint.sha256_of(index_path)})
     os.mkfifo(tmp_path / "fifo.safetensors")  # opening it would block for ever: it is never opened
     with pytest.raises(ValueError, match="fifo.safetensors in the MoMos checkpoint is not a regular file"):
-        checkpoint.verify_checkpoint(tmp_path, quantization)
+        checkpoint.verify_checkpoint(tmp_path, config)
+
+
+def test_a_shard_index_cannot_steer_the_load_to_another_folder(tmp_path):
+    # A sibling holds an intact copy; the index of the folder being loaded points one shard at it, so that a
+    # check of "the folder of the first file" would pass while this folder's other shards load unchecked.
+    converted("llama").save_pretrained(tmp_path / "good", max_shard_size=8000)
+    import shutil
+
+    shutil.copytree(tmp_path / "good", tmp_path / "doctored")
+    config = read_config(tmp_path / "doctored")
+    index_path = tmp_path / "doctored" / config["quantization_config"]["weights"]
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (f"../good/{first}" if v == first else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    for load in (AutoModelForCausalLM.from_pretrained, MoMosModel.from_pretrained):
+        with pytest.raises(ValueError, match="weight files are not all in its folder|not a safetensors file inside"):
+            load(tmp_path / "doctored")
+
+
+def test_any_edit_of_config_json_is_caught(saved):
+    edit_config(saved, lambda c: c.update(hidden_act="gelu"))  # outside the quantization config
+    for load in (AutoModelForCausalLM.from_pretrained, checkpoint.checkpoint_info):
+        with pytest.raises(ValueError, match="config.json is not the one .* was saved with"):
+            load(saved)
+
+
+def test_a_momos_config_that_contradicts_the_layers_is_refused(saved):
+    edit_config(saved, lambda c: c["quantization_config"]["momos_config"].update(s=8))
+    resign(saved)
+    with pytest.raises(ValueError, match=r"contradicts momos_config \(k=300, s=8"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_a_checkpoint_missing_a_dense_tensor_is_refused(saved):
+    rewrite_tensors(saved, lambda t: t.pop("model.embed_tokens.weight"))
+    with pytest.raises(ValueError, match=r"lacks \['model.embed_tokens.weight'\]: they would load as random weights"):
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+def test_malformed_safetensors_headers_are_named(saved):
+    file = weight_file(saved)
+    data = file.read_bytes()
+    (length,) = __import__("struct").unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = header[name]["data_offsets"][::-1]  # a range that ends before it starts
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (length - len(text))  # the same length, so only the entry is wrong
+    file.write_bytes(data[:8] + text + data[8 + length :])
+    for load in (AutoModelForCausalLM.from_pretrained, checkpoint.checkpoint_info):
+        with pytest.raises(ValueError, match=f"{file.name} is corrupted: the header entry of .* does not describe its bytes"):
+            load(saved)
 
 
 def test_dense_checkpoint_is_not_a_momos_one(tmp_path):

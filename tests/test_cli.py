@@ -48,6 +48,17 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
                                                   "--output_dir", str(tmp_path / "file")], capsys)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["info"], "the following arguments are required: directory"),
+    (["compress", "x"], "the following arguments are required: --output_dir"),
+    (["compress", "x", "--output_dir", "y", "--k", "abc"], "argument --k: invalid positive_int value: 'abc'"),
+    (["compress", "x", "--output_dir", "y", "--calibration_samples", "0"], "argument --calibration_samples: must be >= 1"),
+    (["report", "--max_bytes", "-5"], "argument --max_bytes: must be >= 0, got -5"),
+])
+def test_argument_errors_are_one_line_too(argv, message, capsys):
+    assert message in fails(argv, capsys)
+
+
 def test_version_and_defaults_in_help(capsys):
     from momos_hf import __version__
 

@@ -34,9 +34,16 @@ def launch(tmp_path, *args):
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), str(RECIPE), *args]
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=600)  # a bound for a busy machine, not a speed check
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks: nothing outlives the test
+        out, err = process.communicate()
+        pytest.fail(f"accelerate launch did not finish in 600 s; its output ends with:\n{(out + err)[-4000:]}")
+    assert process.returncode == 0, err[-4000:]
+    return out
 
 
 def final_loss(output):
@@ -72,6 +79,8 @@ def text_files(tmp_path):
 @pytest.mark.parametrize("mode", ["motifs", "projected", "dense"])
 def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
     monkeypatch.chdir(text_files)
+    (text_files / "out").mkdir()
+    (text_files / "out" / "README.md").write_text("my own notes")  # a README of the user's is never replaced
     # motifs mode starts from a data-aware fit calibrated on two training batches
     extra = ["--modules_to_save", "embed_tokens", "lm_head", "--fit", "data-aware", "--calibration_batches", "2"] if mode == "motifs" else []
     metrics = finetune.main(["--train_file", "train.txt", "--validation_file", "valid.txt", "--max_steps", "12",
@@ -85,6 +94,7 @@ def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
     assert 0 < metrics["complexity_overhead"] < 1 and history[-1]["gzip_ratio"] > 1
     model = AutoModelForCausalLM.from_pretrained(text_files / "out")
     assert any(isinstance(m, MoMosLinear) for m in model.modules()) == (mode != "dense")
+    assert (text_files / "out" / "README.md").read_text() == "my own notes"
 
 
 def test_distillation_from_the_dense_model(text_files, monkeypatch):
@@ -109,7 +119,8 @@ def test_distillation_from_the_dense_model(text_files, monkeypatch):
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         finetune.parse_args(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
 
 
 def test_bad_data_files_are_named(tmp_path):
@@ -177,8 +188,11 @@ def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_
     common = ["--train_file", "train.txt", "--k", "64", "--block_size", "64", "--max_eval_samples", "8"]
     finetune.main([*common, "--max_steps", "4", "--checkpointing_steps", "2", "--output_dir", "run"])
     step = text_files / "run" / "step_4"
-    with pytest.raises(ValueError, match="step_4 is at step 4, beyond --max_steps 3"):
-        finetune.main([*common, "--max_steps", "3", "--output_dir", "again", "--resume_from_checkpoint", str(step)])
+    for max_steps in ("3", "4"):  # past it, or exactly at it: nothing left to train
+        with pytest.raises(ValueError, match=f"step_4 is at step 4, and --max_steps is {max_steps}: nothing is left"):
+            finetune.main([*common, "--max_steps", max_steps, "--output_dir", "again", "--resume_from_checkpoint", str(step)])
+    with pytest.raises(ValueError, match="step_4 was saved by a run with other settings"):
+        finetune.main([*common, "--max_steps", "6", "--k", "8", "--output_dir", "again", "--resume_from_checkpoint", str(step)])
     optimizer_file = next(p for p in step.iterdir() if p.name.startswith("optimizer"))
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:-8])
     with pytest.raises(ValueError, match="step_4 is corrupted"):

@@ -119,6 +119,7 @@ def test_push_to_hub_creates_private_repositories_by_default(hub, tmp_path):
         mm.base_model.push_to_hub("org/through-transformers")  # PreTrainedModel.push_to_hub saves through MoMos
     """, tmp_path)
     assert hub.state.private["org/default"] and not hub.state.private["org/public"]
+    assert hub.state.private["org/through-transformers"]
     config = json.loads(hub.state.repos["org/through-transformers"]["config.json"])
     assert config["quantization_config"]["weights"] in hub.state.repos["org/through-transformers"]
 

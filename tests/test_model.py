@@ -298,3 +298,26 @@ def test_dtype_casts_the_converted_model_after_the_fit():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers stay, as loading in bf16 leaves them
     assert torch.isfinite(mm(**model_inputs("llama")).logits).all()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: get_momos_model(m, MoMosConfig(k=16, s=4), dtype="bfloat16"), "dtype must be a floating-point torch.dtype"),
+    (lambda m: get_momos_model(None, MoMosConfig(k=16, s=4)), "model must be a torch.nn.Module"),
+    (lambda m: get_momos_model(m, {"k": 16}), "config must be a MoMosConfig"),
+])
+def test_bad_arguments_leave_the_model_untouched(call, message):
+    model = build("llama")
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    assert not any(isinstance(m, MoMosLayer) for m in model.modules())
+
+
+def test_a_config_changed_after_it_was_checked_is_checked_again():
+    config = MoMosConfig(k=16, s=4)
+    config.scale, model = "no", build("llama")
+    with pytest.raises(ValueError, match="scale must be True or False"):
+        get_momos_model(model, config)
+    config.scale, config.k = False, 0
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        get_momos_model(model, config)
+    assert not any(isinstance(m, MoMosLayer) for m in model.modules())

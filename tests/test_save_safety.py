@@ -1,6 +1,7 @@
 """A save never loses anything: saving into `.` and `..`, saves that fail half way, real kill -9 at random
 points (seeded, bounded), two processes saving into one folder, files the save did not write, links."""
 
+import json
 import os
 import random
 import subprocess
@@ -62,20 +63,52 @@ def test_saving_into_the_current_and_the_parent_folder_keeps_every_file(tmp_path
     assert torch.equal(logits(work), first(**model_inputs("llama")).logits)
 
 
-def test_a_save_that_fails_half_way_changes_nothing(tmp_path, monkeypatch):
+def other_generation(mm, max_length):
+    mm.base_model.generation_config.max_length = max_length  # so that the two saves differ in every file
+    return mm
+
+
+def test_a_save_that_fails_before_its_commit_changes_nothing(tmp_path, monkeypatch):
     converted(1).save_pretrained(tmp_path, tokenizer=byte_tokenizer())
     user_files(tmp_path)
     before = snapshot(tmp_path)
+    real_replace = checkpoint.os.replace
 
     def no_permission(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    for target in ("save_file", "write_text_synced"):  # while writing weights, and while writing config.json
+    def commit_fails(src, dst):
+        if str(dst).endswith("config.json"):
+            raise PermissionError("read-only file system")
+        real_replace(src, dst)
+
+    for target, fault in (("save_file", no_permission), ("write_text_synced", no_permission), ("os.replace", commit_fails)):
         with monkeypatch.context() as patch:
-            patch.setattr(checkpoint, target, no_permission)
+            patch.setattr(checkpoint.os, "replace", fault) if target == "os.replace" else patch.setattr(checkpoint, target, fault)
             with pytest.raises(PermissionError):
-                converted(2).save_pretrained(tmp_path, tokenizer=byte_tokenizer(), max_shard_size=8000)
-        assert snapshot(tmp_path) == before
+                other_generation(converted(2), 99).save_pretrained(tmp_path, tokenizer=byte_tokenizer(), max_shard_size=8000)
+        assert snapshot(tmp_path) == before  # generation config and tokenizer included
+
+
+def test_a_save_interrupted_after_its_commit_is_completed(tmp_path, monkeypatch):
+    converted(1).save_pretrained(tmp_path)
+    real_replace = checkpoint.os.replace
+    interrupted = []
+
+    def dies_once_after_the_commit(src, dst):
+        if str(dst).endswith("generation_config.json") and not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt("power cut")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", dies_once_after_the_commit)
+    second = other_generation(converted(2), 99)
+    with pytest.raises(KeyboardInterrupt):
+        second.save_pretrained(tmp_path)
+    assert interrupted and leftovers(tmp_path)  # committed, with the generation config still waiting
+    assert torch.equal(logits(tmp_path), second(**model_inputs("llama")).logits)
+    checkpoint.recover_interrupted_save(tmp_path)  # what the next save into the folder does first
+    assert not leftovers(tmp_path) and '"max_length": 99' in (tmp_path / "generation_config.json").read_text()
 
 
 def test_a_folder_holding_another_model_is_refused_untouched(tmp_path):
@@ -99,6 +132,50 @@ def test_weight_files_the_save_did_not_write_are_kept(tmp_path):
     assert torch.equal(logits(tmp_path), first(**model_inputs("llama")).logits)
     weights = {p.name for p in tmp_path.iterdir() if p.name.startswith("model")} - set(others)
     assert len(weights) == 1  # the earlier saves' own weights are gone
+
+
+def test_only_weight_files_of_a_previous_save_are_ever_removed(tmp_path):
+    converted(1).save_pretrained(tmp_path)
+    mine = user_files(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["checksums"].update({"README.md": "0" * 64, "notes": "0" * 64})  # forged
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / ".momos-save.json").write_text(json.dumps({"staging": ".momos-save-000000000000",
+                                                           "create": ["README.md"], "remove": ["README.md"]}))
+    converted(2).save_pretrained(tmp_path)
+    assert {k: v for k, v in snapshot(tmp_path).items() if k in mine} == mine
+
+
+@pytest.mark.parametrize("case", ["dangling link", "below a file", "config.json is a folder", "not a tokenizer"])
+def test_impossible_targets_are_named(tmp_path, case):
+    target = tmp_path / "target"
+    tokenizer = None
+    if case == "dangling link":
+        target.symlink_to(tmp_path / "nowhere")
+    elif case == "below a file":
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "target"
+    elif case == "config.json is a folder":
+        (target / "config.json").mkdir(parents=True)
+    else:
+        tokenizer = "byte"
+    with pytest.raises(ValueError, match="link to a folder that does not exist|cannot create the folder|already holds a "
+                                         "model that is not a MoMos checkpoint|tokenizer must be a tokenizer"):
+        converted(1).save_pretrained(target, tokenizer=tokenizer)
+
+
+def test_a_state_dict_that_would_not_load_is_not_saved(tmp_path):
+    good = converted(1)
+    good.save_pretrained(tmp_path)
+    before = snapshot(tmp_path)
+    full = good.state_dict()
+    motifs = next(k for k in full if k.endswith(".motifs"))
+    for state, message in (({k: v for k, v in full.items() if "embed_tokens" not in k}, "lacks"),
+                           ({**full, motifs: full[motifs] * float("nan")}, "has NaN or infinite values"),
+                           ({**full, "base_model.lm_head.weight": full["base_model.lm_head.weight"][:3]}, "other shapes")):
+        with pytest.raises(ValueError, match=message):
+            good.save_pretrained(tmp_path, state_dict=state)
+        assert snapshot(tmp_path) == before
 
 
 def test_a_linked_target_stays_a_link_and_no_folder_is_replaced(tmp_path):
@@ -152,18 +229,19 @@ def wait_ready(process, timeout=120):
 def two_checkpoints(tmp_path):
     references = {}
     for seed in (1, 2):
-        mm = converted(seed)
+        mm = other_generation(converted(seed), 50 + seed)
         mm.save_pretrained(tmp_path / f"model{seed}")
         with torch.no_grad():
-            references[seed] = mm(**model_inputs("llama")).logits
+            references[50 + seed] = mm(**model_inputs("llama")).logits
     return references
 
 
 def check_whole(target, references, mine):
-    """The folder holds one of the two checkpoints, complete, and every file of the user's."""
+    """The folder holds one of the two checkpoints, complete (its weights and its generation config), and
+    every file of the user's."""
     assert target.is_dir()
-    loaded = logits(target)
-    assert any(torch.equal(loaded, reference) for reference in references.values())
+    max_length = json.loads((target / "generation_config.json").read_text())["max_length"]
+    assert torch.equal(logits(target), references[max_length])
     assert {k: v for k, v in snapshot(target).items() if k in mine} == mine
     assert (target / "tokenizer.json").exists()
 

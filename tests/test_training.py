@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from conftest import build, model_inputs
@@ -122,3 +127,29 @@ def test_trainer_given_the_wrapper_is_refused(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="give Trainer the converted model, mm.base_model"):
         Trainer(model=mm, args=args, train_dataset=[], callbacks=[MoMosCallback()])
+
+
+def test_trainer_push_to_hub_is_refused_before_anything_is_uploaded(tmp_path):
+    # Trainer creates the repository before any callback runs (Transformers' own step); the callback stops
+    # it there, before the model or training_args.bin (which holds the token) could be uploaded.
+    from hub_server import HubServer
+
+    code = f"""
+        import pytest
+        from conftest import build
+        from transformers import Trainer, TrainingArguments
+        from momos_hf import MoMosConfig, get_momos_model
+        from momos_hf.training import MoMosCallback
+
+        mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1))
+        args = TrainingArguments(output_dir=r"{tmp_path}", max_steps=1, report_to=[], use_cpu=True, push_to_hub=True,
+                                 hub_model_id="me/x", hub_token="hf_secret")
+        with pytest.raises(ValueError, match="Trainer's push_to_hub uploads its whole output folder"):
+            Trainer(model=mm.base_model, args=args, train_dataset=[], callbacks=[MoMosCallback()])
+        print("refused")
+    """
+    with HubServer() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "PYTHONPATH": os.path.dirname(__file__)}
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "refused" in done.stdout, done.stderr[-3000:]
+        assert not any(hub.state.repos.values())  # nothing was uploaded
