@@ -154,10 +154,21 @@ def test_bf16_mixed_precision(text_files, monkeypatch, capsys):
 
 
 def run_recipe(tmp_path, *args, env=None):
-    """The recipe as a plain process (one rank), started the way a user starts it."""
-    return subprocess.Popen([sys.executable, str(RECIPE), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})})
+    """The recipe as a plain process (one rank), started the way a user starts it. Its output goes to files, not
+    pipes: a pipe nobody reads fills up and stalls the process."""
+    name = f"recipe-{len(list(tmp_path.glob('recipe-*.out')))}"
+    with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+        process = subprocess.Popen([sys.executable, str(RECIPE), *args], cwd=tmp_path, stdout=out, stderr=err, text=True,
+                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})})
+    process.logs = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    return process
+
+
+def finish(process, timeout=600):
+    """Waits for a recipe process; returns its stdout and stderr."""
+    process.wait(timeout=timeout)
+    return tuple(log.read_text() for log in process.logs)
 
 
 def test_a_run_killed_mid_way_resumes_exactly(tmp_path):
@@ -165,19 +176,22 @@ def test_a_run_killed_mid_way_resumes_exactly(tmp_path):
     common = ["--max_steps", "24", "--k", "64", "--train_mode", "ste", "--project_every", "5", "--block_size", "64",
               "--per_device_train_batch_size", "4", "--max_train_samples", "40", "--max_eval_samples", "16",
               "--checkpointing_steps", "3", "--learning_rate", "3e-3"]
-    whole = run_recipe(tmp_path, *common, "--output_dir", "whole")
-    killed = run_recipe(tmp_path, *common, "--output_dir", "killed")
-    deadline = time.monotonic() + 240
+    one_thread = {"OMP_NUM_THREADS": "1"}  # two runs share the cores: threads that spin-wait on each other stall both
+    whole = run_recipe(tmp_path, *common, "--output_dir", "whole", env=one_thread)
+    killed = run_recipe(tmp_path, *common, "--output_dir", "killed", env=one_thread)
+    deadline = time.monotonic() + 900  # generous: CI machines are shared and busy
     while not (tmp_path / "killed" / "step_12").exists():  # kill -9 some time after step 12 is saved
-        assert killed.poll() is None and time.monotonic() < deadline, killed.stderr.read() if killed.poll() else "timeout"
+        assert killed.poll() is None, finish(killed)[1][-3000:]
+        assert time.monotonic() < deadline, "step_12 was not saved in 900 s"
         time.sleep(0.05)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
-    out, err = whole.communicate(timeout=300)
+    out, err = finish(whole)
     assert whole.returncode == 0, err[-3000:]
     saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "killed").glob("step_*") if p.name.split("_")[1].isdigit())
-    resumed = run_recipe(tmp_path, *common, "--output_dir", "resumed", "--resume_from_checkpoint", f"killed/step_{saved[-1]}")
-    resumed_out, err = resumed.communicate(timeout=300)
+    resumed = run_recipe(tmp_path, *common, "--output_dir", "resumed", "--resume_from_checkpoint", f"killed/step_{saved[-1]}",
+                         env=one_thread)
+    resumed_out, err = finish(resumed)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from step {saved[-1]}" in resumed_out
     assert final_loss(resumed_out) == final_loss(out)  # the same run, continued exactly
@@ -211,7 +225,7 @@ def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
                          "--max_eval_samples", "8", "--checkpointing_steps", "1", "--report_to", "tensorboard",
                          "--output_dir", "out", "--push_to_hub", "--hub_model_id", "me/run", "--hub_token", "hf_SECRET42",
                          env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(text_files / "hf")})
-        out, err = run.communicate(timeout=300)
+        out, err = finish(run)
         assert run.returncode == 0, err[-3000:]
         files = hub.state.repos["me/run"]
         assert hub.state.private["me/run"] and set(hub.state.tokens_seen) == {"hf_SECRET42"}
