@@ -19,8 +19,8 @@ Saving. `config.json` is the commit point. New weight files take Transformers' u
 has none of them (a new folder, as for Trainer's checkpoints), else fresh ones, so they never overwrite
 those the current config.json refers to; the new config.json replaces the old one in one rename; only then are the
 previous save's weight files (the ones its config.json lists) removed. A journal written before any file
-records what the save creates and what it will remove, so the next save into the folder rolls back or
-completes a save that was killed. A lock on the folder makes concurrent saves take turns. Files the save did
+records what the save creates and what it will remove, so the next save into the folder, or the next load
+from it, rolls back or completes a save that was killed. A lock on the folder makes concurrent saves take turns. Files the save did
 not write are never moved or deleted, and a folder holding another kind of model is refused.
 """
 
@@ -44,6 +44,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers.utils import logging
 
 from .config import MoMosConfig
 from .fitting import index_bits, num_blocks_per_row, reconstruct
@@ -66,6 +67,7 @@ STAGING_PREFIX = ".momos-save-"
 STAGING_NAME = re.compile(r"\.momos-save-[0-9a-f]{12}")
 # The only names a save ever removes: weight files and indexes in the two naming schemes above.
 WEIGHT_FILE_NAME = re.compile(r"model(-momos-[0-9a-f]{12})?(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+logger = logging.get_logger(__name__)
 QUANTIZATION_FIELDS = {"quant_method", "format_version", "base_model", "momos_config", "layers", "weights", "checksums"}
 FLOAT_DTYPES = {"F32": 32, "F16": 16, "BF16": 16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -322,6 +324,20 @@ def recover_interrupted_save(directory: Path) -> None:
     if journal_path.exists():
         journal_path.unlink()
         sync_directory(directory)
+
+
+def finish_interrupted_save(directory: Path) -> None:
+    """Before a load: complete (or undo) a save into `directory` that was killed, so that the generation config
+    and tokenizer read next belong to the weights, waiting for a save in progress. A folder the loader may not
+    write is left as it is, with a warning."""
+    if not (directory / JOURNAL_NAME).exists():
+        return
+    try:
+        with folder_lock(directory):
+            recover_interrupted_save(directory)
+    except OSError as err:
+        logger.warning(f"{directory} holds an interrupted save that could not be completed ({err.strerror or err}); "
+                       "its weights are whole, but its tokenizer and generation config may be the previous save's")
 
 
 def current_weights(directory: Path) -> Optional[str]:

@@ -37,6 +37,7 @@ from .checkpoint import (
     QUANT_METHOD,
     SAFETENSORS_DTYPES,
     checkpoint_folder,
+    finish_interrupted_save,
     layer_specs,
     parse_quantization,
     read_checkpoint_config,
@@ -116,6 +117,7 @@ class MoMosHfQuantizer(HfQuantizer):
             raise ValueError("a MoMos checkpoint loads from its folder or Hub repository, with from_pretrained(path)")
         config = self.quantization_config
         directory = checkpoint_folder(getattr(model.config, "name_or_path", None), checkpoint_files)
+        finish_interrupted_save(directory)  # the generation config and tokenizer, read next, then match the weights
         saved = read_checkpoint_config(directory)
         if saved["quantization_config"] != config.to_dict():
             raise ValueError(f"the config given to from_pretrained describes other MoMos layers than {directory}/config.json")

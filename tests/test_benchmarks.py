@@ -61,3 +61,12 @@ def test_conversion_quick(tmp_path):
         weights = [r["weights"] for r in rows if r["init"] == init]
         assert weights[0] < weights[1] < weights[2]
     assert all(r["seconds"] > 0 and r["peak_above_model_mib"] >= 0 for r in rows)
+
+
+def test_trust_probe_quick(tmp_path):
+    done = subprocess.run([sys.executable, "trust_probe.py", "--quick", "--strict", "--json", str(tmp_path / "probe.json"),
+                           "--work", str(tmp_path / "work")], cwd=BENCHMARKS, capture_output=True, text=True, timeout=900)
+    results = json.loads((tmp_path / "probe.json").read_text())
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert len(results) == 21 and {r["category"] for r in results} <= {"correct", "clear"}
+    assert {r["family"] for r in results} == {"config", "load", "save", "push", "cli", "recipe"}
