@@ -1,56 +1,239 @@
 """Calibration: stream a model's inputs to its target layers into each layer's input moment
-`H = X^T X / rows`, the metric of data-aware fitting (`momos_hf.data_aware`)."""
+`H = X^T X / rows`, the metric of data-aware fitting (`momos_hf.data_aware`).
+
+Two ways. `input_moments` runs the whole model once and holds every target's moment. The sequential way
+(GPTQ's) goes block by block through a stack of transformer blocks: `block_inputs` runs the calibration
+batches up to the first block and keeps what it receives, `run_block` passes them through one block (recording
+the moments of its layers with a `MomentRecorder`), and the block's outputs, once it is converted, are the next
+block's inputs. Only one block's moments are held at a time, and the hidden states between two blocks live in
+an `ActivationStore` (memory up to a budget, then disk).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .layer import layer_class_for
+from .layer import MoMosLayer, layer_class_for
+
+
+class MomentRecorder:
+    """Forward pre-hooks that sum the rows each named module (a target, or a MoMos layer) multiplies
+    (`MoMosLayer.input_rows`: a linear layer's inputs, a convolution's patches) into `X^T X` (float32). Positions where `mask` (the current
+    batch's `[batch, seq]` attention mask, or None) is 0 are padding and left out. Use as a context manager."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows = dict.fromkeys(self.modules, 0)
+        self.mask: Optional[torch.Tensor] = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "MomentRecorder":
+        self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+                x = x[self.mask.bool()]
+            kind = type(module) if isinstance(module, MoMosLayer) else layer_class_for(module)
+            x = kind.input_rows(module, x).float()
+            self.sums[name] = x.T @ x if name not in self.sums else self.sums[name].addmm_(x.T, x)
+            self.rows[name] += x.shape[0]
+
+        return record
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """`{name: X^T X / rows}`; every module must have been reached."""
+        unseen = [name for name, rows in self.rows.items() if rows == 0]
+        if unseen:
+            raise ValueError(f"calibration_data never reached {unseen[:5]}{' ...' if len(unseen) > 5 else ''}; "
+                             "pass batches of model inputs (dicts with input_ids, ...) that run through these layers")
+        return {name: self.sums[name] / self.rows[name] for name in self.modules}
+
+
+def batch_on(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch of model inputs with its tensors on `device`."""
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in dict(batch).items()}
+
+
+def attention_mask_of(inputs: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    mask = inputs.get("attention_mask")
+    return mask if torch.is_tensor(mask) else None
 
 
 @torch.no_grad()
 def input_moments(model: nn.Module, names: list[str], batches: Iterable[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Run `batches` (dicts of model inputs, as a tokenizer or a DataLoader gives them) through `model`
-    and return, for each module in `names`, the mean outer product `[in, in]` (float32) of the rows its
-    matrix multiplies (`MoMosLayer.input_rows`: a linear layer's inputs, a convolution's patches).
-
-    Memory is one `[in, in]` sum per layer, whatever the number of batches. Where a batch has an
-    `attention_mask` of the inputs' `[batch, seq]` shape, padding positions are left out.
-    """
-    sums: dict[str, torch.Tensor] = {}
-    rows = dict.fromkeys(names, 0)
-    mask: list[torch.Tensor] = []  # the current batch's attention mask, read by the hooks
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            if mask and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask[0].shape):
-                x = x[mask[0].bool()]
-            x = layer_class_for(module).input_rows(module, x).float()
-            sums[name] = x.T @ x if name not in sums else sums[name].addmm_(x.T, x)
-            rows[name] += x.shape[0]
-
-        return record
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    """Run `batches` (dicts of model inputs, as a tokenizer or a DataLoader gives them) through `model` and
+    return, for each module in `names`, its input moment `[in, in]` (float32; see `MomentRecorder`).
+    Memory is one `[in, in]` sum per layer, whatever the number of batches."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="MoMos calibration", unit="batch"):
-            inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in dict(batch).items()}
-            mask[:] = [inputs["attention_mask"]] if torch.is_tensor(inputs.get("attention_mask")) else []
-            model(**inputs)
+        with MomentRecorder({name: model.get_submodule(name) for name in names}) as recorder:
+            for batch in tqdm(batches, desc="MoMos calibration", unit="batch"):
+                inputs = batch_on(batch, device)
+                recorder.mask = attention_mask_of(inputs)
+                model(**inputs)
+    finally:
+        model.train(was_training)
+    return recorder.moments()
+
+
+class ActivationStore:
+    """The hidden states of the calibration batches between two blocks, by batch index: kept in memory up to
+    `budget_bytes` in all, written to safetensors files in a temporary folder (under `folder`, default the
+    system's) past it. `close()` removes that folder, which the store created and alone writes to."""
+
+    def __init__(self, budget_bytes: int, folder: Optional[str] = None) -> None:
+        self.budget_bytes = budget_bytes
+        self.parent = folder
+        self.in_memory: dict[int, torch.Tensor] = {}
+        self.on_disk: dict[int, Path] = {}
+        self.folder: Optional[Path] = None
+
+    def __len__(self) -> int:
+        return len(self.in_memory) + len(self.on_disk)
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.in_memory.values())
+
+    def __setitem__(self, index: int, hidden: torch.Tensor) -> None:
+        self.in_memory.pop(index, None)
+        size = hidden.numel() * hidden.element_size()
+        if index not in self.on_disk and self.memory_bytes() + size <= self.budget_bytes:
+            self.in_memory[index] = hidden.detach()
+            return
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="momos-activations-", dir=self.parent))
+        path = self.folder / f"{index}.safetensors"
+        save_file({"hidden": hidden.detach().cpu().contiguous()}, path)
+        self.on_disk[index] = path
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index in self.in_memory:
+            return self.in_memory[index]
+        return load_file(self.on_disk[index])["hidden"]
+
+    def close(self) -> None:
+        self.in_memory.clear()
+        self.on_disk.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+class _Reached(Exception):
+    """Raised by the hook on the first block: the batch has gone as far as needed."""
+
+
+def _split_block_call(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
+    """A block's call as (hidden states, other positional arguments, keyword arguments)."""
+    if args:
+        return args[0], args[1:], dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a meaningful ==
+        return False
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, stack: nn.ModuleList, batches: list[Mapping[str, Any]], store: ActivationStore,
+                 ) -> list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]]:
+    """Run each batch through `model` up to the first block of `stack`, put the hidden states it receives into
+    `store` (by batch index) and return, per batch, the block's other arguments (positional after the hidden
+    states, and keyword: attention mask, positions, ...) and the batch's attention mask. Every block must get
+    the same other arguments (checked on the first batch): blocks that pass more than hidden states to the
+    next (T5's position bias) cannot be run one at a time."""
+    extras: list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]] = []
+    device = next(model.parameters()).device
+
+    def first(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden, rest, kwargs = _split_block_call(args, kwargs)
+        store[len(extras)] = hidden
+        extras.append((rest, kwargs, None))
+        if len(extras) > 1 or len(stack) == 1:
+            raise _Reached
+
+    def second(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        _, rest, kwargs = _split_block_call(args, kwargs)
+        first_rest, first_kwargs, _ = extras[0]
+        differ = [f"argument {i + 2}" for i in range(max(len(rest), len(first_rest)))
+                  if i >= min(len(rest), len(first_rest)) or not _same(rest[i], first_rest[i])]
+        differ += sorted(k for k in set(kwargs) | set(first_kwargs) if not _same(kwargs.get(k), first_kwargs.get(k)))
+        if differ:
+            raise ValueError(f"the blocks of {type(model).__name__} do not all get the same arguments "
+                             f"({', '.join(differ)} differ from the first block's), so they cannot be "
+                             "calibrated one at a time: use sequential=False")
+        raise _Reached
+
+    was_training = model.training
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False  # no key/value cache among the blocks' arguments
+    handles = [stack[0].register_forward_pre_hook(first, with_kwargs=True)]
+    if len(stack) > 1:
+        handles.append(stack[1].register_forward_pre_hook(second, with_kwargs=True))
+    try:
+        for batch in tqdm(batches, desc="MoMos calibration inputs", unit="batch"):
+            inputs = batch_on(batch, device)
+            try:
+                model(**inputs)
+            except _Reached:
+                rest, kwargs, _ = extras[-1]
+                extras[-1] = (rest, kwargs, attention_mask_of(inputs))
+            else:
+                raise ValueError("calibration_data never reached the first block of the model")
+            if len(handles) > 1:
+                handles.pop().remove()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    unseen = [name for name in names if rows[name] == 0]
-    if unseen:
-        raise ValueError(f"calibration_data never reached {unseen[:5]}{' ...' if len(unseen) > 5 else ''}; "
-                         "pass batches of model inputs (dicts with input_ids, ...) that run through these layers")
-    return {name: sums[name] / rows[name] for name in names}
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    return extras
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, store: ActivationStore, extras: list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]],
+              recorder: Optional[MomentRecorder] = None, keep_outputs: bool = False) -> None:
+    """Pass every stored hidden state through `block` with its batch's other arguments, recording moments with
+    `recorder` if given; with `keep_outputs` the outputs replace the inputs in `store`."""
+    was_training = block.training
+    block.eval()
+    try:
+        for index, (rest, kwargs, mask) in enumerate(extras):
+            if recorder is not None:
+                recorder.mask = mask
+            output = block(store[index], *rest, **kwargs)
+            if keep_outputs:
+                store[index] = output[0] if isinstance(output, (tuple, list)) else output
+    finally:
+        block.train(was_training)

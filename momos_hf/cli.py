@@ -68,6 +68,13 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text file for --fit data-aware: windows of it are run through the model")
     parser.add_argument("--calibration_samples", type=positive_int, default=128, help="calibration windows")
     parser.add_argument("--calibration_seq_len", type=positive_int, default=128, help="tokens per calibration window")
+    parser.add_argument("--sequential", action="store_true",
+                        help="--fit data-aware block by block, each block calibrated on the converted ones before it "
+                             "(one block's statistics in memory at a time)")
+    parser.add_argument("--offload_folder", default=None,
+                        help="with --sequential: where hidden states past --activation_budget_mb go (default: the system's temporary folder)")
+    parser.add_argument("--activation_budget_mb", type=non_negative_int, default=2048,
+                        help="with --sequential: memory for the hidden states between blocks")
 
 
 def calibration_from_args(args: argparse.Namespace, model, tokenizer):
@@ -84,6 +91,16 @@ def calibration_from_args(args: argparse.Namespace, model, tokenizer):
     if model.config.is_encoder_decoder:
         batches = [dict(b, decoder_input_ids=b["input_ids"]) for b in batches]
     return batches
+
+
+def conversion_options(args: argparse.Namespace) -> dict:
+    """`get_momos_model`'s runtime options from the flags."""
+    if not args.sequential and (args.offload_folder is not None or args.activation_budget_mb != 2048):
+        raise ValueError("--offload_folder and --activation_budget_mb are used with --sequential only")
+    if args.sequential and args.fit not in NEEDS_INPUT_MOMENTS:
+        raise ValueError(f"--sequential calibrates --fit data-aware; --fit {args.fit} reads no calibration")
+    return {"sequential": args.sequential, "activation_budget_bytes": args.activation_budget_mb * 2**20,
+            "offload_folder": args.offload_folder}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -121,7 +138,7 @@ def load_tokenizer(path: Optional[str]):
 def cmd_report(args: argparse.Namespace) -> None:
     model = tiny_llama(args.seed) if args.model_path is None else load_model(args.model_path, args.torch_dtype)
     calibration = calibration_from_args(args, model, load_tokenizer(args.model_path))
-    mm = get_momos_model(model, config_from_args(args), calibration)
+    mm = get_momos_model(model, config_from_args(args), calibration, **conversion_options(args))
     report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
     print(report.format(per_layer=not args.totals_only))
     if args.json:
@@ -131,7 +148,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     model = load_model(args.model_path, args.torch_dtype)
     tokenizer = load_tokenizer(args.model_path)
-    mm = get_momos_model(model, config_from_args(args), calibration_from_args(args, model, tokenizer))
+    mm = get_momos_model(model, config_from_args(args), calibration_from_args(args, model, tokenizer),
+                         **conversion_options(args))
     mm.save_pretrained(args.output_dir, tokenizer=tokenizer)
     print(format_info(checkpoint_info(args.output_dir)))
 

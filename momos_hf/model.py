@@ -13,16 +13,17 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.utils.logging import tqdm
 
-from .calibration import input_moments
+from .calibration import ActivationStore, MomentRecorder, block_inputs, input_moments, run_block
 from .checkpoint import QUANT_METHOD, read_checkpoint_config
 from .config import FIT_FIELDS, MoMosConfig
 from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
 from .fitting import FitOptions, index_bits, num_blocks_per_row, reconstruct, relative_error
 from .layer import MoMosLayer, assign_, full_tensor, layer_class_for, momos_layers, replace_with_momos
 from .quantizer import MoMosQuantizationConfig, drop_momos_ties, mark_momos_model, merge_layers, push_momos_model, save_momos_model, unmark
-from .targets import find_targets, match_names, tie_groups
+from .targets import block_stack, find_targets, match_names, tie_groups
 
 DEFAULT_ASSIGN_BYTES = 256 * 2**20
+DEFAULT_ACTIVATION_BYTES = 2 * 2**30
 
 
 class MoMosModel(nn.Module):
@@ -46,6 +47,12 @@ class MoMosModel(nn.Module):
     `project()` calls. `dtype`: cast every parameter to this dtype after the fit (motifs too, unless
     `motif_dtype` is set). `max_assign_bytes`: memory budget of one chunk of the block-to-motif distance
     matrix (a property of the machine, not of the model: it is not saved).
+
+    `sequential` (data-aware fits, one dictionary per layer): convert the model's stack of blocks one block at
+    a time, each calibrated on the outputs of the blocks converted before it (GPTQ's order), holding one
+    block's input moments at a time; the hidden states between blocks stay in memory up to
+    `activation_budget_bytes` and go to a temporary folder under `offload_folder` (default: the system's)
+    past it. Runtime choices, not saved.
     """
 
     def __init__(
@@ -56,6 +63,9 @@ class MoMosModel(nn.Module):
         calibration_data: Optional[Iterable[dict[str, Any]]] = None,
         dtype: Optional[torch.dtype] = None,
         max_assign_bytes: int = DEFAULT_ASSIGN_BYTES,
+        sequential: bool = False,
+        activation_budget_bytes: int = DEFAULT_ACTIVATION_BYTES,
+        offload_folder: Optional[str] = None,
     ) -> None:
         super().__init__()
         if isinstance(model, MoMosModel):
@@ -72,6 +82,7 @@ class MoMosModel(nn.Module):
         # Calls go straight to the base model, whose signature Trainer and pipelines read to pick inputs.
         self.forward = model.forward
         self.max_assign_bytes = max_assign_bytes
+        self.sequential, self.activation_budget_bytes, self.offload_folder = sequential, activation_budget_bytes, offload_folder
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         recorded = getattr(getattr(model, "config", None), "quantization_config", None)
         if momos_layers(model):
@@ -132,13 +143,12 @@ class MoMosModel(nn.Module):
             if not torch.isfinite(matrix).all():
                 raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
         self._check_compresses(matrices)
-        moments = self._calibrate(calibration_data, originals, ties) if config.fit in NEEDS_INPUT_MOMENTS else None
-        fitted = self._fit(matrices, moments)
-        layers: dict[str, MoMosLayer] = {}
-        for name, (motifs, mosaic, scale, error) in fitted.items():
-            layers[name] = replace_with_momos(model, name, motifs, mosaic, scale, config.zero_motif)
-            if moments is not None and config.train_mode != "motifs":  # later projections refit in the same metric
-                layers[name].input_moment = moments[name]
+        if config.fit in NEEDS_INPUT_MOMENTS and self.sequential:
+            fitted, layers = self._convert_sequentially(calibration_data, matrices, originals, ties)
+        else:
+            moments = self._calibrate(calibration_data, originals, ties) if config.fit in NEEDS_INPUT_MOMENTS else None
+            fitted = self._fit(matrices, moments)
+            layers = self._swap_in(fitted, moments)
         for name, leader in ties.items():
             layers[name] = replace_with_momos(model, name, layers[leader].motifs, layers[leader].mosaic.clone(),
                                               layers[leader].scale, config.zero_motif)
@@ -149,6 +159,66 @@ class MoMosModel(nn.Module):
         if ties:
             drop_momos_ties(model)
         return {layers[name]: matrix.detach() for name, matrix in matrices.items()}
+
+    def _swap_in(self, fitted: dict[str, tuple], moments: Optional[dict[str, torch.Tensor]]) -> dict[str, MoMosLayer]:
+        """Replace each fitted module by its MoMos layer; in the `"projected"`/`"ste"` modes a layer keeps its
+        input moment, since later projections refit in the same metric."""
+        config, layers = self.momos_config, {}
+        for name, (motifs, mosaic, scale, _) in fitted.items():
+            layers[name] = replace_with_momos(self.base_model, name, motifs, mosaic, scale, config.zero_motif)
+            if moments is not None and config.train_mode != "motifs":
+                layers[name].input_moment = moments[name]
+        return layers
+
+    def _convert_sequentially(self, calibration_data: Optional[Iterable[dict[str, Any]]], matrices: dict[str, torch.Tensor],
+                              originals: dict[str, nn.Module], ties: dict[str, str]) -> tuple[dict[str, tuple], dict[str, MoMosLayer]]:
+        """Data-aware conversion block by block (see `momos_hf.calibration`): each block of the model's stack is
+        calibrated on the outputs of the blocks already converted, holding one block's input moments at a
+        time; the targets outside the stack (embeddings, heads) are calibrated last, on the converted model."""
+        if calibration_data is None:
+            raise ValueError(f"fit={self.momos_config.fit!r} needs calibration_data: an iterable of model-input dicts "
+                             "(e.g. tokenized batches)")
+        if self.momos_config.motif_scope == "global":
+            raise ValueError("sequential calibration fits one block at a time; motif_scope='global' fits one dictionary "
+                             "for all layers at once: use sequential=False")
+        model, batches = self.base_model, list(calibration_data)
+        stack_name = block_stack(model, list(matrices))
+        if stack_name is None:
+            raise ValueError(f"sequential calibration needs the targets inside a stack of blocks (an nn.ModuleList); "
+                             f"{type(model).__name__} has none holding them: use sequential=False")
+        stack = model.get_submodule(stack_name)
+        fitted: dict[str, tuple] = {}
+        layers: dict[str, MoMosLayer] = {}
+        store = ActivationStore(self.activation_budget_bytes, self.offload_folder)
+        try:
+            extras = block_inputs(model, stack, batches, store)
+            for i, block in enumerate(tqdm(stack, desc="MoMos blocks", unit="block")):
+                names = [n for n in matrices if n.startswith(f"{stack_name}.{i}.")]
+                measured = {n: originals[n] for n in names if layer_class_for(originals[n]).multiplies_input}
+                if names:
+                    with MomentRecorder(measured) as recorder:
+                        run_block(block, store, extras, recorder)
+                    seen = recorder.moments()
+                    moments = {n: seen.get(n, torch.eye(matrices[n].shape[1])) for n in names}
+                    block_fit = self._fit({n: matrices[n] for n in names}, moments, False, list(matrices))
+                    fitted.update(block_fit)
+                    layers.update(self._swap_in(block_fit, moments))
+                if i + 1 < len(stack):
+                    run_block(block, store, extras, keep_outputs=True)
+            rest = [n for n in matrices if n not in fitted]
+            if rest:
+                involved = {n: originals[n] for n in originals if n in rest or ties.get(n) in rest}
+                moments = self._calibrate(batches, involved, ties)
+                rest_fit = self._fit({n: matrices[n] for n in rest}, moments, False, list(matrices))
+                fitted.update(rest_fit)
+                layers.update(self._swap_in(rest_fit, moments))
+        except BaseException:  # a failed conversion leaves the model as it was
+            for name in layers:
+                model.set_submodule(name, originals[name])
+            raise
+        finally:
+            store.close()
+        return fitted, layers
 
     def _calibrate(self, calibration_data: Optional[Iterable[dict[str, Any]]], originals: dict[str, nn.Module],
                    ties: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -172,19 +242,22 @@ class MoMosModel(nn.Module):
 
     @torch.no_grad()
     def _fit(self, matrices: dict[str, torch.Tensor], moments: Optional[dict[str, torch.Tensor]] = None,
+             progress: bool = True, order: Optional[list[str]] = None,
              ) -> dict[str, tuple[nn.Parameter, torch.Tensor, Optional[nn.Parameter], float]]:
         """Fit every dictionary with the configured method (`momos_hf.fits`); returns `name -> (motifs, mosaic,
-        scale, relative error)`. Fits run in float32 or wider on matrices divided by their RMS (so that no
-        square overflows), and the result must be finite in the dtype it is stored in."""
+        scale, relative error)`. A dictionary's seed is `config.seed` plus its position (in `order`, the whole
+        conversion's list of names, where this call fits a part of it). Fits run in float32 or wider on
+        matrices divided by their RMS (so that no square overflows), and the result must be finite in the
+        dtype it is stored in."""
         config = self.momos_config
         groups = self._groups(list(matrices))
         ks = [self._num_motifs(group, matrices) for group in groups]
         fitted = {}
-        for i, (group, k) in enumerate(tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict")):
+        for i, (group, k) in enumerate(tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict", disable=not progress)):
             originals = [matrices[n].detach() for n in group]
             unit = _rms(originals)
             normalised = [m.double().div(unit).float() for m in originals]
-            options = FitOptions(k, config.s, config.kmeans_iters, config.seed + i, config.zero_motif, config.scale,
+            options = FitOptions(k, config.s, config.kmeans_iters, config.seed + (order.index(group[0]) if order else i), config.zero_motif, config.scale,
                                  self.max_assign_bytes)
             fit = FIT_METHODS[config.fit](normalised, None if moments is None else [moments[n] for n in group], options)
             dtype = config.torch_motif_dtype or originals[0].dtype
@@ -398,15 +471,19 @@ def get_momos_model(
     calibration_data: Optional[Iterable[dict[str, Any]]] = None,
     dtype: Optional[torch.dtype] = None,
     max_assign_bytes: int = DEFAULT_ASSIGN_BYTES,
+    sequential: bool = False,
+    activation_budget_bytes: int = DEFAULT_ACTIVATION_BYTES,
+    offload_folder: Optional[str] = None,
 ) -> MoMosModel:
     """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`.
 
     `calibration_data`, for `fit="data-aware"`: an iterable of model-input dicts (tokenizer outputs,
-    DataLoader batches); a few hundred sequences are enough. It is iterated once. `dtype`: cast the
-    converted model's parameters to it after the fit. `max_assign_bytes`: memory budget of the assignment
-    (see `MoMosModel`). A model that holds MoMos layers already is refused unless `config` asks for the fit
+    DataLoader batches); a few hundred sequences are enough. It is iterated once (kept as a list with
+    `sequential`). `dtype`: cast the converted model's parameters to it after the fit. `max_assign_bytes`,
+    `sequential`, `activation_budget_bytes`, `offload_folder`: see `MoMosModel`. A model that holds MoMos layers already is refused unless `config` asks for the fit
     it has (then it is wrapped as it is)."""
-    return MoMosModel(model, config, calibration_data=calibration_data, dtype=dtype, max_assign_bytes=max_assign_bytes)
+    return MoMosModel(model, config, calibration_data=calibration_data, dtype=dtype, max_assign_bytes=max_assign_bytes,
+                      sequential=sequential, activation_budget_bytes=activation_budget_bytes, offload_folder=offload_folder)
 
 
 def architecture_class(config: Any) -> type:

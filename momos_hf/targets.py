@@ -64,6 +64,17 @@ def tie_groups(model: nn.Module, targets: Iterable[str]) -> dict[str, str]:
     return ties
 
 
+def block_stack(model: nn.Module, names: Iterable[str]) -> Optional[str]:
+    """Name of the `nn.ModuleList` of blocks (a transformer's layers) that holds most of `names`, or None where
+    none holds any: sequential calibration converts its blocks one after the other."""
+    counts: dict[str, int] = {}
+    for stack, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            counts[stack] = sum(name.startswith(f"{stack}.") for name in names)
+    best = max(counts, key=counts.get, default=None)
+    return best if best is not None and counts[best] > 0 else None
+
+
 def match_names(model: nn.Module, entries: Iterable[str], option: str) -> list[str]:
     """Modules whose full name equals an entry or ends with `"." + entry`; every entry must match."""
     entries = list(entries)

@@ -130,3 +130,11 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     config = json.loads((tmp_path / "momos" / "config.json").read_text())
     assert config["quantization_config"]["momos_config"]["fit"] == "data-aware"
     assert "--calibration_file is used by --fit data-aware only" in fails(args[:-2] + ["--calibration_file", str(text)], capsys)
+    calibration = ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"]
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    main(args + calibration + ["--sequential", "--offload_folder", str(offload), "--activation_budget_mb", "0",
+                               "--output_dir", str(tmp_path / "sequential")])
+    assert "MoMos layers         8" in capsys.readouterr().out and not list(offload.iterdir())
+    assert "used with --sequential only" in fails(args + calibration + ["--offload_folder", str(offload)], capsys)
+    assert "--sequential calibrates --fit data-aware" in fails(args[:-2] + ["--sequential"], capsys)

@@ -137,3 +137,68 @@ def test_projection_reuses_the_calibration_of_the_conversion():
         layer.latent.mul_(1.1)
     errors = mm.project()
     assert set(errors) == set(mm.momos_layers()) and all(0 < e < 1 for e in errors.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_sequential_conversion_calibrates_each_block_on_the_converted_ones(arch, tmp_path, monkeypatch):
+    from momos_hf import calibration
+
+    held = []  # how many moments each recorder holds at once
+    real_init = calibration.MomentRecorder.__init__
+
+    def counting_init(self, modules):
+        held.append(len(modules))
+        real_init(self, modules)
+
+    monkeypatch.setattr(calibration.MomentRecorder, "__init__", counting_init)
+    batches = [model_inputs(arch, batch=4, length=16, seed=i) for i in range(4)]
+    config = MoMosConfig(k=16, s=4, fit="data-aware", train_mode="ste")  # ste: mosaic forward, layers keep their moment
+    joint = get_momos_model(build(arch), config, calibration_data=batches)
+    held.clear()
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    mm = get_momos_model(build(arch), config, calibration_data=batches, sequential=True, activation_budget_bytes=0,
+                         offload_folder=str(offload))
+    layers = mm.momos_layers()
+    per_block = max(sum(f".{i}." in n for n in layers) for i in range(2))
+    assert held and max(held) == per_block < len(layers)  # one block's moments at a time
+    assert list(offload.iterdir()) == []  # hidden states went to disk (budget 0) and were removed
+    names = list(layers)
+    first, second = names[0], next(n for n in names if ".1." in n)
+    torch.testing.assert_close(layers[first].motifs, joint.momos_layers()[first].motifs)  # the same inputs, the same fit
+    # Block 1 saw the outputs of converted block 0: its moment is what the converted model feeds it, not the dense one.
+    converted_moment = input_moments(mm.base_model, [second], batches)[second]
+    dense_moment = input_moments(build(arch), [second], batches)[second]
+    torch.testing.assert_close(layers[second].input_moment, converted_moment, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(layers[second].input_moment, dense_moment, rtol=1e-3)
+    in_memory = get_momos_model(build(arch), config, calibration_data=batches, sequential=True)
+    for name, layer in in_memory.momos_layers().items():  # offloading changes nothing
+        assert torch.equal(layer.motifs, layers[name].motifs) and torch.equal(layer.mosaic, layers[name].mosaic)
+
+
+def test_sequential_conversion_refuses_what_it_cannot_do(monkeypatch):
+    from momos_hf.layer import momos_layers
+    from momos_hf.model import MoMosModel
+
+    model = build("llama")
+    before = main_output(model(**model_inputs("llama")))
+    real_fit, calls = MoMosModel._fit, []
+
+    def fails_in_the_second_block(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt("stopped by the user")
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoMosModel, "_fit", fails_in_the_second_block)
+    with pytest.raises(KeyboardInterrupt):  # the first block was converted already: it is put back
+        get_momos_model(model, MoMosConfig(k=8, s=4, fit="data-aware"), calibration_data=[model_inputs("llama")],
+                        sequential=True)
+    assert not momos_layers(model) and torch.equal(main_output(model(**model_inputs("llama"))), before)
+    monkeypatch.undo()
+    batches = [model_inputs("t5", batch=2, seed=i) for i in range(2)]
+    with pytest.raises(ValueError, match="do not all get the same arguments .* use sequential=False"):
+        get_momos_model(build("t5"), MoMosConfig(k=8, s=4, fit="data-aware"), calibration_data=batches, sequential=True)
+    with pytest.raises(ValueError, match="motif_scope='global' fits one dictionary for all layers at once"):
+        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, fit="data-aware", motif_scope="global"),
+                        calibration_data=[model_inputs("llama")], sequential=True)
