@@ -480,8 +480,8 @@ def get_momos_model(
     `calibration_data`, for `fit="data-aware"`: an iterable of model-input dicts (tokenizer outputs,
     DataLoader batches); a few hundred sequences are enough. It is iterated once (kept as a list with
     `sequential`). `dtype`: cast the converted model's parameters to it after the fit. `max_assign_bytes`,
-    `sequential`, `activation_budget_bytes`, `offload_folder`: see `MoMosModel`. A model that holds MoMos layers already is refused unless `config` asks for the fit
-    it has (then it is wrapped as it is)."""
+    `sequential`, `activation_budget_bytes`, `offload_folder`: see `MoMosModel`. A model that holds MoMos
+    layers already is refused unless `config` asks for the fit it has (then it is wrapped as it is)."""
     return MoMosModel(model, config, calibration_data=calibration_data, dtype=dtype, max_assign_bytes=max_assign_bytes,
                       sequential=sequential, activation_budget_bytes=activation_budget_bytes, offload_folder=offload_folder)
 
