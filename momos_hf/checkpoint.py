@@ -147,6 +147,13 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def check_signed(header: dict[str, Any], digest: str, name: str) -> None:
+    """The weight file `name` (whose safetensors header is `header`) was saved with the config.json whose
+    `config_digest` is `digest`."""
+    if header.get("__metadata__", {}).get("momos_config_sha256") != digest:
+        raise ValueError(f"config.json is not the one {name} was saved with (edited, or from another save)")
+
+
 def plain_file_name(name: Any) -> bool:
     """A name of a file directly inside the folder: no separators, no `..`, not hidden."""
     return isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
@@ -513,8 +520,7 @@ def verify_checkpoint(directory: Union[str, os.PathLike], config: dict[str, Any]
         header = safetensors_header(path)
         if sha256_of(path) != checksums[name]:
             raise ValueError(f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time")
-        if header.get("__metadata__", {}).get("momos_config_sha256") != digest:
-            raise ValueError(f"config.json is not the one {name} was saved with (edited, or from another save)")
+        check_signed(header, digest, name)
         tensors.update((key, value) for key, value in header.items() if key != "__metadata__")
     check_momos_tensors(tensors, specs)
     return tensors
@@ -578,11 +584,10 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     if not quantization.get("weights"):
         raise ValueError(f"{directory}: config.json names no weight file")
     files = [checked_file(directory, name) for name in weight_file_names(directory, quantization["weights"])]
-    tensors = {}
+    tensors, digest = {}, config_digest(config)
     for path in files:
         header = safetensors_header(path)
-        if header.get("__metadata__", {}).get("momos_config_sha256") != config_digest(config):
-            raise ValueError(f"config.json is not the one {path.name} was saved with (edited, or from another save)")
+        check_signed(header, digest, path.name)
         tensors.update((k, v) for k, v in header.items() if k != "__metadata__")
     check_momos_tensors(tensors, specs)
 
