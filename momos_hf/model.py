@@ -250,14 +250,15 @@ class MoMosModel(nn.Module):
         matrices divided by their RMS (so that no square overflows), and the result must be finite in the
         dtype it is stored in."""
         config = self.momos_config
+        order = order or list(matrices)
         groups = self._groups(list(matrices))
         ks = [self._num_motifs(group, matrices) for group in groups]
         fitted = {}
-        for i, (group, k) in enumerate(tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict", disable=not progress)):
+        for group, k in tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict", disable=not progress):
             originals = [matrices[n].detach() for n in group]
             unit = _rms(originals)
             normalised = [m.double().div(unit).float() for m in originals]
-            options = FitOptions(k, config.s, config.kmeans_iters, config.seed + (order.index(group[0]) if order else i), config.zero_motif, config.scale,
+            options = FitOptions(k, config.s, config.kmeans_iters, config.seed + order.index(group[0]), config.zero_motif, config.scale,
                                  self.max_assign_bytes)
             fit = FIT_METHODS[config.fit](normalised, None if moments is None else [moments[n] for n in group], options)
             dtype = config.torch_motif_dtype or originals[0].dtype
