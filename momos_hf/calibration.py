@@ -2,10 +2,10 @@
 `H = X^T X / rows`, the metric of data-aware fitting (`momos_hf.data_aware`).
 
 Two ways. `input_moments` runs the whole model once and holds every target's moment. The sequential way
-(GPTQ's) goes block by block through a stack of transformer blocks: `block_inputs` runs the calibration
-batches up to the first block and keeps what it receives, `run_block` passes them through one block (recording
-the moments of its layers with a `MomentRecorder`), and the block's outputs, once it is converted, are the next
-block's inputs. Only one block's moments are held at a time, and the hidden states between two blocks live in
+(GPTQ's, `block_by_block`) goes block by block through a stack of transformer blocks: `block_inputs` runs the
+calibration batches up to the first block and keeps what it receives, `run_block` passes them through one block
+(recording the moments of its layers with a `MomentRecorder`), and the block's outputs, once it is converted,
+are the next block's inputs. Only one block's moments are held at a time, and the hidden states between two blocks live in
 an `ActivationStore` (memory up to a budget, then disk).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,18 +22,23 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .layer import MoMosLayer, layer_class_for
+from .targets import output_embeddings
 
 
 class MomentRecorder:
     """Forward pre-hooks that sum the rows each named module (a target, or a MoMos layer) multiplies
-    (`MoMosLayer.input_rows`: a linear layer's inputs, a convolution's patches) into `X^T X` (float32). Positions where `mask` (the current
-    batch's `[batch, seq]` attention mask, or None) is 0 are padding and left out. Use as a context manager."""
+    (`MoMosLayer.input_rows`: a linear layer's inputs, a convolution's patches) into `X^T X` (float32). Positions
+    where `mask` (the current batch's `[batch, seq]` attention mask, or None) is 0 are padding and left out.
+    Modules that read the same tensor (a block's q/k/v projections, gate and up) share one product. `seen` holds
+    the modules reached since it was last cleared. Use as a context manager."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.modules = dict(modules)
         self.sums: dict[str, torch.Tensor] = {}
         self.rows = dict.fromkeys(self.modules, 0)
         self.mask: Optional[torch.Tensor] = None
+        self.seen: set[str] = set()
+        self._last: Optional[tuple] = None  # (input, its version, X^T X, rows) of the latest shareable call
         self._handles: list[Any] = []
 
     def __enter__(self) -> "MomentRecorder":
@@ -41,18 +46,30 @@ class MomentRecorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._last = None
         for handle in self._handles:
             handle.remove()
 
+    def _product(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        kind = type(module) if isinstance(module, MoMosLayer) else layer_class_for(module)
+        plain = kind.input_rows is MoMosLayer.input_rows  # rows that depend on the input alone can be shared
+        last = self._last
+        if plain and last is not None and last[0] is x and last[1] == x._version:
+            return last[2], last[3]
+        rows = x.detach()
+        if self.mask is not None and rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(self.mask.shape):
+            rows = rows[self.mask.bool()]
+        rows = kind.input_rows(module, rows).float()
+        product = rows.T @ rows
+        self._last = (x, x._version, product, rows.shape[0]) if plain else None
+        return product, rows.shape[0]
+
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
-                x = x[self.mask.bool()]
-            kind = type(module) if isinstance(module, MoMosLayer) else layer_class_for(module)
-            x = kind.input_rows(module, x).float()
-            self.sums[name] = x.T @ x if name not in self.sums else self.sums[name].addmm_(x.T, x)
-            self.rows[name] += x.shape[0]
+            product, rows = self._product(module, args[0])
+            self.sums[name] = product.clone() if name not in self.sums else self.sums[name].add_(product)
+            self.rows[name] += rows
+            self.seen.add(name)
 
         return record
 
@@ -75,22 +92,40 @@ def attention_mask_of(inputs: Mapping[str, Any]) -> Optional[torch.Tensor]:
     return mask if torch.is_tensor(mask) else None
 
 
+class _Reached(Exception):
+    """Raised by a hook when a batch has gone as far through the model as needed."""
+
+
 @torch.no_grad()
 def input_moments(model: nn.Module, names: list[str], batches: Iterable[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """Run `batches` (dicts of model inputs, as a tokenizer or a DataLoader gives them) through `model` and
     return, for each module in `names`, its input moment `[in, in]` (float32; see `MomentRecorder`).
-    Memory is one `[in, in]` sum per layer, whatever the number of batches."""
+    Memory is one `[in, in]` sum per layer, whatever the number of batches. A batch stops at the output
+    embeddings (a language model's head, often the costliest layer) once every module has been reached."""
     device = next(model.parameters()).device
+    head = output_embeddings(model)
     was_training = model.training
     model.eval()
-    try:
-        with MomentRecorder({name: model.get_submodule(name) for name in names}) as recorder:
+    with MomentRecorder({name: model.get_submodule(name) for name in names}) as recorder:
+
+        def stop_at_head(module: nn.Module, args: tuple) -> None:
+            if len(recorder.seen) == len(recorder.modules):
+                raise _Reached
+
+        handle = head.register_forward_pre_hook(stop_at_head) if head is not None and head not in recorder.modules.values() else None
+        try:
             for batch in tqdm(batches, desc="MoMos calibration", unit="batch"):
                 inputs = batch_on(batch, device)
                 recorder.mask = attention_mask_of(inputs)
-                model(**inputs)
-    finally:
-        model.train(was_training)
+                recorder.seen.clear()
+                try:
+                    model(**inputs)
+                except _Reached:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+            model.train(was_training)
     return recorder.moments()
 
 
@@ -135,10 +170,6 @@ class ActivationStore:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
-
-
-class _Reached(Exception):
-    """Raised by the hook on the first block: the batch has gone as far as needed."""
 
 
 def _split_block_call(args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
@@ -237,3 +268,19 @@ def run_block(block: nn.Module, store: ActivationStore, extras: list[tuple[tuple
                 store[index] = output[0] if isinstance(output, (tuple, list)) else output
     finally:
         block.train(was_training)
+
+
+@torch.no_grad()
+def block_by_block(model: nn.Module, stack: nn.ModuleList, batches: list[Mapping[str, Any]], store: ActivationStore,
+                   measured: list[Mapping[str, nn.Module]]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """GPTQ's sequential calibration: for each block `i` of `stack` whose `measured[i]` (modules to record) is not
+    empty, yield `(i, their moments)` computed on the outputs of the blocks before it as they were when the
+    caller resumed (converted, by then); then run block `i` as the caller left it to feed the next block."""
+    extras = block_inputs(model, stack, batches, store)
+    for i, block in enumerate(stack):
+        if measured[i]:
+            with MomentRecorder(measured[i]) as recorder:
+                run_block(block, store, extras, recorder)
+            yield i, recorder.moments()
+        if i + 1 < len(stack):
+            run_block(block, store, extras, keep_outputs=True)

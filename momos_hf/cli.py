@@ -19,6 +19,7 @@ from .complexity import complexity_report
 from .config import FITS, SCOPES, MoMosConfig
 from .data import byte_tokenizer, calibration_batches
 from .demo import run_demo, tiny_llama
+from .distill import finetune_to_teacher, teacher_targets
 from .fits import NEEDS_INPUT_MOMENTS
 from .hub import push_folder
 from .model import architecture_class, get_momos_model
@@ -75,18 +76,24 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --sequential: where hidden states past --activation_budget_mb go (default: the system's temporary folder)")
     parser.add_argument("--activation_budget_mb", type=non_negative_int, default=2048,
                         help="with --sequential: memory for the hidden states between blocks")
+    parser.add_argument("--finetune_steps", type=non_negative_int, default=0,
+                        help="after conversion, train motifs, scales and norms this many steps (one calibration window "
+                             "each) to predict what the dense model predicted (momos_hf.distill; needs --calibration_file)")
+    parser.add_argument("--finetune_lr", type=float, default=1e-4, help="peak learning rate of --finetune_steps (cosine to 0)")
 
 
 def calibration_from_args(args: argparse.Namespace, model, tokenizer):
-    """Calibration batches for `--fit data-aware` (`None` otherwise), checking the flags agree."""
-    if args.fit not in NEEDS_INPUT_MOMENTS:
+    """Calibration batches for `--fit data-aware` and `--finetune_steps` (`None` without them), checking the
+    flags agree."""
+    needed_by = [f"--fit {args.fit}"] * (args.fit in NEEDS_INPUT_MOMENTS) + ["--finetune_steps"] * (args.finetune_steps > 0)
+    if not needed_by:
         if args.calibration_file:
-            raise ValueError("--calibration_file is used by --fit data-aware only")
+            raise ValueError("--calibration_file is used by --fit data-aware and --finetune_steps only")
         return None
     if not args.calibration_file:
-        raise ValueError(f"--fit {args.fit} needs --calibration_file TEXT")
+        raise ValueError(f"{needed_by[0]} needs --calibration_file TEXT")
     if tokenizer is None:
-        raise ValueError(f"--fit {args.fit} needs a tokenizer in the model folder to tokenize --calibration_file")
+        raise ValueError(f"{needed_by[0]} needs a tokenizer in the model folder to tokenize --calibration_file")
     batches = calibration_batches(tokenizer, args.calibration_file, args.calibration_samples, args.calibration_seq_len)
     if model.config.is_encoder_decoder:
         batches = [dict(b, decoder_input_ids=b["input_ids"]) for b in batches]
@@ -113,6 +120,17 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def convert_from_args(args: argparse.Namespace, model, tokenizer):
+    """Calibrate, convert and, with `--finetune_steps`, fine-tune towards the dense model, as the flags say."""
+    calibration = calibration_from_args(args, model, tokenizer)
+    targets = teacher_targets(model, calibration) if args.finetune_steps else None
+    mm = get_momos_model(model, config_from_args(args), calibration if args.fit in NEEDS_INPUT_MOMENTS else None,
+                         **conversion_options(args))
+    if targets is not None:
+        finetune_to_teacher(mm, targets, args.finetune_steps, args.finetune_lr)
+    return mm
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps, k=args.k, s=args.s, scope=args.motif_scope, seed=args.seed, show_layers=args.layers)
 
@@ -137,8 +155,7 @@ def load_tokenizer(path: Optional[str]):
 
 def cmd_report(args: argparse.Namespace) -> None:
     model = tiny_llama(args.seed) if args.model_path is None else load_model(args.model_path, args.torch_dtype)
-    calibration = calibration_from_args(args, model, load_tokenizer(args.model_path))
-    mm = get_momos_model(model, config_from_args(args), calibration, **conversion_options(args))
+    mm = convert_from_args(args, model, load_tokenizer(args.model_path))
     report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
     print(report.format(per_layer=not args.totals_only))
     if args.json:
@@ -148,8 +165,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> None:
     model = load_model(args.model_path, args.torch_dtype)
     tokenizer = load_tokenizer(args.model_path)
-    mm = get_momos_model(model, config_from_args(args), calibration_from_args(args, model, tokenizer),
-                         **conversion_options(args))
+    mm = convert_from_args(args, model, tokenizer)
     mm.save_pretrained(args.output_dir, tokenizer=tokenizer)
     print(format_info(checkpoint_info(args.output_dir)))
 

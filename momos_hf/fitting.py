@@ -19,6 +19,9 @@ import torch
 
 CPU_CHUNK_BYTES = 4 * 2**20  # measured: 4 MiB distance chunks are 1.5-2x faster than 64 MiB ones on CPU
 KMEANS_PLUS_PLUS_MAX_K = 4096  # k-means++ is k sequential passes; above this a random start is as good and cheaper
+# Lloyd steps see at most this many blocks per motif (faiss's default): on SmolLM2's layers 2.4x faster than all
+# blocks for +0.4% output error after data-aware fitting; every block is still assigned to the result
+KMEANS_BLOCKS_PER_MOTIF = 256
 
 
 def index_bits(k: int) -> int:
@@ -154,10 +157,14 @@ def kmeans(
     zero_motif: bool = False,
     max_bytes: int = 256 * 2**20,
 ) -> torch.Tensor:
-    """Lloyd's algorithm on the blocks from a k-means++ start; returns `motifs[k, s]` (float32).
+    """Lloyd's algorithm on the blocks (a random `KMEANS_BLOCKS_PER_MOTIF * k` of them where there are more)
+    from a k-means++ start; returns `motifs[k, s]` (float32).
 
     An empty cluster takes the block that is currently worst represented, so all `k` motifs stay in use.
     """
+    if blocks.shape[0] > KMEANS_BLOCKS_PER_MOTIF * k:
+        sub = torch.randperm(blocks.shape[0], generator=generator)[: KMEANS_BLOCKS_PER_MOTIF * k].to(blocks.device)
+        blocks, weights = blocks[sub], None if weights is None else weights[sub]
     if k <= KMEANS_PLUS_PLUS_MAX_K:
         motifs = kmeans_plus_plus(blocks, k, generator, weights, zero_motif)
     else:

@@ -280,6 +280,10 @@ class MoMosLayer(nn.Module):
         weight = reconstruct(motifs.to(wide), self.mosaic, self.in_features, None if scale is None else scale.to(wide))
         return weight.to(dtype)
 
+    def clear_weight_cache(self) -> None:
+        """Forget the cached weight (after the motifs or scale were replaced rather than changed in place)."""
+        self._weight_cache = None
+
     def cached_weight(self) -> torch.Tensor:
         """`mosaic_weight()` without autograd, rebuilt only when motifs, scale or mosaic changed."""
         versions = (self.motifs._version, None if self.scale is None else self.scale._version)

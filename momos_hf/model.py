@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.utils.logging import tqdm
 
-from .calibration import ActivationStore, MomentRecorder, block_inputs, input_moments, run_block
+from .calibration import ActivationStore, block_by_block, input_moments
 from .checkpoint import QUANT_METHOD, read_checkpoint_config
 from .config import FIT_FIELDS, MoMosConfig
 from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
@@ -190,21 +190,15 @@ class MoMosModel(nn.Module):
         fitted: dict[str, tuple] = {}
         layers: dict[str, MoMosLayer] = {}
         store = ActivationStore(self.activation_budget_bytes, self.offload_folder)
+        by_block = [[n for n in matrices if n.startswith(f"{stack_name}.{i}.")] for i in range(len(stack))]
+        measured = [{n: originals[n] for n in names if layer_class_for(originals[n]).multiplies_input} for names in by_block]
         try:
-            extras = block_inputs(model, stack, batches, store)
-            for i, block in enumerate(tqdm(stack, desc="MoMos blocks", unit="block")):
-                names = [n for n in matrices if n.startswith(f"{stack_name}.{i}.")]
-                measured = {n: originals[n] for n in names if layer_class_for(originals[n]).multiplies_input}
-                if names:
-                    with MomentRecorder(measured) as recorder:
-                        run_block(block, store, extras, recorder)
-                    seen = recorder.moments()
-                    moments = {n: seen.get(n, torch.eye(matrices[n].shape[1])) for n in names}
-                    block_fit = self._fit({n: matrices[n] for n in names}, moments, False, list(matrices))
-                    fitted.update(block_fit)
-                    layers.update(self._swap_in(block_fit, moments))
-                if i + 1 < len(stack):
-                    run_block(block, store, extras, keep_outputs=True)
+            blocks = block_by_block(model, stack, batches, store, measured)
+            for i, seen in tqdm(blocks, desc="MoMos blocks", unit="block", total=sum(map(bool, measured))):
+                moments = {n: seen.get(n, torch.eye(matrices[n].shape[1])) for n in by_block[i]}
+                block_fit = self._fit({n: matrices[n] for n in by_block[i]}, moments, False, list(matrices))
+                fitted.update(block_fit)
+                layers.update(self._swap_in(block_fit, moments))
             rest = [n for n in matrices if n not in fitted]
             if rest:
                 involved = {n: originals[n] for n in originals if n in rest or ties.get(n) in rest}
@@ -394,7 +388,7 @@ class MoMosModel(nn.Module):
         compute from motifs and mosaic again (`momos_hf.products` says which product runs)."""
         for layer in self.momos_layers().values():
             layer.weight_cache_enabled = enabled
-            layer._weight_cache = None
+            layer.clear_weight_cache()
 
     def set_product(self, product: Optional[str]) -> None:
         """Force one product (a name in `momos_hf.products.PRODUCTS`) in every layer, or `None` to let each

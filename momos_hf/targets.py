@@ -19,9 +19,8 @@ def in_repeated_block(name: str) -> bool:
 def find_targets(model: nn.Module, target_modules: Optional[Union[list[str], str]]) -> list[str]:
     """Full names of the modules that `target_modules` selects (see `MoMosConfig.target_modules`), in module
     order, with the modules tied to them (see `tie_groups`)."""
-    output_embeddings = _output_embeddings(model)
-    linear = {name: module for name, module in model.named_modules()
-              if type(module) in (nn.Linear, Conv1D) and module is not output_embeddings}
+    head = output_embeddings(model)
+    linear = {name: module for name, module in model.named_modules() if type(module) in (nn.Linear, Conv1D) and module is not head}
     if target_modules is None:
         targets = [name for name in linear if in_repeated_block(name)]
     elif target_modules == "all-linear":
@@ -88,7 +87,8 @@ def match_names(model: nn.Module, entries: Iterable[str], option: str) -> list[s
     return matched
 
 
-def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+def output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output embeddings (a language model's head), or None."""
     getter = getattr(model, "get_output_embeddings", None)
     return getter() if callable(getter) else None
 

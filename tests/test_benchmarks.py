@@ -1,6 +1,7 @@
 """The benchmarks' `--quick` modes run and print sane numbers (their speed is not checked here)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,24 @@ def test_fidelity_quick(tmp_path):
     for bits in (1.0, 2.0):
         assert score[("data-aware", bits)] < score[("kmeans", bits)]
         assert score[("data-aware", bits)] < score[("rtn", bits)]
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/shakespeare beside the repository")
+def test_llm_quality_quick(tmp_path):
+    """Every method at 2 bits on a tiny random Llama, each in its own process: honest bit counts, finite
+    perplexities, and a memory reading (a random model's perplexities say nothing about quality)."""
+    pytest.importorskip("hqq")
+    results = run_quick("llm_quality.py", tmp_path)
+    rows = {r["method"]: r for r in results["rows"]}
+    assert list(rows) == ["rtn", "hqq", "gptq", "momos-kmeans", "momos-data-aware", "momos-sequential"]
+    assert rows["rtn"]["bits_per_weight"] == rows["gptq"]["bits_per_weight"] == 2.5  # 2 bits + 2 fp16 per 64
+    assert rows["hqq"]["bits_per_weight"] == 2.5
+    momos_bits = {rows[m]["bits_per_weight"] for m in ("momos-kmeans", "momos-data-aware", "momos-sequential")}
+    assert len(momos_bits) == 1 and momos_bits.pop() > 2.0  # 8/4 index bits + dictionaries and scales (large on a tiny model)
+    dense = results["dense"]
+    assert 200 < dense["perplexity"] < 300  # a random 257-token model is near uniform
+    for row in rows.values():
+        assert math.isfinite(row["perplexity"]) and row["conversion_s"] > 0 and row["peak_bytes"] > 0
 
 
 def test_inference_quick(tmp_path):

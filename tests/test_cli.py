@@ -2,6 +2,7 @@ import json
 
 import pytest
 from conftest import build
+from transformers import AutoModelForCausalLM
 
 from momos_hf.cli import main
 
@@ -113,6 +114,37 @@ def test_info_on_a_dense_folder_is_refused(tmp_path, capsys):
     assert "is not a MoMos checkpoint" in fails(["info", str(tmp_path)], capsys)
 
 
+def test_compress_fine_tunes_towards_the_dense_model(tmp_path, capsys):
+    import torch
+
+    from momos_hf.data import byte_tokenizer, calibration_batches, embedded_text
+    from momos_hf.distill import teacher_targets, top_kl
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(embedded_text(), encoding="utf-8")
+    model = build("llama")
+    model.resize_token_embeddings(257)
+    with torch.no_grad():  # random blocks barely touch the residual stream: larger ones make conversion matter
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and "layers" in name:
+                param.mul_(10)
+    model.save_pretrained(tmp_path / "dense")
+    byte_tokenizer().save_pretrained(tmp_path / "dense")
+    args = ["compress", str(tmp_path / "dense"), "--k", "8", "--s", "4", "--scale"]
+    calibration = ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"]
+    assert "--finetune_steps needs --calibration_file" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4"], capsys)
+    main(args + ["--output_dir", str(tmp_path / "plain")])
+    main(args + calibration + ["--output_dir", str(tmp_path / "tuned"), "--finetune_steps", "16", "--finetune_lr", "3e-3"])
+    targets = teacher_targets(model.eval(), calibration_batches(byte_tokenizer(), str(text), 8, 32))
+
+    def kl(folder):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder).eval()
+        with torch.no_grad():
+            return sum(float(top_kl(loaded(**w).logits[0], i, p)) for w, i, p in zip(targets.inputs, targets.ids, targets.logprobs))
+
+    assert kl("tuned") < 0.8 * kl("plain")  # measured 0.70
+
+
 def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     from momos_hf.data import byte_tokenizer
     from momos_hf.data import embedded_text
@@ -129,7 +161,7 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     assert "MoMos layers         8" in capsys.readouterr().out
     config = json.loads((tmp_path / "momos" / "config.json").read_text())
     assert config["quantization_config"]["momos_config"]["fit"] == "data-aware"
-    assert "--calibration_file is used by --fit data-aware only" in fails(args[:-2] + ["--calibration_file", str(text)], capsys)
+    assert "--calibration_file is used by --fit data-aware and --finetune_steps only" in fails(args[:-2] + ["--calibration_file", str(text)], capsys)
     calibration = ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"]
     offload = tmp_path / "offload"
     offload.mkdir()

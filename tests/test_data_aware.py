@@ -105,6 +105,35 @@ def test_second_moments_skip_padding_positions():
     assert model.training is False
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_moments_are_each_layers_own_with_shared_products_and_no_head(arch):
+    """Layers reading one tensor (q/k/v, gate/up) share a product, and the head is skipped: the moments are
+    still exactly each layer's `X^T X / rows` from a full forward."""
+    model = build(arch)
+    names = [name for name, module in model.named_modules() if ".0." in name and not list(module.children())
+             and type(module).__name__ in ("Linear", "Conv1D")]
+    inputs = model_inputs(arch)
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: rows[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for name in names]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: head_calls.append(1))
+    moments = input_moments(model, names, [inputs, inputs])
+    assert head_calls == []
+    for name in names:
+        x = rows[name][0]
+        torch.testing.assert_close(moments[name], x.T @ x / x.shape[0])
+    if arch == "llama":
+        q, k = (moments[f"model.layers.0.self_attn.{p}_proj"] for p in "qk")
+        assert torch.equal(q, k)
+    head = input_moments(model, ["lm_head"], [inputs])["lm_head"]  # the head as a target runs
+    assert head_calls == [1] and head.shape == (32, 32)
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_calibrated_conversion_tracks_the_dense_model_better(arch):
     dense = build(arch)
