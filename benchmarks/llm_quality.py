@@ -12,7 +12,9 @@ Methods, at each rate (peers: one fp16 scale and zero-point per group of 64 inpu
   runs on CPU here);
 - `momos-kmeans`: motifs by k-means on the weights, row scales;
 - `momos-data-aware`: motifs and mosaic fitted to each layer's output error on the calibration windows;
-- `momos-sequential`: the same, block by block, each block calibrated on the already-converted ones.
+- `momos-sequential`: the same, block by block, each block calibrated on the already-converted ones;
+- `momos-pipeline`: `momos-sequential`, then `--finetune_steps` steps (one calibration window each) training
+  motifs, scales and norms to predict the dense model's next-token distribution (`momos_hf.distill`).
 
 Bits per weight are honest: MoMos mosaics, dictionaries and row scales; the peers' codes plus their
 per-group scale and zero-point. Every method runs in its own process, so its conversion time (calibration
@@ -42,13 +44,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.complexity import complexity_report
 from momos_hf.data import byte_tokenizer, calibration_batches
+from momos_hf.distill import finetune_to_teacher, teacher_targets
 from momos_hf.targets import find_targets
 
 TEXT = SHARED / "data" / "shakespeare"
 GROUP = 64
 # rate -> (peer code bits, MoMos k, MoMos s): ceil(log2 k) / s index bits per weight, plus dictionary and scales
 RATES = {1: (1, 256, 8), 2: (2, 256, 4), 3: (3, 512, 3)}
-METHODS = ("rtn", "hqq", "gptq", "momos-kmeans", "momos-data-aware", "momos-sequential")
+METHODS = ("rtn", "hqq", "gptq", "momos-kmeans", "momos-data-aware", "momos-sequential", "momos-pipeline")
 WINDOW = 512
 EVAL_BATCH = 4
 
@@ -76,7 +79,7 @@ def eval_windows(tokenizer, n: int, length: int) -> torch.Tensor:
     return ids[: n * length].view(n, length)
 
 
-def convert(model, method: str, rate: int, calibration: list[dict]):
+def convert(model, method: str, rate: int, calibration: list[dict], finetune_steps: int):
     """Convert `model` by `method` at `rate`; returns the model to evaluate and its bits per weight."""
     bits, k, s = RATES[rate]
     names = find_targets(model, None)
@@ -85,8 +88,12 @@ def convert(model, method: str, rate: int, calibration: list[dict]):
     if method == "gptq":
         return model, quantize_model_sequentially(model, names, bits, GROUP, calibration)
     fit = "kmeans" if method == "momos-kmeans" else "data-aware"
+    targets = teacher_targets(model, calibration) if method == "momos-pipeline" else None
     config = MoMosConfig(k=k, s=s, scale=True, fit=fit)
-    mm = get_momos_model(model, config, calibration if fit == "data-aware" else None, sequential=method == "momos-sequential")
+    mm = get_momos_model(model, config, calibration if fit == "data-aware" else None,
+                         sequential=method in ("momos-sequential", "momos-pipeline"))
+    if targets is not None:
+        finetune_to_teacher(mm, targets, finetune_steps)
     return mm, complexity_report(mm, max_bytes=0).bits_per_weight
 
 
@@ -100,7 +107,7 @@ def run_one(args, method: str, rate: int) -> dict:
     if method == "dense":
         bits = torch.finfo(next(model.parameters()).dtype).bits
     else:
-        model, bits = convert(model, method, rate, calibration)
+        model, bits = convert(model, method, rate, calibration, args.finetune_steps)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return dict(method=method, rate=rate, bits_per_weight=bits, perplexity=perplexity(model, windows),
@@ -111,7 +118,7 @@ def run_child(args, method: str, rate: int) -> dict:
     """`run_one` in a fresh process; progress goes to this process's stderr."""
     command = [sys.executable, __file__, "--child", method, str(rate), "--model", args.model,
                "--calibration_samples", str(args.calibration_samples), "--calibration_len", str(args.calibration_len),
-               "--eval_windows", str(args.eval_windows), "--eval_len", str(args.eval_len)]
+               "--eval_windows", str(args.eval_windows), "--eval_len", str(args.eval_len), "--finetune_steps", str(args.finetune_steps)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -159,6 +166,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--calibration_samples", type=int, default=128)
     parser.add_argument("--calibration_len", type=int, default=WINDOW)
+    parser.add_argument("--finetune_steps", type=int, default=128, help="momos-pipeline's fine-tuning steps")
     parser.add_argument("--eval_windows", type=int, default=32)
     parser.add_argument("--eval_len", type=int, default=WINDOW)
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama, 2 bits, few windows: checks the plumbing")
@@ -173,6 +181,7 @@ def main() -> None:
         if args.quick:
             args.model = quick_model(Path(scratch))
             args.rates, args.calibration_samples, args.calibration_len, args.eval_windows, args.eval_len = [2], 8, 64, 4, 64
+            args.finetune_steps = 4
         args.model = args.model or str(smollm2_path())
         dense = dict(run_child(args, "dense", 0), model=args.model)
         print(f"{args.model}: dense perplexity {dense['perplexity']:.2f}, peak {dense['peak_bytes'] / 2**30:.2f} GiB")

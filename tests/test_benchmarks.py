@@ -40,10 +40,10 @@ def test_llm_quality_quick(tmp_path):
     pytest.importorskip("hqq")
     results = run_quick("llm_quality.py", tmp_path)
     rows = {r["method"]: r for r in results["rows"]}
-    assert list(rows) == ["rtn", "hqq", "gptq", "momos-kmeans", "momos-data-aware", "momos-sequential"]
+    assert list(rows) == ["rtn", "hqq", "gptq", "momos-kmeans", "momos-data-aware", "momos-sequential", "momos-pipeline"]
     assert rows["rtn"]["bits_per_weight"] == rows["gptq"]["bits_per_weight"] == 2.5  # 2 bits + 2 fp16 per 64
     assert rows["hqq"]["bits_per_weight"] == 2.5
-    momos_bits = {rows[m]["bits_per_weight"] for m in ("momos-kmeans", "momos-data-aware", "momos-sequential")}
+    momos_bits = {rows[m]["bits_per_weight"] for m in ("momos-kmeans", "momos-data-aware", "momos-sequential", "momos-pipeline")}
     assert len(momos_bits) == 1 and momos_bits.pop() > 2.0  # 8/4 index bits + dictionaries and scales (large on a tiny model)
     dense = results["dense"]
     assert 200 < dense["perplexity"] < 300  # a random 257-token model is near uniform
