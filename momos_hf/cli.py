@@ -76,6 +76,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --sequential: where hidden states past --activation_budget_mb go (default: the system's temporary folder)")
     parser.add_argument("--activation_budget_mb", type=non_negative_int, default=2048,
                         help="with --sequential: memory for the hidden states between blocks")
+    parser.add_argument("--resume_folder", default=None,
+                        help="with --sequential: save each converted block here as it finishes, and reuse the blocks "
+                             "found here when the same conversion runs again (after an interruption)")
     parser.add_argument("--finetune_steps", type=non_negative_int, default=0,
                         help="after conversion, train motifs, scales and norms this many steps (one calibration window "
                              "each) to predict what the dense model predicted (momos_hf.distill; needs --calibration_file)")
@@ -102,12 +105,12 @@ def calibration_from_args(args: argparse.Namespace, model, tokenizer):
 
 def conversion_options(args: argparse.Namespace) -> dict:
     """`get_momos_model`'s runtime options from the flags."""
-    if not args.sequential and (args.offload_folder is not None or args.activation_budget_mb != 2048):
-        raise ValueError("--offload_folder and --activation_budget_mb are used with --sequential only")
+    if not args.sequential and (args.offload_folder is not None or args.activation_budget_mb != 2048 or args.resume_folder):
+        raise ValueError("--offload_folder, --activation_budget_mb and --resume_folder are used with --sequential only")
     if args.sequential and args.fit not in NEEDS_INPUT_MOMENTS:
         raise ValueError(f"--sequential calibrates --fit data-aware; --fit {args.fit} reads no calibration")
     return {"sequential": args.sequential, "activation_budget_bytes": args.activation_budget_mb * 2**20,
-            "offload_folder": args.offload_folder}
+            "offload_folder": args.offload_folder, "resume_folder": args.resume_folder}
 
 
 def config_from_args(args: argparse.Namespace):

@@ -19,6 +19,7 @@ from .config import FIT_FIELDS, MoMosConfig
 from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
 from .fitting import FitOptions, index_bits, num_blocks_per_row, reconstruct, relative_error
 from .layer import MoMosLayer, assign_, full_tensor, layer_class_for, momos_layers, replace_with_momos
+from .resume import BlockResults, conversion_key
 from .quantizer import MoMosQuantizationConfig, drop_momos_ties, mark_momos_model, merge_layers, push_momos_model, save_momos_model, unmark
 from .targets import block_stack, find_targets, match_names, tie_groups
 
@@ -52,7 +53,9 @@ class MoMosModel(nn.Module):
     a time, each calibrated on the outputs of the blocks converted before it (GPTQ's order), holding one
     block's input moments at a time; the hidden states between blocks stay in memory up to
     `activation_budget_bytes` and go to a temporary folder under `offload_folder` (default: the system's)
-    past it. Runtime choices, not saved.
+    past it. With `resume_folder`, each block's fit is saved there as it finishes, and a rerun of the same
+    conversion (model, settings, calibration) reuses the blocks found there instead of fitting them again
+    (`momos_hf.resume`). Runtime choices, not saved.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class MoMosModel(nn.Module):
         sequential: bool = False,
         activation_budget_bytes: int = DEFAULT_ACTIVATION_BYTES,
         offload_folder: Optional[str] = None,
+        resume_folder: Optional[str] = None,
     ) -> None:
         super().__init__()
         if isinstance(model, MoMosModel):
@@ -83,6 +87,9 @@ class MoMosModel(nn.Module):
         self.forward = model.forward
         self.max_assign_bytes = max_assign_bytes
         self.sequential, self.activation_budget_bytes, self.offload_folder = sequential, activation_budget_bytes, offload_folder
+        if resume_folder is not None and not sequential:
+            raise ValueError("resume_folder keeps the blocks of a sequential conversion: use sequential=True")
+        self.resume_folder = resume_folder
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         recorded = getattr(getattr(model, "config", None), "quantization_config", None)
         if momos_layers(model):
@@ -192,11 +199,23 @@ class MoMosModel(nn.Module):
         store = ActivationStore(self.activation_budget_bytes, self.offload_folder)
         by_block = [[n for n in matrices if n.startswith(f"{stack_name}.{i}.")] for i in range(len(stack))]
         measured = [{n: originals[n] for n in names if layer_class_for(originals[n]).multiplies_input} for names in by_block]
+        saved = None
+        if self.resume_folder is not None:
+            settings = {"config": self.momos_config.to_dict(), "model": type(model).__name__}
+            saved = BlockResults(self.resume_folder, conversion_key(settings, list(matrices), batches))
         try:
             blocks = block_by_block(model, stack, batches, store, measured)
             for i, seen in tqdm(blocks, desc="MoMos blocks", unit="block", total=sum(map(bool, measured))):
                 moments = {n: seen.get(n, torch.eye(matrices[n].shape[1])) for n in by_block[i]}
-                block_fit = self._fit({n: matrices[n] for n in by_block[i]}, moments, False, list(matrices))
+                block_fit = None
+                if saved is not None:
+                    saved.advance({n: matrices[n] for n in by_block[i]})
+                    block_fit = saved.load(i, {n: (*matrices[n].shape, self._num_motifs([n], matrices), self.momos_config.s,
+                                                   self.momos_config.scale) for n in by_block[i]})
+                if block_fit is None:
+                    block_fit = self._fit({n: matrices[n] for n in by_block[i]}, moments, False, list(matrices))
+                    if saved is not None:
+                        saved.save(i, block_fit)
                 fitted.update(block_fit)
                 layers.update(self._swap_in(block_fit, moments))
             rest = [n for n in matrices if n not in fitted]
@@ -469,16 +488,18 @@ def get_momos_model(
     sequential: bool = False,
     activation_budget_bytes: int = DEFAULT_ACTIVATION_BYTES,
     offload_folder: Optional[str] = None,
+    resume_folder: Optional[str] = None,
 ) -> MoMosModel:
     """Convert the target layers of `model` (in place) to MoMos layers and wrap it in a `MoMosModel`.
 
     `calibration_data`, for `fit="data-aware"`: an iterable of model-input dicts (tokenizer outputs,
     DataLoader batches); a few hundred sequences are enough. It is iterated once (kept as a list with
     `sequential`). `dtype`: cast the converted model's parameters to it after the fit. `max_assign_bytes`,
-    `sequential`, `activation_budget_bytes`, `offload_folder`: see `MoMosModel`. A model that holds MoMos
-    layers already is refused unless `config` asks for the fit it has (then it is wrapped as it is)."""
+    `sequential`, `activation_budget_bytes`, `offload_folder`, `resume_folder`: see `MoMosModel`. A model that holds
+    MoMos layers already is refused unless `config` asks for the fit it has (then it is wrapped as it is)."""
     return MoMosModel(model, config, calibration_data=calibration_data, dtype=dtype, max_assign_bytes=max_assign_bytes,
-                      sequential=sequential, activation_budget_bytes=activation_budget_bytes, offload_folder=offload_folder)
+                      sequential=sequential, activation_budget_bytes=activation_budget_bytes, offload_folder=offload_folder,
+                      resume_folder=resume_folder)
 
 
 def architecture_class(config: Any) -> type:

@@ -166,7 +166,9 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     offload = tmp_path / "offload"
     offload.mkdir()
     main(args + calibration + ["--sequential", "--offload_folder", str(offload), "--activation_budget_mb", "0",
-                               "--output_dir", str(tmp_path / "sequential")])
+                               "--output_dir", str(tmp_path / "sequential"), "--resume_folder", str(tmp_path / "resume")])
     assert "MoMos layers         8" in capsys.readouterr().out and not list(offload.iterdir())
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["block-0.safetensors", "block-1.safetensors"]
+    assert "used with --sequential only" in fails(args + calibration + ["--resume_folder", str(tmp_path / "resume")], capsys)
     assert "used with --sequential only" in fails(args + calibration + ["--offload_folder", str(offload)], capsys)
     assert "--sequential calibrates --fit data-aware" in fails(args[:-2] + ["--sequential"], capsys)

@@ -1,0 +1,98 @@
+"""Resumable sequential conversion: saved blocks are reused exactly, and only when they match."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from conftest import build, model_inputs
+from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.model import MoMosModel
+
+CONFIG = MoMosConfig(k=16, s=4, scale=True, fit="data-aware")
+
+
+def batches(seed=0):
+    return [model_inputs("llama", batch=2, length=12, seed=seed + i) for i in range(2)]
+
+
+def state(mm):
+    return {name: (layer.motifs.detach().clone(), layer.mosaic.clone(), layer.scale.detach().clone())
+            for name, layer in mm.momos_layers().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[name], b[name])), name
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """The names of the layers each `_fit` call fitted; `fits.fail_at` makes call number n raise."""
+    calls, real = [], MoMosModel._fit
+
+    def counting(self, matrices, *args, **kwargs):
+        calls.append(sorted(matrices))
+        if len(calls) == getattr(counting, "fail_at", 0):
+            raise KeyboardInterrupt  # as a user's Ctrl-C would
+        return real(self, matrices, *args, **kwargs)
+
+    monkeypatch.setattr(MoMosModel, "_fit", counting)
+    counting.calls = calls
+    return counting
+
+
+def convert(folder, config=CONFIG, seed=0):
+    return get_momos_model(build("llama"), config, batches(seed), sequential=True, resume_folder=str(folder))
+
+
+def test_an_interrupted_conversion_resumes_after_the_last_saved_block(tmp_path, fits):
+    reference = state(get_momos_model(build("llama"), CONFIG, batches(), sequential=True))
+    fits.calls.clear()
+    fits.fail_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block-0.safetensors"]
+    fits.fail_at, fits.calls[:] = 0, []
+    assert_same(state(convert(tmp_path)), reference)
+    assert [n[0].split(".")[2] for n in fits.calls] == ["1"]  # block 0 came from its file
+    fits.calls.clear()
+    assert_same(state(convert(tmp_path)), reference)
+    assert fits.calls == []
+
+
+def test_saved_blocks_are_used_only_when_they_match(tmp_path, fits, caplog):
+    reference = state(convert(tmp_path))
+    fits.calls.clear()
+    convert(tmp_path, MoMosConfig(k=8, s=4, scale=True, fit="data-aware"))
+    assert len(fits.calls) == 2  # other settings: every block fitted again (and its file replaced)
+    fits.calls.clear()
+    convert(tmp_path, seed=1)
+    assert len(fits.calls) == 2  # other calibration data
+    reference_files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    block0 = tmp_path / "block-0.safetensors"
+    for damage in (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]),  # an edited tensor byte
+                   lambda b: b[: len(b) // 2],  # truncated
+                   lambda b: b""):  # empty
+        block0.write_bytes(damage(reference_files["block-0.safetensors"]))
+        fits.calls.clear()
+        with caplog.at_level(logging.WARNING):
+            assert_same(state(convert(tmp_path, seed=1)), state(convert(tmp_path / "fresh", seed=1)))
+        assert [n[0].split(".")[2] for n in fits.calls[:1]] == ["0"] and "not a valid saved block" in caplog.text
+        caplog.clear()
+    assert reference  # the first conversion ran
+
+
+def test_resume_folder_needs_a_sequential_conversion_and_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="use sequential=True"):
+        get_momos_model(build("llama"), CONFIG, batches(), resume_folder=str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is not a folder"):
+        convert(tmp_path / "file")
+    model = build("llama")
+    untouched = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError):
+        get_momos_model(model, CONFIG, batches(), sequential=True, resume_folder=str(tmp_path / "file"))
+    assert all(torch.equal(untouched[k], v) for k, v in model.state_dict().items())
