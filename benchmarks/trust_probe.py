@@ -159,7 +159,7 @@ def cli_verdict(done, prefix: str, expect: Optional[str]) -> Optional[Verdict]:
     """A finished CLI run: None when it exited 0, else clear (exit 2, one line `prefix...` naming the
     problem) or raw; `done` None means it timed out."""
     if done is None:
-        return "hang", f"no exit within the timeout"
+        return "hang", "no exit within the timeout"
     if done.returncode == 0:
         return None
     lines = [l for l in done.stderr.splitlines() if l.strip() and not PROGRESS.search(l)]

@@ -47,7 +47,7 @@ from .checkpoint import (
 from .config import MoMosConfig
 from .fitting import num_blocks_per_row
 from .hub import push_folder
-from .layer import LAYER_TYPES, LayerSpec, MoMosLayer, momos_layers, replace_with_momos
+from .layer import LAYER_TYPES, LayerSpec, momos_layers, replace_with_momos
 
 logger = logging.get_logger(__name__)
 

@@ -5,7 +5,7 @@ import torch
 
 from momos_hf.fitting import reconstruct
 from momos_hf.layer import MoMosLinear
-from momos_hf.products import LOOKUP_MAX_ROWS, PRODUCTS, lookup_product, reconstruct_product, select_product
+from momos_hf.products import LOOKUP_MAX_ROWS, PRODUCTS, lookup_product, select_product
 
 
 def lookup_linear(x, motifs, mosaic, scale=None):
