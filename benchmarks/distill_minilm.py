@@ -1,7 +1,7 @@
 """MoMos-aware distillation of the real all-MiniLM-L6-v2, measured by sentence-embedding cosine.
 
 For k=256 at s=4 (2 bits/weight) and s=16 (0.5 bits/weight): convert the attention and MLP layers
-(k-means, row scales), then train against the dense model (loss: MSE of the last hidden states plus
+(row scales; data-aware on 256 lines of train.txt by default, or k-means with `--fit kmeans`), then train against the dense model (loss: MSE of the last hidden states plus
 1 - cosine of the mean-pooled sentence embeddings) on Shakespeare lines from train.txt, by default in
 `motifs` mode (motifs, row scales and LayerNorms train; the mosaic stays). Printed:
 the mean cosine of sentence embeddings to the dense model on 128 held-out lines (valid.txt) after
@@ -33,10 +33,14 @@ def mean_cosine(student, teacher, batch) -> float:
 
 
 def distil(teacher, tokenizer, held_out, train_lines, s: int, args) -> dict:
-    config = MoMosConfig(k=256, s=s, scale=True, kmeans_iters=args.kmeans_iters, train_mode=args.mode,
+    config = MoMosConfig(k=256, s=s, scale=True, fit=args.fit, kmeans_iters=args.kmeans_iters, train_mode=args.mode,
                          project_every=args.project_every, modules_to_save=["LayerNorm"])
     start = time.perf_counter()
-    student = get_momos_model(copy.deepcopy(teacher), config)
+    calibration = None
+    if args.fit == "data-aware":
+        lines = train_lines[:: max(1, len(train_lines) // 256)][:256]
+        calibration = [encode(tokenizer, lines[i : i + 32]) for i in range(0, len(lines), 32)]
+    student = get_momos_model(copy.deepcopy(teacher), config, calibration)
     before = mean_cosine(student, teacher, held_out)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr)
     rng = random.Random(0)
@@ -58,7 +62,7 @@ def distil(teacher, tokenizer, held_out, train_lines, s: int, args) -> dict:
             print(f"  s={s} step {step}: loss {loss.item():.4f}, batch cosine {cosine.item():.4f}", flush=True)
     schedule.train_end(args.steps)
     after = mean_cosine(student, teacher, held_out)
-    return {"s": s, "k": 256, "bits_per_weight": 8 / s, "cosine_projection_only": before, "cosine_distilled": after,
+    return {"s": s, "k": 256, "fit": args.fit, "bits_per_weight": 8 / s, "cosine_projection_only": before, "cosine_distilled": after,
             "steps": args.steps, "seconds": time.perf_counter() - start}
 
 
@@ -71,6 +75,7 @@ def main() -> None:
     parser.add_argument("--block_sizes", type=int, nargs="+", default=[4, 16], help="values of s to run")
     parser.add_argument("--project_every", type=int, default=50)
     parser.add_argument("--kmeans_iters", type=int, default=5)
+    parser.add_argument("--fit", choices=("kmeans", "data-aware"), default="data-aware", help="how the distillation starts")
     parser.add_argument("--json")
     args = parser.parse_args()
     logging.disable_progress_bar()

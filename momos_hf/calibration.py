@@ -52,16 +52,19 @@ class MomentRecorder:
 
     def _product(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         kind = type(module) if isinstance(module, MoMosLayer) else layer_class_for(module)
-        plain = kind.input_rows is MoMosLayer.input_rows  # rows that depend on the input alone can be shared
+        # rows that depend on the input alone can be shared, while the input is unchanged (inference tensors
+        # carry no version counter: never shared)
+        version = None if x.is_inference() else x._version
+        plain = kind.input_rows is MoMosLayer.input_rows and version is not None
         last = self._last
-        if plain and last is not None and last[0] is x and last[1] == x._version:
+        if plain and last is not None and last[0] is x and last[1] == version:
             return last[2], last[3]
         rows = x.detach()
         if self.mask is not None and rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(self.mask.shape):
             rows = rows[self.mask.bool()]
         rows = kind.input_rows(module, rows).float()
         product = rows.T @ rows
-        self._last = (x, x._version, product, rows.shape[0]) if plain else None
+        self._last = (x, version, product, rows.shape[0]) if plain else None
         return product, rows.shape[0]
 
     def _hook(self, name: str):
@@ -271,11 +274,32 @@ def run_block(block: nn.Module, store: ActivationStore, extras: list[tuple[tuple
 
 
 @torch.no_grad()
+def check_blocks_run_once(model: nn.Module, stack: nn.ModuleList, batch: Mapping[str, Any]) -> None:
+    """Refuse a stack whose blocks do not each run exactly once per forward (weights shared across depth, as
+    ALBERT's layer groups): running each block once would calibrate only its first application."""
+    calls = [0] * len(stack)
+    handles = [block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, block in enumerate(stack)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(**batch_on(batch, next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if any(count != 1 for count in calls):
+        raise ValueError(f"the blocks of {type(model).__name__} run {sorted(set(calls))} times per forward, not once each "
+                         "(weights shared across depth), so they cannot be calibrated one at a time: use sequential=False")
+
+
+@torch.no_grad()
 def block_by_block(model: nn.Module, stack: nn.ModuleList, batches: list[Mapping[str, Any]], store: ActivationStore,
                    measured: list[Mapping[str, nn.Module]]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """GPTQ's sequential calibration: for each block `i` of `stack` whose `measured[i]` (modules to record) is not
     empty, yield `(i, their moments)` computed on the outputs of the blocks before it as they were when the
     caller resumed (converted, by then); then run block `i` as the caller left it to feed the next block."""
+    check_blocks_run_once(model, stack, batches[0])
     extras = block_inputs(model, stack, batches, store)
     for i, block in enumerate(stack):
         if measured[i]:

@@ -6,6 +6,7 @@ Every failure the user can fix ends in one line, `momos-hf: error: ...`, and exi
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -125,10 +126,14 @@ def config_from_args(args: argparse.Namespace):
 
 def convert_from_args(args: argparse.Namespace, model, tokenizer):
     """Calibrate, convert and, with `--finetune_steps`, fine-tune towards the dense model, as the flags say."""
+    options, config = conversion_options(args), config_from_args(args)
+    if not args.finetune_steps and args.finetune_lr != 1e-4:
+        raise ValueError("--finetune_lr is used with --finetune_steps only")
+    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
+        raise ValueError(f"--finetune_lr must be a positive number, got {args.finetune_lr}")
     calibration = calibration_from_args(args, model, tokenizer)
     targets = teacher_targets(model, calibration) if args.finetune_steps else None
-    mm = get_momos_model(model, config_from_args(args), calibration if args.fit in NEEDS_INPUT_MOMENTS else None,
-                         **conversion_options(args))
+    mm = get_momos_model(model, config, calibration if args.fit in NEEDS_INPUT_MOMENTS else None, **options)
     if targets is not None:
         finetune_to_teacher(mm, targets, args.finetune_steps, args.finetune_lr)
     return mm

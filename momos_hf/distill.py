@@ -42,6 +42,8 @@ def windows_of(batches: Iterable[Mapping[str, Any]]) -> list[dict[str, torch.Ten
     windows = []
     for batch in batches:
         tensors = {key: value for key, value in batch.items() if torch.is_tensor(value)}
+        if not tensors:
+            raise ValueError(f"a calibration batch holds no tensors (keys {sorted(batch)}): pass tokenized batches")
         size = next(iter(tensors.values())).shape[0]
         windows += [{key: value[i : i + 1] for key, value in tensors.items()} for i in range(size)]
     return windows
@@ -57,6 +59,9 @@ def teacher_targets(model: nn.Module, batches: Iterable[Mapping[str, Any]], top:
     targets = TeacherTargets([], [], [])
     try:
         for window in tqdm(windows_of(batches), desc="MoMos teacher", unit="window"):
+            mask = attention_mask_of(window)
+            if mask is not None and not mask.any():
+                continue  # all padding: nothing to learn from
             logprobs = F.log_softmax(_logits(model, batch_on(window, device)).float(), dim=-1)
             values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
             targets.inputs.append(window)
@@ -118,12 +123,19 @@ def finetune_to_teacher(model: nn.Module, targets: TeacherTargets, steps: Option
     steps = len(targets) if steps is None else steps
     if steps < 1 or len(targets) == 0:
         raise ValueError(f"fine-tuning needs at least one step and one window, got steps={steps}, {len(targets)} windows")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the fine-tuning learning rate must be a positive number, got {lr}")
+    latent = [name for name, layer in momos_layers(model).items() if layer.latent is not None]
+    if latent:
+        raise ValueError(f"{latent[0]} trains a dense latent weight (train_mode {momos_layers(model)[latent[0]].train_mode!r}): "
+                         "fine-tuning towards the dense model trains motifs and scales, in train_mode 'motifs'")
     device = next(model.parameters()).device
     dtypes = _cast_floats(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     model.eval().requires_grad_(False)
     params = tuned_parameters(model)
+    start = [param.detach().clone() for param in params]
     for param in params:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -137,6 +149,12 @@ def finetune_to_teacher(model: nn.Module, targets: TeacherTargets, steps: Option
             logits = _logits(model, inputs)
             mask = attention_mask_of(inputs)
             loss = top_kl(logits, targets.ids[i].to(device), targets.logprobs[i].to(device), None if mask is None else mask[0])
+            if not torch.isfinite(loss):
+                with torch.no_grad():
+                    for param, value in zip(params, start):
+                        param.copy_(value)
+                raise ValueError(f"fine-tuning diverged (loss {float(loss.detach())} at step {step}); the model is as it was "
+                                 f"before it: use a smaller learning rate than {lr}")
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

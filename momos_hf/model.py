@@ -201,15 +201,14 @@ class MoMosModel(nn.Module):
         measured = [{n: originals[n] for n in names if layer_class_for(originals[n]).multiplies_input} for names in by_block]
         saved = None
         if self.resume_folder is not None:
-            settings = {"config": self.momos_config.to_dict(), "model": type(model).__name__}
-            saved = BlockResults(self.resume_folder, conversion_key(settings, list(matrices), batches))
+            settings = {"config": self.momos_config.to_dict(), "model": type(model).__name__, "targets": list(matrices)}
+            saved = BlockResults(self.resume_folder, conversion_key(settings, model, batches))
         try:
             blocks = block_by_block(model, stack, batches, store, measured)
             for i, seen in tqdm(blocks, desc="MoMos blocks", unit="block", total=sum(map(bool, measured))):
                 moments = {n: seen.get(n, torch.eye(matrices[n].shape[1])) for n in by_block[i]}
                 block_fit = None
                 if saved is not None:
-                    saved.advance({n: matrices[n] for n in by_block[i]})
                     block_fit = saved.load(i, {n: (*matrices[n].shape, self._num_motifs([n], matrices), self.momos_config.s,
                                                    self.momos_config.scale) for n in by_block[i]})
                 if block_fit is None:

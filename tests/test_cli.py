@@ -133,6 +133,10 @@ def test_compress_fine_tunes_towards_the_dense_model(tmp_path, capsys):
     args = ["compress", str(tmp_path / "dense"), "--k", "8", "--s", "4", "--scale"]
     calibration = ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"]
     assert "--finetune_steps needs --calibration_file" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4"], capsys)
+    assert "--finetune_lr is used with --finetune_steps only" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1"], capsys)
+    assert "--finetune_lr must be a positive number" in fails(args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4",
+                                                                                     "--finetune_lr", "-1"], capsys)
+    assert not (tmp_path / "x").exists()
     main(args + ["--output_dir", str(tmp_path / "plain")])
     main(args + calibration + ["--output_dir", str(tmp_path / "tuned"), "--finetune_steps", "16", "--finetune_lr", "3e-3"])
     targets = teacher_targets(model.eval(), calibration_batches(byte_tokenizer(), str(text), 8, 32))

@@ -205,6 +205,26 @@ def test_sequential_conversion_calibrates_each_block_on_the_converted_ones(arch,
         assert torch.equal(layer.motifs, layers[name].motifs) and torch.equal(layer.mosaic, layers[name].mosaic)
 
 
+def test_calibration_runs_under_inference_mode():
+    model, inputs = build("llama"), model_inputs("llama")
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"]
+    expected = input_moments(model, names, [inputs])
+    with torch.inference_mode():
+        moments = input_moments(model, names, [inputs])
+    for name in names:
+        torch.testing.assert_close(moments[name], expected[name])
+
+
+def test_a_stack_whose_blocks_run_more_than_once_is_refused():
+    from transformers import AlbertConfig, AlbertModel
+
+    torch.manual_seed(0)
+    albert = AlbertModel(AlbertConfig(vocab_size=96, embedding_size=16, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)).eval()
+    with pytest.raises(ValueError, match="run \\[3\\] times per forward"):
+        get_momos_model(albert, MoMosConfig(k=8, s=4, fit="data-aware"), [model_inputs("bert")], sequential=True)
+
+
 def test_sequential_conversion_refuses_what_it_cannot_do(monkeypatch):
     from momos_hf.layer import momos_layers
     from momos_hf.model import MoMosModel

@@ -69,9 +69,32 @@ def test_fine_tuning_moves_the_converted_model_towards_the_dense_one(arch):
 def test_fine_tuning_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="no logits"):
         teacher_targets(build("bert"), calibration())
+    with pytest.raises(ValueError, match="holds no tensors"):
+        windows_of([{"text": "a line"}])
     targets = teacher_targets(build("llama"), calibration(4))
     with pytest.raises(ValueError, match="at least one step"):
         finetune_to_teacher(build("llama"), targets, steps=0)
+    for lr in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive number"):
+            finetune_to_teacher(build("llama"), targets, steps=1, lr=lr)
+    ste = get_momos_model(build("llama"), MoMosConfig(k=8, s=4, train_mode="ste"))
+    with pytest.raises(ValueError, match="train_mode 'motifs'"):
+        finetune_to_teacher(ste, targets, steps=1)
+
+
+def test_a_diverging_fine_tune_stops_and_leaves_the_model_as_it_was():
+    targets = teacher_targets(build("llama"), calibration(4))
+    mm = get_momos_model(build("llama"), MoMosConfig(k=8, s=4, scale=True))
+    before = {n: p.detach().clone() for n, p in mm.base_model.named_parameters()}
+    with pytest.raises(ValueError, match="diverged"):
+        finetune_to_teacher(mm, targets, steps=8, lr=1e30, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in mm.base_model.named_parameters())
+
+
+def test_windows_that_are_all_padding_are_left_out():
+    batches = calibration(4)
+    batches[0]["attention_mask"][1] = 0
+    assert len(teacher_targets(build("llama"), batches)) == 3
 
 
 def test_windows_of_splits_batches_into_single_windows():

@@ -71,7 +71,14 @@ def test_saved_blocks_are_used_only_when_they_match(tmp_path, fits, caplog):
     fits.calls.clear()
     convert(tmp_path, seed=1)
     assert len(fits.calls) == 2  # other calibration data
-    reference_files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    convert(tmp_path / "other", seed=1)
+    other = build("llama")
+    with torch.no_grad():
+        other.model.embed_tokens.weight.mul_(3)  # same target weights, another model around them
+    fits.calls.clear()
+    get_momos_model(other, CONFIG, batches(1), sequential=True, resume_folder=str(tmp_path / "other"))
+    assert len(fits.calls) == 2
+    reference_files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     block0 = tmp_path / "block-0.safetensors"
     for damage in (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]),  # an edited tensor byte
                    lambda b: b[: len(b) // 2],  # truncated
