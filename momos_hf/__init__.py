@@ -9,4 +9,4 @@ register()  # AutoModel*.from_pretrained now rebuilds MoMos checkpoints
 
 __all__ = ["MoMosConfig", "MoMosConv1D", "MoMosConv2d", "MoMosEmbedding", "MoMosLayer", "MoMosLinear", "MoMosModel",
            "MoMosQuantizationConfig", "get_momos_model"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
