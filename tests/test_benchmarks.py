@@ -75,11 +75,16 @@ def test_size_quick(tmp_path):
 
 def test_conversion_quick(tmp_path):
     rows = run_quick("conversion.py", tmp_path)
-    assert [(r["init"], r["layers"]) for r in rows] == [(i, n) for i in ("kmeans", "data-aware") for n in (1, 2, 3)]
-    for init in ("kmeans", "data-aware"):
-        weights = [r["weights"] for r in rows if r["init"] == init]
-        assert weights[0] < weights[1] < weights[2]
-    assert all(r["seconds"] > 0 and r["peak_above_model_mib"] >= 0 for r in rows)
+    assert [(r["init"], r["layers"]) for r in rows] == [(i, n) for i in ("kmeans", "data-aware") for n in (1, 2, 3)] + [
+        ("data-aware-sequential", n) for n in (1, 2, 32)]
+    for init in ("kmeans", "data-aware", "data-aware-sequential"):
+        weights = [r["weights"] for r in rows if r["init"] == init and "weights" in r]
+        assert all(a < b for a, b in zip(weights, weights[1:]))
+    measured, extrapolated = rows[:-1], rows[-1]
+    assert all(r["seconds"] > 0 and r["peak_above_model_mib"] >= 0 for r in measured)
+    one, two = rows[-3:-1]
+    assert two["weights"] == 2 * one["weights"] and one["hidden"] == 256 and one["intermediate"] == 688
+    assert extrapolated["extrapolated_seconds"] == pytest.approx(one["seconds"] + 31 * (two["seconds"] - one["seconds"]))
 
 
 def test_trust_probe_quick(tmp_path):

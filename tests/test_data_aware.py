@@ -29,14 +29,15 @@ def test_inverse_cholesky_factors_the_inverse():
     _, h = correlated_layer()
     upper = inverse_cholesky(prepare_moment(h, 4))
     assert torch.equal(upper, upper.triu())
-    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(prepare_moment(h, 4)))
+    assert upper.dtype == torch.float32  # factorised in float64, used in float32
+    torch.testing.assert_close(upper.double().T @ upper.double(), torch.linalg.inv(prepare_moment(h, 4).double()), rtol=1e-4, atol=1e-5)
 
 
 def test_prepare_moment_pads_normalises_and_revives_dead_columns():
     _, h = correlated_layer(inp=30)
     h[:, 3] = h[3, :] = 0.0  # an input that is always zero
     p = prepare_moment(h, 8)
-    assert p.shape == (32, 32) and p.dtype == torch.float64
+    assert p.shape == (32, 32) and p.dtype == torch.float32
     assert p[3, 3] > 1.0 and p[31, 31] < 1e-5  # dead column gets weight 1 (+ damping); padding almost none
     assert abs(float(p.diagonal()[:30].mean()) - 1.03) < 0.05
 
@@ -63,10 +64,21 @@ def test_error_feedback_lowers_the_output_error_for_the_same_motifs():
     assert output_error(w, reconstruct(motifs, feedback, 64), p) < 0.8 * output_error(w, reconstruct(motifs, plain, 64), p)
 
 
+def test_lazy_feedback_groups_give_the_mosaic_of_immediate_feedback():
+    w, h = correlated_layer(out=32, inp=200)
+    s = 8
+    p = prepare_moment(h, s)
+    padded = torch.nn.functional.pad(w, (0, p.shape[0] - w.shape[1]))
+    motifs = kmeans(to_blocks(padded, s), 32, 5, torch.Generator().manual_seed(0))
+    immediate = assign_with_feedback(padded.double(), motifs.double(), inverse_cholesky(p).double(), group=s)
+    for group in (16, 56, 128, 1024):  # several groups, a group that does not divide the width, one group
+        assert torch.equal(assign_with_feedback(padded.double(), motifs.double(), inverse_cholesky(p).double(), group=group), immediate)
+
+
 def test_solved_motifs_are_the_exact_minimiser():
     w, h = correlated_layer(out=16, inp=24)
     s, k = 4, 8
-    p = prepare_moment(h, s)
+    p = prepare_moment(h, s).double()
     mosaic = torch.randint(0, k, (16, 6), generator=torch.Generator().manual_seed(1))
     start = torch.randn(k, s, dtype=torch.float64)
     solved = solve_motifs(start, [w.double()], [mosaic], [p], iters=k * s).requires_grad_(True)
@@ -74,6 +86,19 @@ def test_solved_motifs_are_the_exact_minimiser():
     loss.backward()
     assert solved.grad.abs().max() < 1e-6 * loss.item()
     assert loss.item() < output_error(w, reconstruct(start, mosaic, 24), p)
+
+
+def test_float32_solve_reaches_the_float64_output_error():
+    w, h = correlated_layer()
+    s, k = 4, 32
+    p = prepare_moment(h, s)
+    motifs = kmeans(to_blocks(w, s), k, 5, torch.Generator().manual_seed(0))
+    mosaic = assign_with_feedback(w, motifs, inverse_cholesky(p))
+    single = solve_motifs(motifs, [w], [mosaic], [p])
+    double = solve_motifs(motifs.double(), [w.double()], [mosaic], [p.double()])
+    assert single.dtype == torch.float32 and double.dtype == torch.float64
+    errors = [output_error(w, reconstruct(m, mosaic, 64), p) for m in (single, double, motifs)]
+    assert abs(errors[0] - errors[1]) < 1e-5 * errors[1] and errors[1] < 0.95 * errors[2]
 
 
 def test_padding_zero_motif_scales_and_shared_dictionary():
