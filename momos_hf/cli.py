@@ -20,12 +20,13 @@ from .complexity import complexity_report
 from .config import FITS, SCOPES, MoMosConfig
 from .data import byte_tokenizer, calibration_batches
 from .demo import run_demo, tiny_llama
-from .distill import finetune_to_teacher, teacher_targets
+from .distill import DEFAULT_FINETUNE_LR, finetune_to_teacher, teacher_targets
 from .fits import NEEDS_INPUT_MOMENTS
 from .hub import push_folder
-from .model import architecture_class, get_momos_model
+from .model import DEFAULT_ACTIVATION_BYTES, architecture_class, get_momos_model
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_ACTIVATION_MB = DEFAULT_ACTIVATION_BYTES // 2**20
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -75,15 +76,16 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                              "(one block's statistics in memory at a time)")
     parser.add_argument("--offload_folder", default=None,
                         help="with --sequential: where hidden states past --activation_budget_mb go (default: the system's temporary folder)")
-    parser.add_argument("--activation_budget_mb", type=non_negative_int, default=2048,
-                        help="with --sequential: memory for the hidden states between blocks")
+    parser.add_argument("--activation_budget_mb", type=non_negative_int, default=None,
+                        help=f"with --sequential: memory for the hidden states between blocks (default {DEFAULT_ACTIVATION_MB})")
     parser.add_argument("--resume_folder", default=None,
                         help="with --sequential: save each converted block here as it finishes, and reuse the blocks "
                              "found here when the same conversion runs again (after an interruption)")
     parser.add_argument("--finetune_steps", type=non_negative_int, default=0,
                         help="after conversion, train motifs, scales and norms this many steps (one calibration window "
                              "each) to predict what the dense model predicted (momos_hf.distill; needs --calibration_file)")
-    parser.add_argument("--finetune_lr", type=float, default=1e-4, help="peak learning rate of --finetune_steps (cosine to 0)")
+    parser.add_argument("--finetune_lr", type=float, default=None,
+                        help=f"peak learning rate of --finetune_steps (cosine to 0; default {DEFAULT_FINETUNE_LR})")
 
 
 def calibration_from_args(args: argparse.Namespace, model, tokenizer):
@@ -106,11 +108,12 @@ def calibration_from_args(args: argparse.Namespace, model, tokenizer):
 
 def conversion_options(args: argparse.Namespace) -> dict:
     """`get_momos_model`'s runtime options from the flags."""
-    if not args.sequential and (args.offload_folder is not None or args.activation_budget_mb != 2048 or args.resume_folder):
+    if not args.sequential and (args.offload_folder is not None or args.activation_budget_mb is not None or args.resume_folder):
         raise ValueError("--offload_folder, --activation_budget_mb and --resume_folder are used with --sequential only")
     if args.sequential and args.fit not in NEEDS_INPUT_MOMENTS:
         raise ValueError(f"--sequential calibrates --fit data-aware; --fit {args.fit} reads no calibration")
-    return {"sequential": args.sequential, "activation_budget_bytes": args.activation_budget_mb * 2**20,
+    budget_mb = DEFAULT_ACTIVATION_MB if args.activation_budget_mb is None else args.activation_budget_mb
+    return {"sequential": args.sequential, "activation_budget_bytes": budget_mb * 2**20,
             "offload_folder": args.offload_folder, "resume_folder": args.resume_folder}
 
 
@@ -127,15 +130,16 @@ def config_from_args(args: argparse.Namespace):
 def convert_from_args(args: argparse.Namespace, model, tokenizer):
     """Calibrate, convert and, with `--finetune_steps`, fine-tune towards the dense model, as the flags say."""
     options, config = conversion_options(args), config_from_args(args)
-    if not args.finetune_steps and args.finetune_lr != 1e-4:
+    if not args.finetune_steps and args.finetune_lr is not None:
         raise ValueError("--finetune_lr is used with --finetune_steps only")
-    if not (math.isfinite(args.finetune_lr) and args.finetune_lr > 0):
-        raise ValueError(f"--finetune_lr must be a positive number, got {args.finetune_lr}")
+    lr = DEFAULT_FINETUNE_LR if args.finetune_lr is None else args.finetune_lr
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--finetune_lr must be a positive number, got {lr}")
     calibration = calibration_from_args(args, model, tokenizer)
     targets = teacher_targets(model, calibration) if args.finetune_steps else None
     mm = get_momos_model(model, config, calibration if args.fit in NEEDS_INPUT_MOMENTS else None, **options)
     if targets is not None:
-        finetune_to_teacher(mm, targets, args.finetune_steps, args.finetune_lr)
+        finetune_to_teacher(mm, targets, args.finetune_steps, lr)
     return mm
 
 

@@ -14,8 +14,8 @@ functions of `W` and `H`:
    the motifs that minimise it exactly (all layers of a shared dictionary together), then row scales
    take their least-squares value in the same metric.
 
-Only the Cholesky factorisations run in float64; steps 2 and 3 run in float32, which gives the same output
-error to six digits on every SmolLM2 layer at half the time (their cost, `out * in^2`, dominates at 7B).
+Everything runs in float32 (float64 only where a Cholesky factorisation fails in float32): on every SmolLM2
+layer the output error equals float64's to 0.2% or better, at half the time and memory.
 """
 
 from __future__ import annotations
@@ -48,9 +48,17 @@ def prepare_moment(moment: torch.Tensor, s: int, damping: float = DAMPING) -> to
 
 def inverse_cholesky(moment: torch.Tensor) -> torch.Tensor:
     """Upper-triangular `U` with `H^-1 = U^T U`; row `c` of `U` is how column `c`'s error spreads right.
-    Computed in float64, returned in `moment`'s dtype."""
-    lower = torch.linalg.cholesky(moment.double())
-    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).to(moment.dtype)
+
+    In `moment`'s dtype (float32: half the memory and time of float64 and the same output error on every
+    SmolLM2 layer, since damping bounds `cond(H)` by `in / DAMPING`), in float64 where that factorisation fails."""
+    lower, info = torch.linalg.cholesky_ex(moment)
+    if info == 0:
+        inverse = torch.cholesky_inverse(lower)
+        del lower  # a 7B MLP's moment is 0.5 GB in float32: hold two such matrices, not three
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if info != 0:
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(moment.double())), upper=True)
+    return upper.to(moment.dtype)
 
 
 def column_importance(upper: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ from transformers.utils.logging import tqdm
 from .calibration import attention_mask_of, batch_on
 from .layer import momos_layers
 
+DEFAULT_FINETUNE_LR = 1e-4
+
 
 @dataclass
 class TeacherTargets:
@@ -113,7 +115,7 @@ def tuned_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(params.values())
 
 
-def finetune_to_teacher(model: nn.Module, targets: TeacherTargets, steps: Optional[int] = None, lr: float = 1e-4,
+def finetune_to_teacher(model: nn.Module, targets: TeacherTargets, steps: Optional[int] = None, lr: float = DEFAULT_FINETUNE_LR,
                         progress: bool = True) -> list[float]:
     """Train `tuned_parameters(model)` (a converted model, or its `MoMosModel`) for `steps` steps of one window
     each (default: one pass over `targets`) to minimise `top_kl` against the teacher, with AdamW and a cosine

@@ -134,6 +134,8 @@ def test_compress_fine_tunes_towards_the_dense_model(tmp_path, capsys):
     calibration = ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"]
     assert "--finetune_steps needs --calibration_file" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4"], capsys)
     assert "--finetune_lr is used with --finetune_steps only" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1"], capsys)
+    # the default value given explicitly is refused too: the flag, not its value, is what has no effect
+    assert "--finetune_lr is used with --finetune_steps only" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1e-4"], capsys)
     assert "--finetune_lr must be a positive number" in fails(args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4",
                                                                                      "--finetune_lr", "-1"], capsys)
     assert not (tmp_path / "x").exists()
@@ -175,4 +177,5 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["block-0.safetensors", "block-1.safetensors"]
     assert "used with --sequential only" in fails(args + calibration + ["--resume_folder", str(tmp_path / "resume")], capsys)
     assert "used with --sequential only" in fails(args + calibration + ["--offload_folder", str(offload)], capsys)
+    assert "used with --sequential only" in fails(args + calibration + ["--activation_budget_mb", "2048"], capsys)
     assert "--sequential calibrates --fit data-aware" in fails(args[:-2] + ["--sequential"], capsys)

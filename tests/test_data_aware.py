@@ -33,6 +33,16 @@ def test_inverse_cholesky_factors_the_inverse():
     torch.testing.assert_close(upper.double().T @ upper.double(), torch.linalg.inv(prepare_moment(h, 4).double()), rtol=1e-4, atol=1e-5)
 
 
+def test_inverse_cholesky_falls_back_to_float64_when_float32_fails():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    h = (v @ v.T + 1e-6 * torch.eye(40, dtype=torch.float64)).float()  # undamped, cond 1e8: float32 breaks down
+    assert torch.linalg.cholesky_ex(h)[1] != 0
+    upper = inverse_cholesky(h)
+    assert upper.dtype == torch.float32 and torch.isfinite(upper).all()
+    assert torch.equal(upper, inverse_cholesky(h.double()).float())  # the float64 factor, rounded
+
+
 def test_prepare_moment_pads_normalises_and_revives_dead_columns():
     _, h = correlated_layer(inp=30)
     h[:, 3] = h[3, :] = 0.0  # an input that is always zero
