@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.complexity import complexity_report
 from momos_hf.data import byte_tokenizer, calibration_batches
-from momos_hf.distill import finetune_to_teacher, teacher_targets
+from momos_hf.distill import DEFAULT_FINETUNE_LR, finetune_to_teacher, teacher_targets
 from momos_hf.targets import find_targets
 
 TEXT = SHARED / "data" / "shakespeare"
@@ -79,7 +79,7 @@ def eval_windows(tokenizer, n: int, length: int) -> torch.Tensor:
     return ids[: n * length].view(n, length)
 
 
-def convert(model, method: str, rate: int, calibration: list[dict], finetune_steps: int):
+def convert(model, method: str, rate: int, calibration: list[dict], finetune_steps: int, finetune_lr: float):
     """Convert `model` by `method` at `rate`; returns the model to evaluate and its bits per weight."""
     bits, k, s = RATES[rate]
     names = find_targets(model, None)
@@ -93,7 +93,7 @@ def convert(model, method: str, rate: int, calibration: list[dict], finetune_ste
     mm = get_momos_model(model, config, calibration if fit == "data-aware" else None,
                          sequential=method in ("momos-sequential", "momos-pipeline"))
     if targets is not None:
-        finetune_to_teacher(mm, targets, finetune_steps)
+        finetune_to_teacher(mm, targets, finetune_steps, finetune_lr)
     return mm, complexity_report(mm, max_bytes=0).bits_per_weight
 
 
@@ -107,18 +107,20 @@ def run_one(args, method: str, rate: int) -> dict:
     if method == "dense":
         bits = torch.finfo(next(model.parameters()).dtype).bits
     else:
-        model, bits = convert(model, method, rate, calibration, args.finetune_steps)
+        model, bits = convert(model, method, rate, calibration, args.finetune_steps, args.finetune_lr)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    tuning = dict(finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr) if method == "momos-pipeline" else {}
     return dict(method=method, rate=rate, bits_per_weight=bits, perplexity=perplexity(model, windows),
-                conversion_s=seconds, peak_bytes=peak)
+                conversion_s=seconds, peak_bytes=peak, **tuning)
 
 
 def run_child(args, method: str, rate: int) -> dict:
     """`run_one` in a fresh process; progress goes to this process's stderr."""
     command = [sys.executable, __file__, "--child", method, str(rate), "--model", args.model,
                "--calibration_samples", str(args.calibration_samples), "--calibration_len", str(args.calibration_len),
-               "--eval_windows", str(args.eval_windows), "--eval_len", str(args.eval_len), "--finetune_steps", str(args.finetune_steps)]
+               "--eval_windows", str(args.eval_windows), "--eval_len", str(args.eval_len), "--finetune_steps", str(args.finetune_steps),
+               "--finetune_lr", str(args.finetune_lr)]
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--calibration_samples", type=int, default=128)
     parser.add_argument("--calibration_len", type=int, default=WINDOW)
     parser.add_argument("--finetune_steps", type=int, default=128, help="momos-pipeline's fine-tuning steps")
+    parser.add_argument("--finetune_lr", type=float, default=DEFAULT_FINETUNE_LR, help="momos-pipeline's peak learning rate")
     parser.add_argument("--eval_windows", type=int, default=32)
     parser.add_argument("--eval_len", type=int, default=WINDOW)
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama, 2 bits, few windows: checks the plumbing")

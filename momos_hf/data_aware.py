@@ -31,17 +31,17 @@ PAD_DIAGONAL = 1e-6  # padding columns carry no input: a tiny diagonal keeps H i
 def prepare_moment(moment: torch.Tensor, s: int, damping: float = DAMPING) -> torch.Tensor:
     """Normalise `H` to unit mean diagonal (so layers of a shared dictionary weigh alike), damp it, give
     columns no input reached a unit diagonal, and pad it to a multiple of `s` columns. float32."""
-    h = moment.float().clone()
-    n = h.shape[0]
+    n = moment.shape[0]
+    padded = num_blocks_per_row(n, s) * s
+    out = torch.zeros(padded, padded, dtype=torch.float32, device=moment.device)
+    h = out[:n, :n]  # written in place: one matrix in memory, not two
+    h.copy_(moment)
     diagonal = h.diagonal()
     dead = diagonal <= 0
     mean = diagonal[~dead].mean() if (~dead).any() else h.new_tensor(1.0)
     h /= mean
     h.diagonal()[dead] = 1.0
     h.diagonal().add_(damping)
-    padded = num_blocks_per_row(n, s) * s
-    out = torch.zeros(padded, padded, dtype=h.dtype, device=h.device)
-    out[:n, :n] = h
     out.diagonal()[n:] = PAD_DIAGONAL
     return out
 
@@ -171,6 +171,7 @@ def fit_data_aware(matrices: list[torch.Tensor], moments: list[torch.Tensor], op
     blocks = torch.cat([n.reshape(-1, s) for n in normalised])
     importance = torch.cat([column_importance(u).reshape(-1, s).repeat(n.shape[0], 1) for u, n in zip(uppers, normalised)])
     motifs = kmeans(blocks, k, options.iters, generator, importance, options.zero_motif, options.max_assign_bytes)
+    del blocks, importance  # two copies of the weights, needed by k-means only
     mosaics = [assign_with_feedback(n, motifs, u, options.max_assign_bytes) for n, u in zip(normalised, uppers)]
     motifs = solve_motifs(motifs, normalised, mosaics, prepared, zero_motif=options.zero_motif)
     scales = [

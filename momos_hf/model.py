@@ -269,7 +269,7 @@ class MoMosModel(nn.Module):
         for group, k in tqdm(list(zip(groups, ks)), desc="MoMos fit", unit="dict", disable=not progress):
             originals = [matrices[n].detach() for n in group]
             unit = _rms(originals)
-            normalised = [m.double().div(unit).float() for m in originals]
+            normalised = [m.float().div(unit) for m in originals]
             options = FitOptions(k, config.s, config.kmeans_iters, config.seed + order.index(group[0]), config.zero_motif, config.scale,
                                  self.max_assign_bytes)
             fit = FIT_METHODS[config.fit](normalised, None if moments is None else [moments[n] for n in group], options)
