@@ -23,7 +23,7 @@ from transformers.utils.logging import tqdm
 from .calibration import attention_mask_of, batch_on
 from .layer import momos_layers
 
-DEFAULT_FINETUNE_LR = 1e-4
+DEFAULT_FINETUNE_LR = 1e-3  # SmolLM2 at 2 bits, 64 steps: 1.42x dense at 1e-3, 1.62x at 1e-4
 
 
 @dataclass
