@@ -320,8 +320,9 @@ class MoMosLayer(nn.Module):
         matrix = self.matrix(x.dtype)
         if matrix is not None:
             return F.linear(x, matrix)
-        product = self.product or select_product(x, self.out_features, self.in_features)
-        return PRODUCTS[product](x, self.effective_motifs(), self.mosaic, full_tensor(self.scale), self.in_features)
+        motifs, scale = self.effective_motifs(), full_tensor(self.scale)
+        product = self.product or select_product(x, motifs, scale, self.out_features)
+        return PRODUCTS[product](x, motifs, self.mosaic, scale, self.in_features)
 
     def extra_repr(self) -> str:
         return (

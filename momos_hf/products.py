@@ -10,6 +10,10 @@ in_features) -> y[..., out]`, so a new kernel is one function and one entry in `
   once, giving a table `T[nb, k]` per row (`in * k` multiply-adds). Output `o` is then the sum over `j` of
   `T[j, mosaic[o, j]]`: `out * nb = out * in / s` additions instead of `out * in` multiply-adds, and only the
   small integer mosaic is read instead of a dense matrix. That wins when few rows share the weight (decoding).
+- `compiled_lookup`: the same lookup as one compiled C++/OpenMP function (`momos_hf.kernels.cpu`): CPU inference.
+- `triton_lookup`, `triton_matmul`: Triton kernels that decode the weight in registers, with a backward
+  (`momos_hf.kernels.triton_mosaic`; `pip install momos-hf[triton]`). Not picked automatically yet: they have
+  not been timed on a GPU; a layer or model opts in with `product` / `set_product`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from .fitting import reconstruct
 
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
 
-LOOKUP_MAX_ROWS = 32  # measured on 2 CPU cores, 512-4096 features (benchmarks/inference.py)
+# The lookup's table costs `rows * in * k`, reconstruction `out * in` and the matmul: the lookup is picked while
+# rows * k <= LOOKUP_TABLE_RATIO * out_features (measured on 2 CPU cores, benchmarks/inference.py)
+LOOKUP_TABLE_RATIO = 8
 MIN_TABLE_WIDTH = 4  # embedding_bag is slow on one-value rows: pad the table to at least 4 columns
 
 
@@ -53,12 +59,44 @@ def lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, 
     return y.reshape(*x.shape[:-1], out_features)
 
 
-PRODUCTS: dict[str, Product] = {"reconstruct": reconstruct_product, "lookup": lookup_product}
+def compiled_lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
+                            in_features: int) -> torch.Tensor:
+    """The lookup compiled for the CPU (`momos_hf.kernels.cpu`); inference only."""
+    from .kernels import cpu
+    return cpu.compiled_lookup_product(x, motifs, mosaic, scale, in_features)
 
 
-def select_product(x: torch.Tensor, out_features: int, in_features: int) -> str:
-    """The product for this call. On CPU: the lookup for up to 32 input rows (measured faster than
-    reconstructing at every size from 512 to 4096), else reconstruction. Elsewhere: reconstruction, the
-    one product measured there so far."""
+def triton_product(kernel: str) -> Product:
+    """The Triton kernel `kernel` ("lookup" or "matmul"), imported at first call: importing triton is slow and
+    it is an optional dependency."""
+    def product(x, motifs, mosaic, scale, in_features):
+        from .kernels import triton_mosaic
+        return getattr(triton_mosaic, f"triton_{kernel}_product")(x, motifs, mosaic, scale, in_features)
+    product.__doc__ = f"`x @ W_hat^T` by the Triton `{kernel}` kernel (`momos_hf.kernels.triton_mosaic`)."
+    return product
+
+
+PRODUCTS: dict[str, Product] = {"reconstruct": reconstruct_product, "lookup": lookup_product,
+                                "compiled_lookup": compiled_lookup_product,
+                                "triton_lookup": triton_product("lookup"), "triton_matmul": triton_product("matmul")}
+
+
+def compiled_lookup_available() -> bool:
+    from .kernels import cpu
+    return cpu.library() is not None
+
+
+def select_product(x: torch.Tensor, motifs: torch.Tensor, scale: Optional[torch.Tensor], out_features: int) -> str:
+    """The product for this call, by device, dtype and shape.
+
+    CPU, while `rows * k <= LOOKUP_TABLE_RATIO * out_features` (few rows, a small table): the lookup, compiled
+    where no gradient is needed, the input is float32/16-bit (it computes in float32) and a compiler built it,
+    else the torch-op lookup. Everything else, and every other device: reconstruction (the Triton kernels are
+    not picked until they are timed on a GPU)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return "lookup" if x.device.type == "cpu" and rows <= LOOKUP_MAX_ROWS else "reconstruct"
+    if x.device.type != "cpu" or rows * motifs.shape[0] > LOOKUP_TABLE_RATIO * out_features:
+        return "reconstruct"
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, motifs, scale))
+    if not needs_grad and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and compiled_lookup_available():
+        return "compiled_lookup"
+    return "lookup"

@@ -5,6 +5,8 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="momos-hf-home-"))
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU through triton's interpreter
+os.environ.setdefault("MOMOS_HF_KERNEL_CACHE", tempfile.mkdtemp(prefix="momos-hf-kernels-"))  # the C++ lookup builds here
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import torch
 
 from momos_hf.fitting import reconstruct
 from momos_hf.layer import MoMosLinear
-from momos_hf.products import LOOKUP_MAX_ROWS, PRODUCTS, lookup_product, select_product
+from momos_hf.products import LOOKUP_TABLE_RATIO, PRODUCTS, lookup_product, select_product
 
 
 def lookup_linear(x, motifs, mosaic, scale=None):
@@ -44,11 +44,33 @@ def layer(zero_motif=False):
     return MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic, bias=torch.nn.Parameter(torch.randn(24)), zero_motif=zero_motif)
 
 
-def test_the_selector_picks_by_device_and_rows():
-    for rows, expected in ((1, "lookup"), (LOOKUP_MAX_ROWS, "lookup"), (LOOKUP_MAX_ROWS + 1, "reconstruct")):
-        assert select_product(torch.empty(rows, 37), 24, 37) == expected
-    assert select_product(torch.empty(2, 3, 37), 24, 37) == "lookup"  # rows count every leading dimension
-    assert select_product(torch.empty(1, 37, device="meta"), 24, 37) == "reconstruct"  # no lookup measured there
+def test_the_selector_picks_by_device_dtype_shape_and_gradient():
+    motifs, trainable = torch.empty(16, 8), torch.empty(16, 8, requires_grad=True)
+    most = LOOKUP_TABLE_RATIO * 24 // 16  # rows * k <= ratio * out
+    for rows, expected in ((1, "compiled_lookup"), (most, "compiled_lookup"), (most + 1, "reconstruct")):
+        assert select_product(torch.empty(rows, 37), motifs, None, 24) == expected
+    assert select_product(torch.empty(2, 3, 37), motifs, None, 24) == "compiled_lookup"  # rows count every leading dimension
+    assert select_product(torch.empty(2, 37, dtype=torch.bfloat16), motifs, None, 24) == "compiled_lookup"
+    assert select_product(torch.empty(2, 37, dtype=torch.float64), motifs, None, 24) == "lookup"  # it computes in float32
+    assert select_product(torch.empty(2, 37), trainable, None, 24) == "lookup"  # no backward in the compiled one
+    assert select_product(torch.empty(2, 37), motifs, torch.ones(24, requires_grad=True), 24) == "lookup"
+    with torch.no_grad():
+        assert select_product(torch.empty(2, 37), trainable, None, 24) == "compiled_lookup"
+    assert select_product(torch.empty(1, 37), torch.empty(LOOKUP_TABLE_RATIO * 24 + 1, 8), None, 24) == "reconstruct"
+    assert select_product(torch.empty(1, 37, device="meta"), motifs, None, 24) == "reconstruct"  # Triton: opt-in
+
+
+def test_without_a_compiler_the_selector_keeps_the_torch_lookup(monkeypatch):
+    from momos_hf.kernels import cpu
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    cpu.library.cache_clear()
+    try:
+        assert select_product(torch.empty(1, 37), torch.empty(16, 8), None, 24) == "lookup"
+        with pytest.raises(RuntimeError, match="could not be built"):
+            PRODUCTS["compiled_lookup"](torch.randn(1, 37), *random_mosaic(), None, 37)
+    finally:
+        cpu.library.cache_clear()
 
 
 @pytest.mark.parametrize("name", list(PRODUCTS))
@@ -64,7 +86,8 @@ def test_layer_uses_the_chosen_product_and_its_override(monkeypatch):
     calls = []
     monkeypatch.setitem(PRODUCTS, "lookup", lambda *a: calls.append(a) or lookup_product(*a))
     momos = layer(zero_motif=True)
-    for rows in (1, LOOKUP_MAX_ROWS, LOOKUP_MAX_ROWS + 1):
+    most = LOOKUP_TABLE_RATIO * 24 // 16
+    for rows in (1, most, most + 1):
         x = torch.randn(rows, 37)
         expected = x @ momos.mosaic_weight().T + momos.bias
         torch.testing.assert_close(momos(x), expected, rtol=1e-5, atol=1e-5)

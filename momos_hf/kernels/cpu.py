@@ -1,0 +1,103 @@
+"""The lookup product compiled for the CPU (`lookup.cpp`, C++ with OpenMP), for inference on few rows.
+
+Built at first use with the machine's C++ compiler (`$CXX`, else `c++`; about a second) and kept in
+`$MOMOS_HF_KERNEL_CACHE` (default `~/.cache/momos_hf/kernels`) under a name that hashes the source, the flags, the
+compiler's version and the CPU's features, so an edit, another compiler or another machine builds anew. It is
+called through `ctypes` on the tensors' memory: no Python per block, no int32 copy of the mosaic, no table
+padding, which is what made the torch-op lookup slower than a dense product at small sizes. Where no compiler
+works, `library()` returns None after one warning and the selector keeps the torch-op lookup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SOURCE = Path(__file__).with_name("lookup.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+ENTRIES = {torch.uint8: "momos_lookup_u8", torch.uint16: "momos_lookup_u16", torch.int32: "momos_lookup_i32"}
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "momos_hf" / "kernels"
+    return Path(os.environ.get("MOMOS_HF_KERNEL_CACHE", default))
+
+
+def cpu_features() -> str:
+    """What `-march=native` compiles for: the CPU's feature flags (a library built elsewhere may not run here)."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() + platform.machine()
+
+
+def build(compiler: str) -> Path:
+    """Compile `lookup.cpp` into the cache (once per source, flags, compiler and CPU) and return the library."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version, cpu_features()]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"momos_lookup-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # whole file or none: concurrent builds race safely
+            built = Path(scratch) / path.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True)
+            os.replace(built, path)
+    return path
+
+
+@functools.cache
+def library() -> Optional[dict[torch.dtype, Callable]]:
+    """The compiled lookup's function for each mosaic dtype, or None (with one warning) where it cannot be built
+    or loaded here."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        lib = ctypes.CDLL(str(build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        logger.warning(f"momos_hf: the compiled CPU lookup is unavailable ({compiler}: {detail.strip()[:300]}); "
+                       "using the torch-op lookup")
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    functions = {dtype: getattr(lib, name) for dtype, name in ENTRIES.items()}
+    for function in functions.values():
+        function.argtypes = [pointer, size, pointer, size, size, pointer, size, size, pointer, pointer, ctypes.c_int]
+        function.restype = None
+    return functions
+
+
+def compiled_lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
+                            in_features: int) -> torch.Tensor:
+    """`x @ W_hat^T` by the compiled lookup (float32 inside, the result in `x`'s dtype). Inference only.
+    Decoding calls it once per layer and token, so it does little besides the call."""
+    if torch.is_grad_enabled() and (x.requires_grad or motifs.requires_grad or (scale is not None and scale.requires_grad)):
+        raise RuntimeError("the compiled CPU lookup has no backward: use product 'lookup' or 'reconstruct' to train")
+    if x.device.type != "cpu" or mosaic.dtype not in ENTRIES:
+        raise ValueError(f"the compiled lookup runs on CPU tensors with a uint8/uint16/int32 mosaic, got {x.device} {mosaic.dtype}")
+    functions = library()
+    if functions is None:
+        raise RuntimeError("the compiled CPU lookup could not be built here (see the warning above)")
+    k, s = motifs.shape
+    out_features, nb = mosaic.shape
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if nb * s != in_features:
+        rows = F.pad(rows, (0, nb * s - in_features))  # the last block's padded weights meet zeros
+    rows, motifs, mosaic = rows.contiguous(), motifs.float().contiguous(), mosaic.contiguous()
+    scale = None if scale is None else scale.float().contiguous()
+    y = torch.empty(rows.shape[0], out_features)
+    functions[mosaic.dtype](rows.data_ptr(), rows.shape[0], motifs.data_ptr(), k, s, mosaic.data_ptr(),
+                            out_features, nb, None if scale is None else scale.data_ptr(), y.data_ptr(),
+                            torch.get_num_threads())
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
