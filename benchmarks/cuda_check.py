@@ -2,7 +2,8 @@
 
 Converts a Llama built from a config on the GPU (fp32 and bf16), runs forward/backward, saves the compact
 checkpoint and loads it back onto the GPU with `from_pretrained(..., device_map="cuda")`, comparing logits;
-then times `fit_weight_space` (k-means) on one 4096x4096 matrix (k=256, s=16, 15 Lloyd steps) on CPU and GPU.
+checks the compiled Triton kernels (forward and backward, three dtypes, k up to 65536) against the reference
+product; then times `fit_weight_space` (k-means) on one 4096x4096 matrix (k=256, s=16, 15 Lloyd steps) on CPU and GPU.
 Usage (on a machine with a GPU): python benchmarks/cuda_check.py
 """
 
@@ -40,6 +41,31 @@ def check_model(dtype: torch.dtype) -> None:
     print(f"{str(dtype):<15} fit {fit_seconds:.2f} s, loss {out.loss.item():.3f}, reload on cuda identical logits: {same}")
 
 
+def check_triton(device: str = "cuda") -> None:
+    """Every Triton product, compiled for this GPU, against `x @ (scale * motifs[mosaic])^T` in float64
+    (`device="cpu"` with TRITON_INTERPRET=1 runs the same check through triton's interpreter)."""
+    from momos_hf.fitting import index_dtype
+    from momos_hf.products import PRODUCTS
+
+    for name in ("triton_lookup", "triton_matmul"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for k, s, rows in ((256, 16, 1), (256, 4, 16), (65536, 8, 200)):
+                g = torch.Generator().manual_seed(k + s)
+                motifs = torch.randn(k, s, generator=g).div(s**0.5).to(device, dtype).requires_grad_()
+                mosaic = torch.randint(0, k, (1000, 1000 // s + 1), generator=g).to(index_dtype(k)).to(device)
+                scale = (torch.rand(1000, generator=g) + 0.5).to(device, dtype).requires_grad_()
+                x = torch.randn(rows, 1000, generator=g).to(device, dtype).requires_grad_()
+                y = PRODUCTS[name](x, motifs, mosaic, scale, 1000)
+                y.square().sum().backward()
+                leaves = [t.detach().double().requires_grad_() for t in (x, motifs, scale)]
+                expected = leaves[0] @ reconstruct(leaves[1], mosaic, 1000, leaves[2]).T
+                expected.square().sum().backward()
+                errors = [((a.double() - b).norm() / b.norm()).item() for a, b in
+                          ((y, expected), (x.grad, leaves[0].grad), (motifs.grad, leaves[1].grad), (scale.grad, leaves[2].grad))]
+                print(f"{name:<14} {str(dtype):<15} k={k:<6} s={s:<3} rows={rows:<4} relative error y/dx/dmotifs/dscale: "
+                      + " ".join(f"{e:.1e}" for e in errors))
+
+
 def time_fit(device: str) -> tuple[float, float]:
     weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(device)
     fit_weight_space([weight], FitOptions(256, 16, iters=1))  # warm-up
@@ -57,6 +83,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for dtype in (torch.float32, torch.bfloat16):
         check_model(dtype)
+    check_triton()
     cpu_seconds, cpu_error = time_fit("cpu")
     gpu_seconds, gpu_error = time_fit("cuda")
     print(f"fit 4096x4096, k=256, s=16, 15 Lloyd steps: CPU {cpu_seconds:.2f} s (rel.err {cpu_error:.4f}), "

@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
         layer_rows = layer_benchmark([(256, 512)], [16], [1, 8], args.device, 3, 2)
         model_rows = model_benchmark("Llama 1 layer, hidden 256", llama(1, 256, 704, 8192, dtype), [1], 4, args.device, 1)
     else:
-        layer_rows = layer_benchmark(SQUARE + LLAMA_7B, [16, 8, 4], [1, 8, 32], args.device, 15, 5)
+        layer_rows = layer_benchmark(list(dict.fromkeys(SQUARE + LLAMA_7B)), [16, 8, 4], [1, 8, 32], args.device, 15, 5)
         model_rows = model_benchmark("Llama 4 layers, hidden 1024", llama(4, 1024, 2816, 8192, dtype), [1, 8, 32], 32, args.device, 3)
         try:
             path = smollm2_path()

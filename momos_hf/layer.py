@@ -247,17 +247,26 @@ class MoMosLayer(nn.Module):
         """Replace the mosaic (`[out, ceil(in / s)]`, values in `0..k-1`) and its packed copy."""
         if tuple(mosaic.shape) != tuple(self.mosaic.shape):
             raise ValueError(f"mosaic shape {tuple(mosaic.shape)} != {tuple(self.mosaic.shape)}")
+        self.check_indices(mosaic)
         self.mosaic = mosaic.to(device=self.mosaic.device, dtype=index_dtype(self.k))
         self.mosaic_packed = pack_indices(self.mosaic, index_bits(self.k)).to(self.mosaic.device)
         self._weight_cache = None
+
+    def check_indices(self, mosaic: torch.Tensor) -> None:
+        """Every index in `0..k-1`: the compiled products read motifs at these offsets unchecked."""
+        if not mosaic.numel():
+            return
+        values = mosaic.long() if mosaic.dtype == torch.uint16 else mosaic  # torch has no min/max for uint16
+        low, high = (int(v) for v in torch.aminmax(values))
+        if low < 0 or high >= self.k:
+            raise ValueError(f"mosaic holds indices {low}..{high} but the layer has k={self.k} motifs")
 
     @torch.no_grad()
     def unpack_mosaic(self) -> None:
         """Rebuild `mosaic` from `mosaic_packed` (after loading a checkpoint), checking every index."""
         count = self.mosaic.numel()
         mosaic = unpack_indices(self.mosaic_packed, index_bits(self.k), count)
-        if count and int(mosaic.max()) >= self.k:
-            raise ValueError(f"mosaic holds index {int(mosaic.max())} but the layer has only k={self.k} motifs")
+        self.check_indices(mosaic)
         self.mosaic = mosaic.reshape(self.mosaic.shape).to(device=self.mosaic_packed.device, dtype=index_dtype(self.k))
         self._needs_unpack = False
         self._weight_cache = None

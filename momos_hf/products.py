@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .fitting import reconstruct
+from .kernels.cpu import compiled_lookup_product, library
 
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
 
@@ -59,31 +60,19 @@ def lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, 
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def compiled_lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
-                            in_features: int) -> torch.Tensor:
-    """The lookup compiled for the CPU (`momos_hf.kernels.cpu`); inference only."""
-    from .kernels import cpu
-    return cpu.compiled_lookup_product(x, motifs, mosaic, scale, in_features)
-
-
-def triton_product(kernel: str) -> Product:
-    """The Triton kernel `kernel` ("lookup" or "matmul"), imported at first call: importing triton is slow and
-    it is an optional dependency."""
+def triton_kernel(kernel: str) -> Product:
+    """The Triton kernel `kernel` ("lookup" or "matmul"), imported at first call: triton is optional and slow
+    to import."""
     def product(x, motifs, mosaic, scale, in_features):
-        from .kernels import triton_mosaic
-        return getattr(triton_mosaic, f"triton_{kernel}_product")(x, motifs, mosaic, scale, in_features)
+        from .kernels.triton_mosaic import triton_product
+        return triton_product(x, motifs, mosaic, scale, in_features, kernel)
     product.__doc__ = f"`x @ W_hat^T` by the Triton `{kernel}` kernel (`momos_hf.kernels.triton_mosaic`)."
     return product
 
 
 PRODUCTS: dict[str, Product] = {"reconstruct": reconstruct_product, "lookup": lookup_product,
                                 "compiled_lookup": compiled_lookup_product,
-                                "triton_lookup": triton_product("lookup"), "triton_matmul": triton_product("matmul")}
-
-
-def compiled_lookup_available() -> bool:
-    from .kernels import cpu
-    return cpu.library() is not None
+                                "triton_lookup": triton_kernel("lookup"), "triton_matmul": triton_kernel("matmul")}
 
 
 def select_product(x: torch.Tensor, motifs: torch.Tensor, scale: Optional[torch.Tensor], out_features: int) -> str:
@@ -97,6 +86,6 @@ def select_product(x: torch.Tensor, motifs: torch.Tensor, scale: Optional[torch.
     if x.device.type != "cpu" or rows * motifs.shape[0] > LOOKUP_TABLE_RATIO * out_features:
         return "reconstruct"
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, motifs, scale))
-    if not needs_grad and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and compiled_lookup_available():
+    if not needs_grad and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and library() is not None:
         return "compiled_lookup"
     return "lookup"

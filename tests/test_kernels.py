@@ -146,3 +146,13 @@ def test_a_model_runs_and_trains_on_the_triton_kernels():
         results.append((out.logits.detach(), layer.motifs.grad.clone(), layer.scale.grad.clone()))
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRITON)
+def test_triton_backward_with_a_frozen_base(name):
+    """Only the input needs a gradient (a frozen base under an adapter): the motif-gradient kernel is skipped."""
+    x, motifs, mosaic, scale = mosaic_case(256, 8, 37, 24, 3)
+    x.requires_grad_()
+    PRODUCTS[name](x, motifs, mosaic, scale, 37).sum().backward()
+    expected = torch.ones(3, 24, dtype=torch.float64) @ reconstruct(motifs.double(), mosaic, 37, scale.double())
+    assert motifs.grad is None and scale.grad is None and relative_error(x.grad, expected) < 1e-5

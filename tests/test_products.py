@@ -130,3 +130,18 @@ def test_model_cache_weights_switches_every_layer():
         assert all(layer._weight_cache is not None for layer in mm.momos_layers().values())
         mm.cache_weights(False)
         assert all(layer._weight_cache is None and not layer.weight_cache_enabled for layer in mm.momos_layers().values())
+
+
+def test_a_mosaic_index_beyond_k_is_refused_before_a_product_reads_it():
+    """The compiled products read motifs at the mosaic's offsets unchecked, so the layer checks them once."""
+    motifs, mosaic = random_mosaic()  # k=16
+    bad = mosaic.clone()
+    bad[0, 0] = 16
+    with pytest.raises(ValueError, match=r"mosaic holds indices \d+\.\.16 but the layer has k=16 motifs"):
+        MoMosLinear(37, 24, torch.nn.Parameter(motifs), bad)
+    momos = MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic)
+    with pytest.raises(ValueError, match=r"indices -1\.\.-1 but the layer has k=16"):
+        momos.set_mosaic(torch.full(mosaic.shape, -1))
+    assert torch.equal(momos.mosaic, mosaic)  # nothing changed
+    full = torch.tensor([[0, 255]], dtype=torch.uint8)  # k=256 uses the whole uint8 range
+    MoMosLinear(2, 1, torch.nn.Parameter(torch.randn(256, 1)), full).set_mosaic(full)

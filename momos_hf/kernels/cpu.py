@@ -74,7 +74,7 @@ def library() -> Optional[dict[torch.dtype, Callable]]:
     functions = {dtype: getattr(lib, name) for dtype, name in ENTRIES.items()}
     for function in functions.values():
         function.argtypes = [pointer, size, pointer, size, size, pointer, size, size, pointer, pointer, ctypes.c_int]
-        function.restype = None
+        function.restype = ctypes.c_int  # 1: its scratch memory could not be allocated
     return functions
 
 
@@ -97,7 +97,9 @@ def compiled_lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch
     rows, motifs, mosaic = rows.contiguous(), motifs.float().contiguous(), mosaic.contiguous()
     scale = None if scale is None else scale.float().contiguous()
     y = torch.empty(rows.shape[0], out_features)
-    functions[mosaic.dtype](rows.data_ptr(), rows.shape[0], motifs.data_ptr(), k, s, mosaic.data_ptr(),
-                            out_features, nb, None if scale is None else scale.data_ptr(), y.data_ptr(),
-                            torch.get_num_threads())
+    failed = functions[mosaic.dtype](rows.data_ptr(), rows.shape[0], motifs.data_ptr(), k, s, mosaic.data_ptr(),
+                                     out_features, nb, None if scale is None else scale.data_ptr(), y.data_ptr(),
+                                     torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"the compiled lookup could not allocate its table ({nb} x {k} floats per 8 rows)")
     return y.to(x.dtype).view(*x.shape[:-1], out_features)

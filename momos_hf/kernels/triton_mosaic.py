@@ -203,15 +203,9 @@ class MosaicProduct(torch.autograd.Function):
         return dx, dmotifs, None, dscale, None, None
 
 
-def _product(kernel: str):
-    def product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
-                in_features: int) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
-        y = MosaicProduct.apply(rows, motifs.contiguous(), mosaic.contiguous(), scale, in_features, kernel)
-        return y.reshape(*x.shape[:-1], mosaic.shape[0])
-    product.__doc__ = f"`x @ W_hat^T` by the Triton `{kernel}` kernel (module docstring), differentiable."
-    return product
-
-
-triton_lookup_product = _product("lookup")
-triton_matmul_product = _product("matmul")
+def triton_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
+                   in_features: int, kernel: str) -> torch.Tensor:
+    """`x[..., in] @ W_hat^T` by the Triton `kernel` ("lookup" or "matmul"; module docstring), differentiable."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = MosaicProduct.apply(rows, motifs.contiguous(), mosaic.contiguous(), scale, in_features, kernel)
+    return y.reshape(*x.shape[:-1], mosaic.shape[0])
