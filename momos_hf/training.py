@@ -92,6 +92,18 @@ def momos_state_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
+def trainable_digest(model: Any) -> str:
+    """sha256 of every trainable parameter (an adapter's, say), by name: equal digests mean equal training state."""
+    while hasattr(model, "module"):  # DDP and Accelerate wrappers
+        model = model.module
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(full_tensor(param).detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                       mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL(teacher || student) of the softened token distributions, times `temperature**2` (Hinton et al.),

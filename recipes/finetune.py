@@ -3,11 +3,15 @@
     accelerate launch recipes/finetune.py                       # tiny Llama, byte tokenizer, embedded sonnets
     accelerate launch recipes/finetune.py --model_name_or_path PATH --train_file train.txt --k 256 --s 16 \\
         --train_mode ste --distill --max_steps 1000 --output_dir out/
+    accelerate launch recipes/finetune.py --model_name_or_path MOMOS_CHECKPOINT --train_file train.txt \\
+        --lora_r 16 --output_dir adapter/                      # LoRA adapters on a frozen MoMos base
 
 Trains in one of the `MoMosConfig.train_mode`s (`motifs`, `projected`, `ste`) or `dense` (no conversion, the
 baseline), optionally distilling from the dense starting model, evaluates validation loss and perplexity,
 logs them with bits per weight and complexity figures, and writes the compact MoMos checkpoint with a model
-card holding the evaluation results. Where no GPU exists it runs on CPU processes (gloo), so
+card holding the evaluation results. With `--lora_r` it trains LoRA adapters on a MoMos checkpoint instead
+(`momos_hf.lora`; the base stays frozen and compact) and writes the adapter alone, with PEFT's card naming
+the base checkpoint. Where no GPU exists it runs on CPU processes (gloo), so
 `accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py` gives two real ranks.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from peft import LoraConfig
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -41,7 +46,10 @@ from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fits import NEEDS_INPUT_MOMENTS
 from momos_hf.data import byte_tokenizer, load_text_datasets, tokenize_and_group
 from momos_hf.demo import tiny_llama
-from momos_hf.training import ProjectionSchedule, distillation_loss, hidden_state_loss, momos_state_digest
+from momos_hf.layer import momos_layers
+from momos_hf.lora import get_lora_model
+from momos_hf.metrics import load_metric
+from momos_hf.training import ProjectionSchedule, distillation_loss, hidden_state_loss, momos_state_digest, trainable_digest
 
 STEP_FILE = "momos_step.json"
 
@@ -80,6 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     momos.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on the LM loss)")
     momos.add_argument("--distill_temperature", type=float, default=2.0)
     momos.add_argument("--distill_hidden_weight", type=float, default=0.0, help="weight of a hidden-state MSE term")
+    lora = p.add_argument_group("LoRA adapters on a MoMos checkpoint (--model_name_or_path)")
+    lora.add_argument("--lora_r", type=int, help="train LoRA adapters of this rank; the MoMos base stays frozen")
+    lora.add_argument("--lora_alpha", type=float, help="LoRA scaling numerator (default: 2 * --lora_r)")
+    lora.add_argument("--lora_dropout", type=float, default=0.05)
+    lora.add_argument("--lora_target_modules", nargs="+", default=["all-linear"],
+                      help="module names, or all-linear (every MoMos matrix layer and dense linear layer, not the head)")
     train = p.add_argument_group("training")
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
     train.add_argument("--per_device_eval_batch_size", type=int, default=8)
@@ -109,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     positive = ["k", "s", "block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "num_train_epochs", "logging_steps", "calibration_batches",
-                "max_steps", "max_train_samples", "max_eval_samples"]
+                "max_steps", "max_train_samples", "max_eval_samples", "lora_r"]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -121,8 +135,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --model_name_or_path or --model_config, not both")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
-    if args.push_to_hub and args.train_mode == "dense":
-        p.error("--push_to_hub publishes MoMos checkpoints; upload a dense run with `hf upload`")
+    if args.push_to_hub and (args.train_mode == "dense" or args.lora_r):
+        p.error("--push_to_hub publishes MoMos checkpoints; upload a dense run or an adapter with `hf upload`")
+    if args.lora_r and not args.model_name_or_path:
+        p.error("--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path")
+    if args.lora_r and args.distill:
+        p.error("--lora_r and --distill: distillation needs the dense model, which a MoMos checkpoint does not hold")
+    if not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     return args
 
 
@@ -158,16 +178,26 @@ def training_loss(model, teacher, batch, args) -> torch.Tensor:
     return loss
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed NLL of its predicted tokens (each position predicts the next label) and their number."""
+    targets = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                            reduction="none").view_as(targets)
+    counted = targets != -100
+    return (nll * counted).sum(1), counted.sum(1)
+
+
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator) -> dict[str, float]:
+    """Token-weighted validation loss and perplexity (`momos_hf.metrics` perplexity), over every rank's share."""
     model.eval()
-    losses = []
+    metric = load_metric("perplexity", keep_in_memory=True)  # in memory: ranks share no cache file
     for batch in tqdm(dataloader, desc="eval", leave=False, disable=not accelerator.is_local_main_process):
-        loss = model(**batch).loss
-        losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(batch["input_ids"].shape[0])))
+        losses, tokens = accelerator.gather_for_metrics(token_losses(model(**batch).logits, batch["labels"]))
+        metric.add_batch(loss=losses.tolist(), tokens=tokens.tolist())
     model.train()
-    eval_loss = torch.cat(losses).mean().item()
-    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+    result = metric.compute()
+    return {"eval_loss": result["eval_loss"], "perplexity": result["perplexity"]}
 
 
 def momos_figures(model) -> dict[str, float]:
@@ -245,7 +275,13 @@ def main(argv=None) -> dict:
     eval_dl = DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator)
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None
-    momos_mode = args.train_mode != "dense"
+    momos_mode = args.train_mode != "dense" and not args.lora_r  # MoMos layers are converted and trained here
+    if args.lora_r:
+        if not momos_layers(model):
+            raise ValueError(f"--lora_r trains adapters on a MoMos checkpoint, and {args.model_name_or_path} has no MoMos layers")
+        targets = "all-linear" if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
+        model = get_lora_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                                                 lora_dropout=args.lora_dropout, target_modules=targets))
     if momos_mode:
         config = MoMosConfig(k=args.k, s=args.s, motif_scope=args.motif_scope, fit=args.fit, scale=args.scale,
                              train_mode=args.train_mode, project_every=args.project_every,
@@ -328,11 +364,14 @@ def main(argv=None) -> dict:
                     "train_seconds": train_seconds, "projection_seconds": schedule.seconds if schedule else 0.0})
     if tracker is not None:
         metrics["complexity_overhead"] = tracker.overhead
+    if momos_mode or args.lora_r:
+        state = momos_state_digest(model) if momos_mode else trainable_digest(model)
+        digests = accelerator.gather_for_metrics([state], use_gather_object=True)
+        metrics["ranks_agree"] = len(set(digests)) == 1
+        what = "MoMos state" if momos_mode else "adapter"
+        accelerator.print(f"{what} identical on all {accelerator.num_processes} ranks: {metrics['ranks_agree']}")
     if momos_mode:
         metrics.update(momos_figures(model))
-        digests = accelerator.gather_for_metrics([momos_state_digest(model)], use_gather_object=True)
-        metrics["ranks_agree"] = len(set(digests)) == 1
-        accelerator.print(f"MoMos state identical on all {accelerator.num_processes} ranks: {metrics['ranks_agree']}")
     accelerator.print(f"final: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} "
                       f"(from {initial['eval_loss']:.4f})")
     accelerator.log(metrics, step=step)
@@ -342,6 +381,9 @@ def main(argv=None) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         if momos_mode:
             unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer, state_dict=state_dict)
+        elif args.lora_r:  # the adapter alone (PEFT's files and card, which names the base checkpoint)
+            unwrapped.save_pretrained(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
         else:
             unwrapped.save_pretrained(args.output_dir, state_dict=state_dict)
             tokenizer.save_pretrained(args.output_dir)

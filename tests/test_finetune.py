@@ -68,6 +68,31 @@ def test_two_processes_train_agree_save_and_resume(tmp_path):
     assert final_loss(resumed) == final_loss(out)  # the same run, continued exactly
 
 
+def test_lora_adapters_on_a_momos_checkpoint_with_two_processes(tmp_path):
+    from peft import PeftConfig
+
+    from momos_hf import MoMosConfig, get_momos_model
+    from momos_hf.data import byte_tokenizer
+    from momos_hf.demo import tiny_llama
+    from momos_hf.layer import momos_layers
+    from momos_hf.lora import load_lora
+
+    tokenizer = byte_tokenizer()
+    get_momos_model(tiny_llama(0, len(tokenizer)), MoMosConfig(k=64, s=16)).save_pretrained(tmp_path / "base", tokenizer=tokenizer)
+    out = launch(tmp_path, "--model_name_or_path", str(tmp_path / "base"), "--lora_r", "8", "--max_steps", "8",
+                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_eval_samples", "16",
+                 "--output_dir", str(tmp_path / "adapter"))
+    assert "world size 2" in out and "adapter identical on all 2 ranks: True" in out
+    results = json.loads((tmp_path / "adapter" / "eval_results.json").read_text())
+    assert results["eval_loss"] < results["initial_eval_loss"] - 0.05
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert not list((tmp_path / "adapter").glob("model*.safetensors"))  # the base is not copied
+    assert PeftConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path == str(tmp_path / "base")
+    assert str(tmp_path / "base") in (tmp_path / "adapter" / "README.md").read_text()
+    model = load_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert momos_layers(model)
+
+
 @pytest.fixture
 def text_files(tmp_path):
     lines = [f"Line {i}: the quick brown fox jumps over the lazy dog, {i % 7} times." for i in range(400)]
@@ -115,6 +140,10 @@ def test_distillation_from_the_dense_model(text_files, monkeypatch):
     (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
     (["--block_size", "0"], "--block_size must be >= 1, got 0"),
     (["--checkpointing_steps", "-2"], "--checkpointing_steps must be >= 0"),
+    (["--lora_r", "8"], "--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path"),
+    (["--lora_r", "8", "--model_name_or_path", "m", "--distill"], "distillation needs the dense model"),
+    (["--lora_r", "0", "--model_name_or_path", "m"], "--lora_r must be >= 1, got 0"),
+    (["--lora_r", "8", "--model_name_or_path", "m", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
