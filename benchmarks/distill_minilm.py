@@ -22,14 +22,16 @@ from common import encode, load_minilm, sentence_embeddings, shakespeare_lines, 
 from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.metrics import load_metric
 from momos_hf.training import ProjectionSchedule
 
 
 @torch.no_grad()
 def mean_cosine(student, teacher, batch) -> float:
+    """Mean cosine of the student's sentence embeddings to the teacher's (`momos_hf.metrics` embedding_cosine)."""
     a = sentence_embeddings(student(**batch).last_hidden_state, batch["attention_mask"])
     b = sentence_embeddings(teacher(**batch).last_hidden_state, batch["attention_mask"])
-    return float((a * b).sum(-1).mean())
+    return load_metric("embedding_cosine", keep_in_memory=True).compute(predictions=a.tolist(), references=b.tolist())["cosine"]
 
 
 def distil(teacher, tokenizer, held_out, train_lines, s: int, args) -> dict:

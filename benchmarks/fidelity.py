@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.metrics import window_perplexity
 from momos_hf.data import byte_tokenizer, calibration_batches
 from momos_hf.layer import layer_class_for
 from momos_hf.targets import find_targets
@@ -109,10 +109,8 @@ def trained_lm(steps: int, spec: dict):
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-@torch.no_grad()
 def perplexity(model, windows: torch.Tensor) -> float:
-    losses = [model(input_ids=w, labels=w).loss for w in windows.split(16)]
-    return math.exp(float(torch.stack(losses).mean()))
+    return window_perplexity(model, windows, 16)
 
 
 def sweep(name: str, dense, calibration, rates, score) -> list[dict]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from peers import quantize_model, quantize_model_sequentially
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.metrics import window_perplexity
 from momos_hf.complexity import complexity_report
 from momos_hf.data import byte_tokenizer, calibration_batches
 from momos_hf.distill import DEFAULT_FINETUNE_LR, finetune_to_teacher, teacher_targets
@@ -62,15 +62,9 @@ def load(path: str):
     return model, tokenizer
 
 
-@torch.no_grad()
 def perplexity(model, windows: torch.Tensor) -> float:
-    """exp of the mean next-token loss over all windows, each window on its own."""
-    total, count = 0.0, 0
-    for batch in windows.split(EVAL_BATCH):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    """Token-weighted perplexity over all windows, each window on its own (`momos_hf.metrics`)."""
+    return window_perplexity(model, windows, EVAL_BATCH)
 
 
 def eval_windows(tokenizer, n: int, length: int) -> torch.Tensor:

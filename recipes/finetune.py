@@ -48,7 +48,7 @@ from momos_hf.data import byte_tokenizer, load_text_datasets, tokenize_and_group
 from momos_hf.demo import tiny_llama
 from momos_hf.layer import momos_layers
 from momos_hf.lora import get_lora_model
-from momos_hf.metrics import load_metric
+from momos_hf.metrics import load_metric, token_losses
 from momos_hf.training import ProjectionSchedule, distillation_loss, hidden_state_loss, momos_state_digest, trainable_digest
 
 STEP_FILE = "momos_step.json"
@@ -176,15 +176,6 @@ def training_loss(model, teacher, batch, args) -> torch.Tensor:
     if want_hidden:
         loss = loss + args.distill_hidden_weight * hidden_state_loss(out.hidden_states, reference.hidden_states)
     return loss
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example: the summed NLL of its predicted tokens (each position predicts the next label) and their number."""
-    targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                            reduction="none").view_as(targets)
-    counted = targets != -100
-    return (nll * counted).sum(1), counted.sum(1)
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
 from momos_hf.complexity import complexity_report
+from momos_hf.metrics import load_metric, window_perplexity
 from momos_hf.tracking import ComplexityTracker
 from momos_hf.training import ProjectionSchedule
 
@@ -127,7 +128,8 @@ def digits_runs(args) -> list[dict]:
                 model = train(mlp, procedure, k, 16, seed, args.digits_epochs * per_epoch, per_epoch, batches, loss_of,
                               3e-3, tracker, target_modules="all-linear")
                 with torch.no_grad():
-                    accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+                    predictions = model(x_test).argmax(1).tolist()
+                accuracy = load_metric("accuracy", keep_in_memory=True).compute(predictions=predictions, references=y_test.tolist())["accuracy"]
                 runs.append({"task": "digits", "procedure": procedure, "k": k, "s": 16, "seed": seed,
                              **run_summary(model, procedure, tracker, accuracy, time.perf_counter() - start)})
                 print(f"digits  {procedure:<8} k={k} seed={seed}: test accuracy {accuracy:.4f}", flush=True)
@@ -159,11 +161,10 @@ def lm_runs(args) -> list[dict]:
             extra = {"modules_to_save": ["embed_tokens", "lm_head", "norm"]} if procedure == "library" else {}
             model = train(LlamaForCausalLM(config), procedure, 256, 16, seed, args.lm_steps, args.lm_epoch_steps, batches,
                           loss_of, 2e-3, tracker, **extra)
-            with torch.no_grad():
-                loss = float(torch.stack([model(input_ids=v, labels=v).loss for v in valid.split(32)]).mean())
+            ppl = window_perplexity(model, valid, 32)
             runs.append({"task": "lm", "procedure": procedure, "k": None if procedure == "dense" else 256, "s": 16,
-                         "seed": seed, **run_summary(model, procedure, tracker, math.exp(loss), time.perf_counter() - start)})
-            print(f"lm      {procedure:<8} seed={seed}: validation perplexity {math.exp(loss):.3f}", flush=True)
+                         "seed": seed, **run_summary(model, procedure, tracker, ppl, time.perf_counter() - start)})
+            print(f"lm      {procedure:<8} seed={seed}: validation perplexity {ppl:.3f}", flush=True)
     return runs
 
 

@@ -95,3 +95,14 @@ def test_trust_probe_quick(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert len(results) == 21 and {r["category"] for r in results} <= {"correct", "clear"}
     assert {r["family"] for r in results} == {"config", "load", "save", "push", "cli", "recipe"}
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/shakespeare beside the repository")
+def test_lora_quick(tmp_path):
+    """The four adaptations on a tiny Llama: trainable counts as designed, training lowers held-out perplexity."""
+    rows = {r["variant"]: r for r in run_quick("lora.py", tmp_path)}
+    assert list(rows) == ["MoMos alone", "MoMos + LoRA r=16", "MoMos motifs mode", "dense + LoRA r=16"]
+    assert rows["MoMos alone"]["trainable_parameters"] == 0 and rows["MoMos alone"]["seconds_per_step"] is None
+    assert rows["MoMos + LoRA r=16"]["trainable_parameters"] == rows["dense + LoRA r=16"]["trainable_parameters"] > 0
+    for name in ("MoMos + LoRA r=16", "MoMos motifs mode", "dense + LoRA r=16"):
+        assert rows[name]["seconds_per_step"] > 0 and rows[name]["ppl_after"] < rows[name]["ppl_before"]
