@@ -3,9 +3,12 @@ triton's interpreter: conftest sets TRITON_INTERPRET=1; no GPU is needed), again
 product `x @ (scale * motifs[mosaic])^T`, forward and backward: odd shapes, padded rows, k from 2 to 70000
 (uint8, uint16 and int32 mosaics), 16-bit inputs, a dictionary shared by two layers."""
 
+import ctypes
+import hashlib
 import multiprocessing
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,9 +84,28 @@ def test_concurrent_builds_leave_one_whole_library(tmp_path):
     for worker in workers:
         worker.join(timeout=300)
     paths = {queue.get(timeout=10), queue.get(timeout=10)}
-    assert len(paths) == 1 and [p.name for p in tmp_path.iterdir()] == [os.path.basename(paths.pop())]
-    import ctypes
-    ctypes.CDLL(str(next(tmp_path.iterdir())))
+    library = Path(paths.pop())
+    record = library.with_suffix(".sha256")
+    assert not paths and sorted(tmp_path.iterdir()) == sorted([library, record])  # no scratch left behind
+    assert record.read_text() == hashlib.sha256(library.read_bytes()).hexdigest()
+    ctypes.CDLL(str(library))
+
+
+@needs_compiler
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    from momos_hf.kernels import cpu
+
+    monkeypatch.setenv("MOMOS_HF_KERNEL_CACHE", str(tmp_path))
+    cached = cpu.build(os.environ.get("CXX", "c++"))
+    cached.write_bytes(cached.read_bytes()[:1000])  # truncated: loading it as it is would crash the process
+    cpu.library.cache_clear()
+    try:
+        x, motifs, mosaic, scale = mosaic_case(16, 5, 37, 24, 3)
+        reference = x.double() @ reconstruct(motifs.double(), mosaic, 37, scale.double()).T
+        assert relative_error(PRODUCTS["compiled_lookup"](x, motifs, mosaic, scale, 37), reference) < 1e-5
+        assert cached.stat().st_size > 1000
+    finally:
+        cpu.library.cache_clear()
 
 
 triton = pytest.importorskip("triton", reason="triton has no wheel for this platform")

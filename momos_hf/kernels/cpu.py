@@ -45,17 +45,26 @@ def cpu_features() -> str:
 
 
 def build(compiler: str) -> Path:
-    """Compile `lookup.cpp` into the cache (once per source, flags, compiler and CPU) and return the library."""
+    """Compile `lookup.cpp` into the cache (once per source, flags, compiler and CPU) and return the library's
+    path. A cached library is used only if its bytes match the sha256 recorded when it was built: loading a
+    damaged one would crash the process, not raise; one that does not match is built again."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), *FLAGS, version, cpu_features()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"momos_lookup-{key}.so"
-    if not path.exists():
+    record = path.with_suffix(".sha256")
+    if not (path.is_file() and record.is_file() and record.read_text() == sha256_of(path)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # whole file or none: concurrent builds race safely
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # whole files or none: concurrent builds race safely
             built = Path(scratch) / path.name
             subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True)
+            (Path(scratch) / record.name).write_text(sha256_of(built))
             os.replace(built, path)
+            os.replace(Path(scratch) / record.name, record)
     return path
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @functools.cache
