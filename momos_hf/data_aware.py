@@ -51,14 +51,15 @@ def inverse_cholesky(moment: torch.Tensor) -> torch.Tensor:
 
     In `moment`'s dtype (float32: half the memory and time of float64 and the same output error on every
     SmolLM2 layer, since damping bounds `cond(H)` by `in / DAMPING`), in float64 where that factorisation fails."""
-    lower, info = torch.linalg.cholesky_ex(moment)
-    if info == 0:
-        inverse = torch.cholesky_inverse(lower)
-        del lower  # a 7B MLP's moment is 0.5 GB in float32: hold two such matrices, not three
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    if info != 0:
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(moment.double())), upper=True)
-    return upper.to(moment.dtype)
+    for dtype in dict.fromkeys((moment.dtype, torch.float64)):
+        lower, info = torch.linalg.cholesky_ex(moment.to(dtype))
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            del lower  # a 7B MLP's moment is 0.5 GB in float32: hold two such matrices, not three
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper.to(moment.dtype)
+    raise torch.linalg.LinAlgError("the input moment is not positive definite, even in float64")
 
 
 def column_importance(upper: torch.Tensor) -> torch.Tensor:
@@ -151,9 +152,10 @@ def solve_motifs(
 
 def weighted_scale(weight: torch.Tensor, unscaled: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     """Per-row `c` minimising `(w - c r) H (w - c r)^T` (1 where `r H r^T` is zero), in `moment`'s dtype."""
-    rh = unscaled.to(moment.dtype) @ moment
-    dot = (rh * weight.to(moment.dtype)).sum(1)
-    norm = (rh * unscaled.to(moment.dtype)).sum(1)
+    weight, unscaled = weight.to(moment.dtype), unscaled.to(moment.dtype)
+    rh = unscaled @ moment
+    dot = (rh * weight).sum(1)
+    norm = (rh * unscaled).sum(1)
     return torch.where(norm > 0, dot / norm.clamp(min=torch.finfo(norm.dtype).tiny), torch.ones_like(dot))
 
 
