@@ -599,7 +599,7 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     for name, spec in specs.items():
         motif_bits = DTYPE_BITS[tensors[f"{spec.motifs}.motifs"]["dtype"]]
         scale_bits = DTYPE_BITS[tensors[f"{spec.mosaic}.scale"]["dtype"]] if spec.scale else 0
-        description_bits += sum(spec.description_bits(name, motif_bits, scale_bits))
+        description_bits += sum(spec.description_bits(name, motif_bits, scale_bits, quantization["momos_config"].get("motif_bits")))
     converted = sum(spec.out_features * spec.in_features for name, spec in specs.items() if spec.mosaic == name)
     other = {name: meta for name, meta in tensors.items() if name not in momos_names}
     return {

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .checkpoint import layer_specs
+from .fitting import dictionary_bits, index_bits
 from .layer import MoMosLayer, momos_layers
 
 DEFAULT_MAX_BYTES = 4 * 2**20
@@ -195,6 +196,7 @@ def complexity_report(
     layer records). Compressors and BDM read at most `max_bytes` of weights (`None`: all; `0`: skip them),
     rebuilt layer by layer until that much is there.
     """
+    vector_mosaics = getattr(model, "vector_mosaics", {})  # a MoMosModel's 1-D parameters (constrain_vectors)
     if callable(getattr(model, "get_base_model", None)):  # a MoMosModel, or a PEFT model around one
         model = model.get_base_model()
     momos = momos_layers(model)
@@ -206,8 +208,9 @@ def complexity_report(
     layers = []
     for name, layer in leaders.items():
         spec = specs[name]
-        mosaic_bits, dictionary_bits, scale_bits = spec.description_bits(name, _bits(layer.motifs) // layer.motifs.numel(),
-                                                                          0 if layer.scale is None else _bits(layer.scale) // layer.out_features)
+        mosaic_bits, dictionary_bits, scale_bits = spec.description_bits(name, layer.motifs.element_size() * 8,
+                                                                          0 if layer.scale is None else _bits(layer.scale) // layer.out_features,
+                                                                          layer.motif_bits)
         layers.append(LayerStats(
             name=name, shape=(spec.out_features, spec.in_features), params=spec.out_features * spec.in_features,
             blocks=spec.num_blocks, k=spec.k, s=spec.s, mosaic_bits=mosaic_bits,
@@ -215,9 +218,18 @@ def complexity_report(
             rel_error=(fit_errors if fit_errors is not None else {}).get(name, layer.fit_error),
             usage_entropy=usage_entropy(layer.mosaic, layer.k),
         ))
-    shared_bits = sum(_bits(momos[owner].motifs) for owner, count in users.items() if count > 1)
-    # Motifs and scales are in the layers' DL, latent weights are never saved; biases count as other parameters.
+    shared_bits = sum(_dictionary_bits(momos[owner]) for owner, count in users.items() if count > 1)
+    dictionary = next(iter(leaders.values()))  # constrain_vectors has one dictionary
+    vectors = {name: model.get_parameter(name) for name in vector_mosaics}
+    for name, mosaic in vector_mosaics.items():
+        layers.append(LayerStats(
+            name=name, shape=(1, vectors[name].numel()), params=vectors[name].numel(), blocks=mosaic.numel(),
+            k=dictionary.k, s=dictionary.s, mosaic_bits=mosaic.numel() * index_bits(dictionary.k), dictionary_bits=0,
+            scale_bits=0, rel_error=None, usage_entropy=usage_entropy(mosaic, dictionary.k)))
+    # Motifs and scales are in the layers' DL, latent weights are never saved; biases count as other parameters
+    # unless constrained (their mosaics are then counted above).
     momos_params = {id(p) for layer in momos.values() for p in (layer.motifs, layer.scale, layer.latent) if p is not None}
+    momos_params |= {id(p) for p in vectors.values()}
     others = [p for p in model.parameters() if id(p) not in momos_params]
     report = ComplexityReport(layers, shared_bits, sum(p.numel() for p in others), sum(_bits(p) for p in others))
     if max_bytes != 0:
@@ -241,6 +253,10 @@ def _leading_weights(layers: Iterable[MoMosLayer], max_values: Optional[int]) ->
         parts.append(values if max_values is None else values[: max_values - count])
         count += parts[-1].numel()
     return torch.cat(parts)
+
+
+def _dictionary_bits(layer: MoMosLayer) -> int:
+    return dictionary_bits(layer.k, layer.s, layer.motifs.element_size() * 8, layer.motif_bits)
 
 
 def _bits(tensor: torch.Tensor) -> int:

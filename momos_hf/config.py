@@ -11,17 +11,19 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .fits import FIT_METHODS
+from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
 
 CONFIG_NAME = "momos_config.json"
 
 FITS = tuple(FIT_METHODS)
+WEIGHT_SPACE_FITS = tuple(name for name in FITS if name not in NEEDS_INPUT_MOMENTS)
 TRAIN_MODES = ("motifs", "projected", "ste")
 SCOPES = ("layer", "global")
 MOTIF_DTYPES = ("float32", "bfloat16", "float16")
 # The settings that decide what the MoMos layers hold; the others say how the model trains.
 FIT_FIELDS = ("k", "capacity", "s", "target_modules", "motif_scope", "fit", "kmeans_iters", "zero_motif", "scale",
-              "motif_dtype", "seed")
+              "motif_dtype", "motif_bits", "constrain_vectors", "seed")
+MOTIF_BITS = range(2, 17)
 
 
 @dataclass
@@ -55,6 +57,15 @@ class MoMosConfig:
         zero_motif: pin motif 0 to the all-zero block (block sparsity).
         scale: learn one scale per output row; motifs are fitted to the rows divided by their RMS.
         motif_dtype: storage dtype of the motifs (`None`: the dtype of the converted weights).
+        motif_bits: the paper's `q`: motifs on a symmetric grid of `2**q - 1` levels spanning each dictionary's
+            largest absolute value (zero exact), fake-quantised in every forward pass (gradients pass straight
+            through), snapped onto the grid at every fit, and counted at `q` bits per value plus one float32
+            step in the description length. `None` (default): motifs count at their storage width.
+        constrain_vectors: put every 1-D parameter of the model (biases, norm weights and biases; not the
+            `modules_to_save`) on the same dictionary as the target matrices, as the paper's code does for all
+            trainable tensors: each vector is cut into blocks of `s` and snapped onto its mosaic at conversion
+            and at every `project()`. Needs `motif_scope="global"`, `train_mode="projected"`, no row scales
+            and a weight-space fit; a training-time setting (such models are not saved as MoMos checkpoints).
         seed: seed of every random choice of the fit, so a conversion is reproducible.
         modules_to_save: modules (same matching as a list `target_modules`; one name may be given as a
             string) kept dense and trainable.
@@ -82,6 +93,8 @@ class MoMosConfig:
     zero_motif: bool = False
     scale: bool = False
     motif_dtype: Optional[str] = None
+    motif_bits: Optional[int] = None
+    constrain_vectors: bool = False
     seed: int = 0
     modules_to_save: Optional[list[str]] = None
     train_mode: str = "motifs"
@@ -102,7 +115,7 @@ class MoMosConfig:
         _check_choice("motif_scope", self.motif_scope, SCOPES)
         _check_choice("fit", self.fit, FITS)
         _check_choice("train_mode", self.train_mode, TRAIN_MODES)
-        for name in ("zero_motif", "scale"):
+        for name in ("zero_motif", "scale", "constrain_vectors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.zero_motif and self.k == 1:
@@ -111,6 +124,15 @@ class MoMosConfig:
             raise ValueError(f"project_every must be an integer >= 0 (0: at each epoch end), got {self.project_every!r}")
         if self.motif_dtype is not None:
             _check_choice("motif_dtype", self.motif_dtype, MOTIF_DTYPES)
+        if self.motif_bits is not None and (not _is_int(self.motif_bits) or self.motif_bits not in MOTIF_BITS):
+            raise ValueError(f"motif_bits must be an integer in [2, 16] (bits per motif value) or None, got {self.motif_bits!r}")
+        if self.constrain_vectors:
+            needs = {"motif_scope": "global", "train_mode": "projected", "scale": False}
+            wrong = [f"{name}={getattr(self, name)!r}" for name, value in needs.items() if getattr(self, name) != value]
+            wrong += [] if self.fit in WEIGHT_SPACE_FITS else [f"fit={self.fit!r}"]
+            if wrong:
+                raise ValueError(f"constrain_vectors=True needs motif_scope='global', train_mode='projected', scale=False and "
+                                 f"fit in {list(WEIGHT_SPACE_FITS)}; got {', '.join(wrong)}")
         if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:

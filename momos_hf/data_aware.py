@@ -175,7 +175,7 @@ def fit_data_aware(matrices: list[torch.Tensor], moments: list[torch.Tensor], op
     motifs = kmeans(blocks, k, options.iters, generator, importance, options.zero_motif, options.max_assign_bytes)
     del blocks, importance  # two copies of the weights, needed by k-means only
     mosaics = [assign_with_feedback(n, motifs, u, options.max_assign_bytes) for n, u in zip(normalised, uppers)]
-    motifs = solve_motifs(motifs, normalised, mosaics, prepared, zero_motif=options.zero_motif)
+    motifs = options.on_grid(solve_motifs(motifs, normalised, mosaics, prepared, zero_motif=options.zero_motif))
     scales = [
         weighted_scale(p, reconstruct(motifs, a, p.shape[1]), h) if options.scale else None
         for p, a, h in zip(padded, mosaics, prepared)

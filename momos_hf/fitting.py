@@ -29,6 +29,27 @@ def index_bits(k: int) -> int:
     return max(0, math.ceil(math.log2(k)))
 
 
+def quantize_motifs(motifs: torch.Tensor, bits: int) -> torch.Tensor:
+    """The paper's q-bit motifs: values rounded to a symmetric grid of `2**bits - 1` levels whose step is the
+    dictionary's largest `|value|` over `2**(bits-1) - 1` (zero stays exact, so does a zero motif)."""
+    levels = 2 ** (bits - 1) - 1
+    step = motifs.detach().abs().amax() / levels
+    if step == 0:
+        return motifs
+    return torch.round(motifs / step).clamp_(-levels, levels) * step
+
+
+def fake_quantize_motifs(motifs: torch.Tensor, bits: int) -> torch.Tensor:
+    """`quantize_motifs` in the forward pass, the identity in the backward pass (straight-through)."""
+    return motifs + (quantize_motifs(motifs.detach(), bits) - motifs.detach())
+
+
+def dictionary_bits(k: int, s: int, value_bits: int, motif_bits: Optional[int] = None) -> int:
+    """Bits of a dictionary `motifs[k, s]`: each value at its storage width `value_bits`, or at `motif_bits`
+    plus the grid's float32 step when the motifs are quantised."""
+    return k * s * value_bits if motif_bits is None else k * s * motif_bits + 32
+
+
 def index_dtype(k: int) -> torch.dtype:
     """Smallest integer dtype that holds every index `0..k-1`."""
     if k <= 2**8:
@@ -212,8 +233,9 @@ class MosaicFit:
 @dataclass(frozen=True)
 class FitOptions:
     """What every fit method reads: `k` motifs of `s` values, `iters` Lloyd steps, the `seed` of every random
-    choice, motif 0 pinned to zero (`zero_motif`), a scale per row (`scale`), and the memory budget of one
-    chunk of the block-to-motif distance matrix (`max_assign_bytes`)."""
+    choice, motif 0 pinned to zero (`zero_motif`), a scale per row (`scale`), the memory budget of one
+    chunk of the block-to-motif distance matrix (`max_assign_bytes`), and q-bit motifs (`motif_bits`: the
+    dictionary is put on its grid before the blocks are assigned to it)."""
 
     k: int
     s: int
@@ -222,6 +244,11 @@ class FitOptions:
     zero_motif: bool = False
     scale: bool = False
     max_assign_bytes: int = 256 * 2**20
+    motif_bits: Optional[int] = None
+
+    def on_grid(self, motifs: torch.Tensor) -> torch.Tensor:
+        """The motifs as stored: on the q-bit grid when `motif_bits` is set."""
+        return motifs if self.motif_bits is None else quantize_motifs(motifs, self.motif_bits)
 
 
 def fit_weight_space(matrices: list[torch.Tensor], options: FitOptions, sampled: bool = False) -> MosaicFit:
@@ -242,6 +269,7 @@ def fit_weight_space(matrices: list[torch.Tensor], options: FitOptions, sampled:
         motifs = sample_motifs(blocks, k, generator, options.zero_motif)
     else:
         motifs = kmeans(blocks, k, options.iters, generator, weights, options.zero_motif, options.max_assign_bytes)
+    motifs = options.on_grid(motifs)
     index, _ = assign(blocks, motifs, weights, options.max_assign_bytes)
     mosaics, scales, start = [], [], 0
     for matrix in matrices:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
-from .fitting import index_bits, index_dtype, num_blocks_per_row, reconstruct
+from .fitting import dictionary_bits, fake_quantize_motifs, index_bits, index_dtype, num_blocks_per_row, reconstruct
 from .packing import pack_indices, packed_size, unpack_indices
 from .products import PRODUCTS, select_product
 
@@ -107,12 +107,14 @@ class LayerSpec:
     def num_blocks(self) -> int:
         return self.out_features * num_blocks_per_row(self.in_features, self.s)
 
-    def description_bits(self, name: str, motif_bits: int, scale_bits: int) -> tuple[int, int, int]:
+    def description_bits(self, name: str, motif_bits: int, scale_bits: int, quantized_bits: Optional[int] = None) -> tuple[int, int, int]:
         """Bits of what layer `name` stores itself (0 for what another layer stores): its mosaic
-        `n_blocks * ceil(log2 k)`, its dictionary `k * s * b_motif` and its scales `out * b_scale`."""
+        `n_blocks * ceil(log2 k)`, its dictionary (`k * s * b_motif`, see `fitting.dictionary_bits` for q-bit
+        motifs) and its scales `out * b_scale`."""
         if self.mosaic != name:  # tied to another layer: its mosaic, scales and dictionary are stored there
             return 0, 0, 0
-        return (self.num_blocks * index_bits(self.k), self.k * self.s * motif_bits if self.motifs == name else 0,
+        return (self.num_blocks * index_bits(self.k),
+                dictionary_bits(self.k, self.s, motif_bits, quantized_bits) if self.motifs == name else 0,
                 self.out_features * scale_bits if self.scale else 0)
 
 
@@ -139,6 +141,7 @@ class MoMosLayer(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.zero_motif = zero_motif
+        self.motif_bits: Optional[int] = None  # q-bit motifs (MoMosConfig.motif_bits): fake-quantised in forward
         self.motifs = motifs
         self.register_buffer("mosaic", mosaic.to(index_dtype(k)), persistent=False)
         packed_bytes = packed_size(mosaic.numel(), index_bits(k))
@@ -272,12 +275,15 @@ class MoMosLayer(nn.Module):
         self._weight_cache = None
 
     def effective_motifs(self) -> torch.Tensor:
-        """The motifs forward uses: motif 0 is exactly zero under `zero_motif`, whatever training did."""
+        """The motifs forward uses: motif 0 is exactly zero under `zero_motif`, whatever training did, and
+        every value is on the q-bit grid under `motif_bits` (straight-through gradient)."""
         if self._needs_unpack:  # Transformers' weight init may read `.weight` before loading finishes
             self.unpack_mosaic()
         motifs = full_tensor(self.motifs)
         if self.zero_motif:
             motifs = torch.cat([torch.zeros_like(motifs[:1]), motifs[1:]])
+        if self.motif_bits is not None:
+            motifs = fake_quantize_motifs(motifs, self.motif_bits)
         return motifs
 
     def mosaic_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -487,7 +493,8 @@ def layer_class_for(module: nn.Module) -> Optional[type[MoMosLayer]]:
 
 
 def replace_with_momos(model: nn.Module, name: str, motifs: nn.Parameter, mosaic: torch.Tensor,
-                       scale: Optional[nn.Parameter] = None, zero_motif: bool = False) -> MoMosLayer:
+                       scale: Optional[nn.Parameter] = None, zero_motif: bool = False,
+                       motif_bits: Optional[int] = None) -> MoMosLayer:
     """Swap module `name` of `model` for its MoMos layer around `motifs`, `mosaic` and `scale` (fitted ones
     at conversion, empty ones on the meta device when loading): the one place a module is replaced."""
     module = model.get_submodule(name)
@@ -496,6 +503,7 @@ def replace_with_momos(model: nn.Module, name: str, motifs: nn.Parameter, mosaic
         raise ValueError(f"{name} is a {type(module).__name__}, which MoMos does not replace; it replaces "
                          f"{', '.join(c.replaces.__name__ for c in LAYER_TYPES.values())}")
     layer = cls.from_module(module, motifs, mosaic, scale, zero_motif)
+    layer.motif_bits = motif_bits
     model.set_submodule(name, layer)
     return layer
 

@@ -17,7 +17,7 @@ from .calibration import ActivationStore, block_by_block, input_moments
 from .checkpoint import QUANT_METHOD, read_checkpoint_config
 from .config import FIT_FIELDS, MoMosConfig
 from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
-from .fitting import FitOptions, index_bits, num_blocks_per_row, reconstruct, relative_error
+from .fitting import FitOptions, dictionary_bits, index_bits, num_blocks_per_row, quantize_motifs, reconstruct, relative_error
 from .layer import MoMosLayer, assign_, full_tensor, layer_class_for, momos_layers, replace_with_momos
 from .resume import BlockResults, conversion_key
 from .quantizer import MoMosQuantizationConfig, drop_momos_ties, mark_momos_model, merge_layers, push_momos_model, save_momos_model, unmark
@@ -90,6 +90,7 @@ class MoMosModel(nn.Module):
         if resume_folder is not None and not sequential:
             raise ValueError("resume_folder keeps the blocks of a sequential conversion: use sequential=True")
         self.resume_folder = resume_folder
+        self.vector_mosaics: dict[str, torch.Tensor] = {}  # constrain_vectors: each 1-D parameter's mosaic [1, nb]
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         recorded = getattr(getattr(model, "config", None), "quantization_config", None)
         if momos_layers(model):
@@ -150,15 +151,17 @@ class MoMosModel(nn.Module):
             if not torch.isfinite(matrix).all():
                 raise ValueError(f"weight of {name} has NaN or inf values; MoMos can only fit finite weights")
         self._check_compresses(matrices)
+        vectors = self._vectors()
         if config.fit in NEEDS_INPUT_MOMENTS and self.sequential:
             fitted, layers = self._convert_sequentially(calibration_data, matrices, originals, ties)
         else:
             moments = self._calibrate(calibration_data, originals, ties) if config.fit in NEEDS_INPUT_MOMENTS else None
-            fitted = self._fit(matrices, moments)
-            layers = self._swap_in(fitted, moments)
+            fitted = self._fit({**matrices, **{name: vector.view(1, -1) for name, vector in vectors.items()}}, moments)
+            layers = self._swap_in({name: fit for name, fit in fitted.items() if name not in vectors}, moments)
+            self._snap_vectors(vectors, fitted)
         for name, leader in ties.items():
             layers[name] = replace_with_momos(model, name, layers[leader].motifs, layers[leader].mosaic.clone(),
-                                              layers[leader].scale, config.zero_motif)
+                                              layers[leader].scale, config.zero_motif, config.motif_bits)
             layers[name].tie_to(layers[leader])
             fitted[name] = fitted[leader]
         for name, layer in layers.items():
@@ -172,10 +175,27 @@ class MoMosModel(nn.Module):
         input moment, since later projections refit in the same metric."""
         config, layers = self.momos_config, {}
         for name, (motifs, mosaic, scale, _) in fitted.items():
-            layers[name] = replace_with_momos(self.base_model, name, motifs, mosaic, scale, config.zero_motif)
+            layers[name] = replace_with_momos(self.base_model, name, motifs, mosaic, scale, config.zero_motif, config.motif_bits)
             if moments is not None and config.train_mode != "motifs":
                 layers[name].input_moment = moments[name]
         return layers
+
+    def _vectors(self) -> dict[str, nn.Parameter]:
+        """The 1-D parameters `constrain_vectors` puts on the dictionary (biases, norm weights and biases), by
+        full name; none without that setting. `modules_to_save` stay dense."""
+        if not self.momos_config.constrain_vectors:
+            return {}
+        kept = {id(p) for name in self.modules_to_save for p in self.base_model.get_submodule(name).parameters()}
+        return {name: p for name, p in self.base_model.named_parameters() if p.ndim == 1 and id(p) not in kept}
+
+    @torch.no_grad()
+    def _snap_vectors(self, vectors: dict[str, nn.Parameter], fitted: dict[str, tuple]) -> None:
+        """Set each constrained vector to its mosaic's values (the projection) and keep the mosaic."""
+        for name, vector in vectors.items():
+            motifs, mosaic = fitted[name][:2]
+            motifs = quantize_motifs(motifs, self.momos_config.motif_bits) if self.momos_config.motif_bits else motifs
+            assign_(vector, reconstruct(motifs, mosaic, vector.numel()).reshape(vector.shape))
+            self.vector_mosaics[name] = mosaic
 
     def _convert_sequentially(self, calibration_data: Optional[Iterable[dict[str, Any]]], matrices: dict[str, torch.Tensor],
                               originals: dict[str, nn.Module], ties: dict[str, str]) -> tuple[dict[str, tuple], dict[str, MoMosLayer]]:
@@ -271,7 +291,7 @@ class MoMosModel(nn.Module):
             unit = _rms(originals)
             normalised = [m.float().div(unit) for m in originals]
             options = FitOptions(k, config.s, config.kmeans_iters, config.seed + order.index(group[0]), config.zero_motif, config.scale,
-                                 self.max_assign_bytes)
+                                 self.max_assign_bytes, config.motif_bits)
             fit = FIT_METHODS[config.fit](normalised, None if moments is None else [moments[n] for n in group], options)
             dtype = config.torch_motif_dtype or originals[0].dtype
             motifs = nn.Parameter((fit.motifs.double() * unit).to(dtype))
@@ -302,11 +322,11 @@ class MoMosModel(nn.Module):
         config = self.momos_config
         for group in self._groups(list(matrices)):
             k = self._num_motifs(group, matrices)
-            motif_bits = torch.finfo(config.torch_motif_dtype or matrices[group[0]].dtype).bits
+            value_bits = torch.finfo(config.torch_motif_dtype or matrices[group[0]].dtype).bits
             dense = sum(matrices[n].numel() * matrices[n].element_size() * 8 for n in group)
-            momos = k * config.s * motif_bits + sum(
+            momos = dictionary_bits(k, config.s, value_bits, config.motif_bits) + sum(
                 matrices[n].shape[0] * (num_blocks_per_row(matrices[n].shape[1], config.s) * index_bits(k)
-                                        + (motif_bits if config.scale else 0)) for n in group)
+                                        + (value_bits if config.scale else 0)) for n in group)
             if momos > dense:
                 raise ValueError(
                     f"with k={k}, s={config.s} the MoMos form of {group[0]}{' ...' if len(group) > 1 else ''} takes "
@@ -319,7 +339,8 @@ class MoMosModel(nn.Module):
         """Refit motifs and mosaics from the current weights (the paper's projection step).
 
         The current weight is the latent weight where there is one (`"projected"`/`"ste"`), else the
-        mosaic weight. In `"projected"` mode the latent weight then snaps onto the new mosaic weight.
+        mosaic weight. In `"projected"` mode the latent weight then snaps onto the new mosaic weight, and so
+        do the 1-D parameters under `constrain_vectors` (fitted with the matrices, in the one dictionary).
         Parameters are updated in place, so optimizers keep referring to them; tied layers follow their
         leader. Returns the relative error of each layer's new fit against its weight before the projection.
         """
@@ -333,7 +354,12 @@ class MoMosModel(nn.Module):
                 raise ValueError(f"fit={self.momos_config.fit!r} has no calibration statistics for {missing[:3]} (a model "
                                  "loaded from a checkpoint has none): convert with calibration_data, or refit with fit='kmeans'")
             moments = {name: layer.input_moment for name, layer in leaders.items()}
-        for name, (motifs, mosaic, scale, error) in self._fit(current, moments).items():
+        vectors = self._vectors()
+        fitted = self._fit({**current, **{name: full_tensor(vector).view(1, -1) for name, vector in vectors.items()}}, moments)
+        self._snap_vectors(vectors, fitted)
+        for name, (motifs, mosaic, scale, error) in fitted.items():
+            if name in vectors:
+                continue
             layer = leaders[name]
             assign_(layer.motifs, motifs)
             layer.set_mosaic(mosaic)

@@ -122,7 +122,7 @@ class MoMosHfQuantizer(HfQuantizer):
         if saved["quantization_config"] != config.to_dict():
             raise ValueError(f"the config given to from_pretrained describes other MoMos layers than {directory}/config.json")
         tensors = verify_checkpoint(directory, saved)
-        build_skeleton(model, config.specs, config.config.zero_motif, tensors)
+        build_skeleton(model, config.specs, config.config, tensors)
         # What a layer shares with another is stored once, under the owner: the others are not missing.
         shared = {rf"(^|\.){re.escape(name)}\.{part}$" for name, spec in config.specs.items()
                   for part, owner in (("motifs", spec.motifs), ("mosaic_packed", spec.mosaic), ("scale", spec.mosaic))
@@ -176,7 +176,7 @@ class MoMosHfQuantizer(HfQuantizer):
         return False
 
 
-def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], zero_motif: bool, tensors: dict[str, dict]) -> None:
+def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], momos_config: MoMosConfig, tensors: dict[str, dict]) -> None:
     """Replace each listed module of `model` by an empty MoMos layer of the recorded kind and shape (on the
     device of the module it replaces, usually meta), its motifs and scale in the dtypes they are stored in
     (`tensors`: the checkpoint's header entries), sharing dictionaries as recorded; tied layers are tied
@@ -207,7 +207,7 @@ def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], zero_motif: bo
             scale = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype))
         elif spec.scale:
             scale = model.get_submodule(spec.mosaic).scale
-        replace_with_momos(model, name, motifs[spec.motifs], mosaic, scale, zero_motif)
+        replace_with_momos(model, name, motifs[spec.motifs], mosaic, scale, momos_config.zero_motif, momos_config.motif_bits)
     drop_momos_ties(model)
 
 
@@ -313,6 +313,9 @@ def save_momos_model(
     if not is_main_process:
         return None
     quantization = model.config.quantization_config
+    if quantization.config.constrain_vectors:
+        raise ValueError("a model trained with constrain_vectors=True has no MoMos checkpoint form (its 1-D parameters' "
+                         "mosaics are not stored): save merge_and_unload()'s dense model instead")
     directory = save_checkpoint(model, save_directory, quantization.momos_config, tokenizer, max_shard_size,
                                 quantization.base_model, state_dict)
     if not push_to_hub:

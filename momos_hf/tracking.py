@@ -76,40 +76,48 @@ class ComplexityTracker(TrainerCallback):
     """Measure `complexity_snapshot` every `every` steps and keep the history.
 
     Plain loops call `track(model, step, loss)` after each step; `Trainer` runs it as a callback (the loss
-    is the last one Trainer logged). Whenever measuring has cost more than `max_overhead` of the wall time
-    since the first call, the interval doubles (so measurements always fall on multiples of the requested
-    `every`), and tracking stays cheap whatever the model size (`max_overhead=None`: keep `every`);
-    `overhead` says what it cost. `clock` (seconds) is injectable, so the schedule can be tested without
-    depending on how fast the machine is.
+    is the last one Trainer logged). The budget: a due measurement (a multiple of `every`) is skipped when,
+    counted at the cost of the dearest one so far, it would bring the time spent measuring above
+    `max_overhead` of the wall time since the first call. So after the first measurement (the reference,
+    always taken) the overhead stays within the budget unless a measurement costs more than every one before
+    it (the budget is then restored by waiting), and tracking stays cheap whatever the model size
+    (`max_overhead=None`: every due step is measured); `overhead` says what it cost. `clock` (seconds) is
+    injectable, so the schedule can be tested without depending on how fast the machine is.
     """
 
     def __init__(self, every: int = 100, max_values: int = DEFAULT_MAX_VALUES, max_overhead: Optional[float] = 0.1,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1 step, got {every}")
-        self.every = self.requested_every = every
+        self.every = every
         self.max_values = max_values
         self.max_overhead = max_overhead
         self.clock = clock
         self.history: list[dict[str, Any]] = []
         self.seconds = 0.0
         self._start: Optional[float] = None
-        self._first_step = 0
+        self._dearest = 0.0  # the longest measurement so far, the predicted cost of the next one
 
     def track(self, model: nn.Module, step: int, loss: Optional[float] = None) -> Optional[dict[str, Any]]:
         """Measure if `step` is due (the first call always is); returns the new history row, else `None`."""
         now = self.clock()
         if self._start is None:
-            self._start, self._first_step = now, step
-        elif step % self.every:
+            self._start = now
+        elif step % self.every or self._over_budget(now):
             return None
         figures = complexity_snapshot(model, self.max_values)
-        self.seconds += self.clock() - now
+        cost = self.clock() - now
+        self.seconds += cost
+        self._dearest = max(self._dearest, cost)
         row = {"step": step, "loss": loss, **figures}
         self.history.append(row)
-        if self.max_overhead is not None and step > self._first_step and self.overhead > self.max_overhead:
-            self.every *= 2
         return row
+
+    def _over_budget(self, now: float) -> bool:
+        """Whether measuring now would bring the overhead above `max_overhead`."""
+        if self.max_overhead is None:
+            return False
+        return self.seconds + self._dearest > self.max_overhead * (now - self._start + self._dearest)
 
     @property
     def overhead(self) -> float:
