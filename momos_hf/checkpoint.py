@@ -11,7 +11,8 @@ Format (version 2). A checkpoint folder holds:
   `weights`.
 - `model.safetensors` (or shards `model-0000i-of-0000n.safetensors` and their index
   `model.safetensors.index.json`; saved over an earlier checkpoint, `model-momos-<id>...`): each layer's `motifs` (once per dictionary), `mosaic_packed`
-  and `scale`, and every other weight. Every file's metadata carries the sha256 of the quantization config,
+  and `scale`, and every other weight. With q-bit motifs (`motif_bits`) a dictionary is stored as
+  `motif_codes` (its values' grid codes, packed at q bits each) and `motif_step` (the grid's float32 step). Every file's metadata carries the sha256 of the quantization config,
   so an edited config.json is caught as surely as an edited weight file.
 Safetensors only: nothing is ever unpickled.
 
@@ -47,9 +48,9 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import MoMosConfig
-from .fitting import index_bits, num_blocks_per_row, reconstruct
+from .fitting import grid_values, index_bits, motif_grid, num_blocks_per_row, reconstruct
 from .layer import LayerSpec, momos_layers
-from .packing import packed_size, unpack_indices
+from .packing import pack_indices, packed_size, unpack_indices
 
 try:  # the folder lock; where fcntl is missing (Windows) saves are not serialised
     import fcntl
@@ -184,7 +185,7 @@ def unique_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Ten
 
 def storage_dtype(state: dict[str, torch.Tensor], specs: dict[str, LayerSpec]) -> str:
     """The dtype the untouched float weights are stored in (what `dtype="auto"` loads them as)."""
-    momos = {f"{name}.{part}" for name in specs for part in ("motifs", "scale")}  # their dtype may differ
+    momos = {f"{name}.{part}" for name in specs for part in ("motifs", "scale", "motif_step")}  # their dtype may differ
     for name, tensor in state.items():
         if tensor.is_floating_point() and name not in momos:
             return str(tensor.dtype).removeprefix("torch.")
@@ -213,6 +214,7 @@ def save_checkpoint(
     for name, tensor in state.items():
         if name.rpartition(".")[0] in specs and name.endswith((".motifs", ".scale")) and not torch.isfinite(tensor).all():
             raise ValueError(f"{name} has NaN or infinite values: the checkpoint would not load, so it is not saved")
+    store_q_bit_dictionaries(state, specs, MoMosConfig.from_dict(momos_config))
     quantization = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "base_model": base_model,
                     "momos_config": momos_config, "layers": {n: s.to_dict() for n, s in specs.items()}}
     config = json.loads(model.config.to_json_string())
@@ -234,6 +236,32 @@ def save_checkpoint(
         finally:  # after the commit this drops the previous weights; before it (an error) the new files
             recover_interrupted_save(target)
     return target
+
+
+def store_q_bit_dictionaries(state: dict[str, torch.Tensor], specs: dict[str, LayerSpec], config: MoMosConfig) -> None:
+    """Replace each dictionary's `motifs` in `state` by its q-bit form, `motif_codes` and `motif_step` (as
+    forward uses it: motif 0 zero under `zero_motif`), when the config has `motif_bits`."""
+    if config.motif_bits is None:
+        return
+    for name, spec in specs.items():
+        if spec.motifs == name:
+            motifs = state.pop(f"{name}.motifs").float()
+            if config.zero_motif:
+                motifs[0] = 0.0
+            codes, step = motif_grid(motifs, config.motif_bits)
+            state[f"{name}.motif_codes"] = pack_indices(codes, config.motif_bits)
+            state[f"{name}.motif_step"] = step.reshape(1)
+
+
+def q_bit_dictionary(codes: torch.Tensor, step: torch.Tensor, bits: int, k: int, s: int) -> torch.Tensor:
+    """The float32 `motifs[k, s]` of a stored q-bit dictionary; codes beyond the grid or a step that is not a
+    finite number >= 0 are refused."""
+    values = unpack_indices(codes, bits, k * s)
+    if len(values) and values.max() > 2**bits - 2:
+        raise ValueError(f"motif codes reach {int(values.max())}, beyond the {2**bits - 1} levels of a {bits}-bit grid")
+    if step.numel() != 1 or not torch.isfinite(step).all() or step.item() < 0:
+        raise ValueError(f"the motif grid step is {step.tolist()}, not a finite number >= 0")
+    return grid_values(values, step, bits).reshape(k, s)
 
 
 def plan_weight_files(state: dict[str, torch.Tensor], target: Path, max_shard_size: Union[int, str]) -> tuple[Any, str]:
@@ -522,20 +550,24 @@ def verify_checkpoint(directory: Union[str, os.PathLike], config: dict[str, Any]
             raise ValueError(f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time")
         check_signed(header, digest, name)
         tensors.update((key, value) for key, value in header.items() if key != "__metadata__")
-    check_momos_tensors(tensors, specs)
+    check_momos_tensors(tensors, specs, quantization["momos_config"].get("motif_bits"))
     return tensors
 
 
-def check_momos_tensors(tensors: dict[str, dict], specs: dict[str, LayerSpec]) -> None:
-    """The files hold each layer's packed mosaic, each dictionary's float motifs once, each recorded scale,
-    in the recorded shapes, and no MoMos tensor of a layer the config does not list."""
+def check_momos_tensors(tensors: dict[str, dict], specs: dict[str, LayerSpec], motif_bits: Optional[int] = None) -> None:
+    """The files hold each layer's packed mosaic, each dictionary once (float motifs, or with `motif_bits` its
+    packed codes and float32 step), each recorded scale, in the recorded shapes, and no MoMos tensor of a
+    layer the config does not list."""
     expected = {}
     for name, spec in specs.items():
         if spec.mosaic == name:  # a tied layer stores nothing of its own
             expected[f"{name}.mosaic_packed"] = ({"U8"}, [packed_size(spec.num_blocks, index_bits(spec.k))])
             if spec.scale:
                 expected[f"{name}.scale"] = (set(FLOAT_DTYPES), [spec.out_features])
-        if spec.motifs == name:
+        if spec.motifs == name and motif_bits is not None:
+            expected[f"{name}.motif_codes"] = ({"U8"}, [packed_size(spec.k * spec.s, motif_bits)])
+            expected[f"{name}.motif_step"] = ({"F32"}, [1])
+        elif spec.motifs == name:
             expected[f"{name}.motifs"] = (set(FLOAT_DTYPES), [spec.k, spec.s])
     for key, (dtypes, shape) in expected.items():
         if key not in tensors:
@@ -544,7 +576,7 @@ def check_momos_tensors(tensors: dict[str, dict], specs: dict[str, LayerSpec]) -
             raise ValueError(f"MoMos tensor {key} is {tensors[key].get('dtype')} {tensors[key].get('shape')}; "
                              f"the layer spec calls for {'/'.join(sorted(dtypes))} {shape}")
     extra = sorted(key for key in tensors if key not in expected and (
-        key.endswith((".motifs", ".mosaic_packed")) or key.removesuffix(".scale") in specs))
+        key.endswith((".motifs", ".mosaic_packed", ".motif_codes", ".motif_step")) or key.removesuffix(".scale") in specs))
     if extra:
         raise ValueError(f"MoMos checkpoint holds tensors {extra[:5]} of layers its config.json does not list")
 
@@ -589,17 +621,19 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
         header = safetensors_header(path)
         check_signed(header, digest, path.name)
         tensors.update((k, v) for k, v in header.items() if k != "__metadata__")
-    check_momos_tensors(tensors, specs)
+    motif_bits = quantization["momos_config"].get("motif_bits")
+    check_momos_tensors(tensors, specs, motif_bits)
 
     def nbytes(meta: dict) -> int:
         return meta["data_offsets"][1] - meta["data_offsets"][0]
 
-    momos_names = {f"{n}.{part}" for n in specs for part in ("motifs", "mosaic_packed", "scale")} & set(tensors)
+    parts = ("motifs", "mosaic_packed", "scale", "motif_codes", "motif_step")
+    momos_names = {f"{n}.{part}" for n in specs for part in parts} & set(tensors)
     description_bits = 0
     for name, spec in specs.items():
-        motif_bits = DTYPE_BITS[tensors[f"{spec.motifs}.motifs"]["dtype"]]
+        value_bits = motif_bits or DTYPE_BITS[tensors[f"{spec.motifs}.motifs"]["dtype"]]
         scale_bits = DTYPE_BITS[tensors[f"{spec.mosaic}.scale"]["dtype"]] if spec.scale else 0
-        description_bits += sum(spec.description_bits(name, motif_bits, scale_bits, quantization["momos_config"].get("motif_bits")))
+        description_bits += sum(spec.description_bits(name, value_bits, scale_bits, motif_bits))
     converted = sum(spec.out_features * spec.in_features for name, spec in specs.items() if spec.mosaic == name)
     other = {name: meta for name, meta in tensors.items() if name not in momos_names}
     return {
@@ -629,6 +663,7 @@ def read_leading_weights(directory: Union[str, os.PathLike], max_values: int) ->
     directory = Path(directory)
     quantization = read_checkpoint_config(directory)["quantization_config"]
     specs = parse_quantization(quantization)
+    motif_bits = quantization["momos_config"].get("motif_bits")
     location = {}
     for name in weight_file_names(directory, quantization["weights"]):
         location.update(dict.fromkeys(safetensors_header(checked_file(directory, name)), directory / name))
@@ -645,7 +680,9 @@ def read_leading_weights(directory: Union[str, os.PathLike], max_values: int) ->
             continue
         mosaic = unpack_indices(tensor(f"{name}.mosaic_packed"), index_bits(spec.k), spec.num_blocks)
         scale = tensor(f"{name}.scale").float() if spec.scale else None
-        matrix = reconstruct(tensor(f"{spec.motifs}.motifs").float(),
+        motifs = tensor(f"{spec.motifs}.motifs").float() if motif_bits is None else q_bit_dictionary(
+            tensor(f"{spec.motifs}.motif_codes"), tensor(f"{spec.motifs}.motif_step"), motif_bits, spec.k, spec.s)
+        matrix = reconstruct(motifs,
                              mosaic.reshape(spec.out_features, num_blocks_per_row(spec.in_features, spec.s)),
                              spec.in_features, scale)
         parts.append(matrix.flatten()[: max_values - count])
@@ -660,7 +697,8 @@ def format_info(info: dict[str, Any]) -> str:
     k = settings["k"] if settings.get("k") is not None else f"capacity {settings['capacity']}"
     return "\n".join([
         f"architecture         {info['architecture']} (base model: {info['base_model'] or 'not recorded'})",
-        f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, fit={settings['fit']}, scale={settings['scale']}",
+        f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, fit={settings['fit']}, scale={settings['scale']}"
+        + (f", motif_bits={settings['motif_bits']}" if settings.get("motif_bits") else ""),
         f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), {info['converted_params']:,d} weights; "
         f"{info['other_params']:,d} other parameters stored as {info['dtype']}",
         f"bits per weight      {info['bits_per_weight']:.4f} (mosaic, dictionaries and scales)",

@@ -59,6 +59,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fits)")
     parser.add_argument("--kmeans_iters", type=non_negative_int, default=15, help="Lloyd steps of the k-means fits")
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
+    parser.add_argument("--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--target_modules", nargs="+", default=None,
                          help="module names, or all-linear (default: the attention and MLP projections)")
@@ -123,7 +124,7 @@ def config_from_args(args: argparse.Namespace):
         targets = "all-linear"
     return MoMosConfig(
         k=args.k, s=args.s, motif_scope=args.motif_scope, fit=args.fit, kmeans_iters=args.kmeans_iters,
-        scale=args.scale, target_modules=targets, seed=args.seed,
+        scale=args.scale, motif_bits=args.motif_bits, target_modules=targets, seed=args.seed,
     )
 
 

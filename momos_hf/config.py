@@ -59,8 +59,9 @@ class MoMosConfig:
         motif_dtype: storage dtype of the motifs (`None`: the dtype of the converted weights).
         motif_bits: the paper's `q`: motifs on a symmetric grid of `2**q - 1` levels spanning each dictionary's
             largest absolute value (zero exact), fake-quantised in every forward pass (gradients pass straight
-            through), snapped onto the grid at every fit, and counted at `q` bits per value plus one float32
-            step in the description length. `None` (default): motifs count at their storage width.
+            through), snapped onto the grid at every fit, stored in checkpoints as q-bit codes plus the step,
+            and counted so in the description length. `None` (default): motifs are stored and counted at their
+            storage width.
         constrain_vectors: put every 1-D parameter of the model (biases, norm weights and biases; not the
             `modules_to_save`) on the same dictionary as the target matrices, as the paper's code does for all
             trainable tensors: each vector is cut into blocks of `s` and snapped onto its mosaic at conversion

@@ -29,14 +29,24 @@ def index_bits(k: int) -> int:
     return max(0, math.ceil(math.log2(k)))
 
 
-def quantize_motifs(motifs: torch.Tensor, bits: int) -> torch.Tensor:
-    """The paper's q-bit motifs: values rounded to a symmetric grid of `2**bits - 1` levels whose step is the
-    dictionary's largest `|value|` over `2**(bits-1) - 1` (zero stays exact, so does a zero motif)."""
+def motif_grid(motifs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's q-bit motifs: each value's code in `0 .. 2**bits - 2` on a symmetric grid of `2**bits - 1`
+    levels, and the grid's step, the dictionary's largest `|value|` over `2**(bits-1) - 1` (float32; zero
+    stays exact, so does a zero motif)."""
     levels = 2 ** (bits - 1) - 1
-    step = motifs.detach().abs().amax() / levels
-    if step == 0:
-        return motifs
-    return torch.round(motifs / step).clamp_(-levels, levels) * step
+    step = motifs.detach().abs().amax().float() / levels
+    codes = torch.round(motifs.detach().float() / (step if step > 0 else 1.0)).clamp_(-levels, levels) + levels
+    return codes.to(torch.int64), step
+
+
+def grid_values(codes: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 values of q-bit codes (the inverse of `motif_grid`)."""
+    return (codes.float() - (2 ** (bits - 1) - 1)) * step.float()
+
+
+def quantize_motifs(motifs: torch.Tensor, bits: int) -> torch.Tensor:
+    """`motifs` rounded onto their q-bit grid (see `motif_grid`), in their dtype."""
+    return grid_values(*motif_grid(motifs, bits), bits).to(motifs.dtype)
 
 
 def fake_quantize_motifs(motifs: torch.Tensor, bits: int) -> torch.Tensor:

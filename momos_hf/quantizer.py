@@ -40,12 +40,14 @@ from .checkpoint import (
     finish_interrupted_save,
     layer_specs,
     parse_quantization,
+    q_bit_dictionary,
     read_checkpoint_config,
     save_checkpoint,
     verify_checkpoint,
 )
 from .config import MoMosConfig
 from .fitting import num_blocks_per_row
+from .packing import packed_size
 from .hub import push_folder
 from .layer import LAYER_TYPES, LayerSpec, momos_layers, replace_with_momos
 
@@ -126,13 +128,23 @@ class MoMosHfQuantizer(HfQuantizer):
         # What a layer shares with another is stored once, under the owner: the others are not missing.
         shared = {rf"(^|\.){re.escape(name)}\.{part}$" for name, spec in config.specs.items()
                   for part, owner in (("motifs", spec.motifs), ("mosaic_packed", spec.mosaic), ("scale", spec.mosaic))
-                  if owner != name}
+                  if owner != name or (part == "motifs" and config.config.motif_bits is not None)}  # q-bit: codes instead
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | shared
         if type(model).__name__ in (saved.get("architectures") or []):  # another class may bring new heads
             check_complete(model, tensors)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         specs = self.quantization_config.specs
+        bits = self.quantization_config.config.motif_bits
+        for name, spec in specs.items():  # q-bit dictionaries: the float motifs from their codes and step
+            layer = model.get_submodule(name)
+            if bits is not None and spec.motifs == name:
+                try:
+                    motifs = q_bit_dictionary(layer.motif_codes, layer.motif_step.float(), bits, spec.k, spec.s)
+                except ValueError as err:
+                    raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
+                layer.motifs = nn.Parameter(motifs.to(layer.motif_codes.device, layer.motifs.dtype), requires_grad=layer.motifs.requires_grad)
+                del layer.motif_codes, layer.motif_step
         for name, spec in specs.items():  # the loader fills each name separately: share the owner's again
             layer = model.get_submodule(name)
             if spec.motifs != name:
@@ -197,8 +209,9 @@ def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], momos_config: 
                 f"config builds it as {expected[0]}x{expected[1]}: the checkpoint and its config.json disagree"
             )
         device = cls.matrix_of(module).device
-        if spec.motifs not in motifs:
-            dtype = SAFETENSORS_DTYPES[tensors[f"{spec.motifs}.motifs"]["dtype"]]
+        if spec.motifs not in motifs:  # q-bit motifs are in the configured dtype, else the weights' (as converted)
+            dtype = (momos_config.torch_motif_dtype or cls.matrix_of(module).dtype if momos_config.motif_bits is not None
+                     else SAFETENSORS_DTYPES[tensors[f"{spec.motifs}.motifs"]["dtype"]])
             motifs[spec.motifs] = nn.Parameter(torch.empty(spec.k, spec.s, device=device, dtype=dtype))
         mosaic = torch.empty(spec.out_features, num_blocks_per_row(spec.in_features, spec.s), device=device)
         scale = None
@@ -207,7 +220,10 @@ def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], momos_config: 
             scale = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype))
         elif spec.scale:
             scale = model.get_submodule(spec.mosaic).scale
-        replace_with_momos(model, name, motifs[spec.motifs], mosaic, scale, momos_config.zero_motif, momos_config.motif_bits)
+        layer = replace_with_momos(model, name, motifs[spec.motifs], mosaic, scale, momos_config.zero_motif, momos_config.motif_bits)
+        if momos_config.motif_bits is not None and spec.motifs == name:  # what the loader fills, decoded after it
+            layer.register_buffer("motif_codes", torch.empty(packed_size(spec.k * spec.s, momos_config.motif_bits), dtype=torch.uint8, device=device))
+            layer.register_buffer("motif_step", torch.empty(1, dtype=torch.float32, device=device))
     drop_momos_ties(model)
 
 

@@ -77,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     momos.add_argument("--motif_scope", choices=SCOPES, default="layer")
     momos.add_argument("--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fits)")
     momos.add_argument("--scale", action="store_true")
+    momos.add_argument("--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)")
     momos.add_argument("--calibration_batches", type=int, default=16,
                        help="training batches whose inputs calibrate --fit data-aware")
     momos.add_argument("--train_mode", choices=("dense",) + TRAIN_MODES, default="motifs",
@@ -109,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--complexity_every", type=int, default=0,
                        help="log compressibility, BDM and entropy of the weights every N steps (0: off); "
                             "written to complexity.json")
+    train.add_argument("--complexity_budget", type=float, default=0.1,
+                       help="largest share of the wall time tracking may take (a due measurement that would exceed it "
+                            "is skipped; 0: no limit)")
     train.add_argument("--checkpointing_steps", type=int, default=0, help="save the training state every N steps")
     train.add_argument("--resume_from_checkpoint", help="a step_N folder written by --checkpointing_steps")
     train.add_argument("--output_dir", default="momos-out")
@@ -131,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("eval_steps", "checkpointing_steps", "complexity_every", "project_every", "num_warmup_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.complexity_budget <= 1:
+        p.error(f"--complexity_budget must be a share of the time in [0, 1], got {args.complexity_budget}")
     if args.model_name_or_path and args.model_config:
         p.error("give --model_name_or_path or --model_config, not both")
     if args.push_to_hub and not args.hub_model_id:
@@ -275,7 +281,7 @@ def main(argv=None) -> dict:
                                                  lora_dropout=args.lora_dropout, target_modules=targets))
     if momos_mode:
         config = MoMosConfig(k=args.k, s=args.s, motif_scope=args.motif_scope, fit=args.fit, scale=args.scale,
-                             train_mode=args.train_mode, project_every=args.project_every,
+                             motif_bits=args.motif_bits, train_mode=args.train_mode, project_every=args.project_every,
                              modules_to_save=args.modules_to_save, seed=args.seed)
         calibration = list(itertools.islice(train_dl, args.calibration_batches)) if args.fit in NEEDS_INPUT_MOMENTS else None
         model = get_momos_model(model, config, calibration)
@@ -302,7 +308,7 @@ def main(argv=None) -> dict:
     schedule = ProjectionSchedule(model) if momos_mode else None
     train_start = time.perf_counter()
 
-    tracker = ComplexityTracker(every=args.complexity_every) if args.complexity_every else None
+    tracker = ComplexityTracker(every=args.complexity_every, max_overhead=args.complexity_budget or None) if args.complexity_every else None
     if tracker is not None:
         tracker.track(model, step)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")

@@ -447,3 +447,38 @@ def test_the_plain_call_without_momos_hf_fails_and_says_what_to_install(saved):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode != 0
     assert "pip install momos-hf" in done.stderr and "import momos_hf" in done.stderr
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_q_bit_dictionaries_are_stored_at_q_bits(tmp_path, arch):
+    mm = converted(arch, k=300, s=4, kmeans_iters=1, motif_scope="global", motif_bits=4, zero_motif=True)
+    mm.save_pretrained(tmp_path)
+    owner = next(name for name, spec in checkpoint.layer_specs(mm.base_model).items() if spec.motifs == name)
+    tensors = load_file(weight_file(tmp_path))
+    assert not any(key.endswith(".motifs") for key in tensors)
+    assert tensors[f"{owner}.motif_codes"].shape == (300 * 4 * 4 // 8,) and tensors[f"{owner}.motif_step"].dtype == torch.float32
+    inputs = model_inputs(arch)
+    for load in (MoMosModel.from_pretrained, AUTO[arch].from_pretrained):
+        loaded = load(tmp_path)
+        layer = (loaded.get_base_model() if isinstance(loaded, MoMosModel) else loaded).get_submodule(owner)
+        assert not hasattr(layer, "motif_codes") and layer.motifs.dtype == torch.float32 and layer.motif_bits == 4
+        with torch.no_grad():
+            assert torch.allclose(mm(**inputs).logits, loaded(**inputs).logits, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "again")  # a reloaded model saves the same codes
+    assert torch.equal(load_file(weight_file(tmp_path / "again"))[f"{owner}.motif_codes"], tensors[f"{owner}.motif_codes"])
+    layers = mm.momos_layers()
+    specs = checkpoint.parse_quantization(read_config(tmp_path)["quantization_config"])  # the order the file is read in
+    weights = torch.cat([layers[name].mosaic_weight().detach().flatten() for name, spec in specs.items() if spec.mosaic == name])
+    assert torch.allclose(checkpoint.read_leading_weights(tmp_path, 5000), weights[:5000], atol=1e-6)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda codes, step: codes[:1].fill_(255), r"motif codes reach 7, beyond the 7 levels of a 3-bit grid"),
+    (lambda codes, step: step.fill_(float("nan")), r"the motif grid step is \[nan\], not a finite number >= 0"),
+])
+def test_q_bit_codes_off_the_grid_are_refused(tmp_path, edit, message):
+    converted("llama", motif_scope="global", motif_bits=3).save_pretrained(tmp_path)
+    owner = next(key.removesuffix(".motif_codes") for key in load_file(weight_file(tmp_path)) if key.endswith(".motif_codes"))
+    rewrite_tensors(tmp_path, lambda t: edit(t[f"{owner}.motif_codes"], t[f"{owner}.motif_step"]))
+    with pytest.raises(ValueError, match=f"corrupted MoMos checkpoint: layer {owner}: {message}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

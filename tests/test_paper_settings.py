@@ -9,6 +9,7 @@ from torch import nn
 
 from conftest import build, model_inputs
 from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.checkpoint import checkpoint_info
 from momos_hf.complexity import complexity_report
 from momos_hf.fitting import fake_quantize_motifs, quantize_motifs
 from momos_hf.model import MoMosModel
@@ -54,6 +55,7 @@ def test_q_bit_motifs_train_save_and_load_on_the_grid(arch, tmp_path):
         optimizer.step()
     assert len(torch.unique(layer.effective_motifs().detach())) <= 15
     mm.save_pretrained(tmp_path / "ckpt")
+    assert checkpoint_info(tmp_path / "ckpt")["description_length_bytes"] * 8 == complexity_report(mm, max_bytes=0).converted_bits
     loaded = MoMosModel.from_pretrained(tmp_path / "ckpt")
     assert next(iter(loaded.momos_layers().values())).motif_bits == 4
     with torch.no_grad():

@@ -1,7 +1,6 @@
 """Complexity tracking and the paper-reproduction recipe (`--quick`)."""
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -95,8 +94,9 @@ def test_tracker_schedule_and_trainer(tmp_path):
 def test_reproduce_paper_quick(tmp_path):
     path = reproduce_paper.main(["--quick", "--output_dir", str(tmp_path)])
     report = path.read_text()
+    assert reproduce_paper.main(["--quick", "--report_only", "--output_dir", str(tmp_path)]).read_text() == report
     assert "| digits | paper | step | 0.01 | 4 |" in report and "| lm | l0 | - | 0.01 | 32 |" in report
-    assert "Claim (2)" in report and "projection every epoch" in report
+    assert "- Claim (2)" in report and "lm paper p=epoch c=0.01 q=32 (" in report  # the verdict counts seeds
     for name in ("score_vs_bits.png", "complexity_vs_step.png"):
         assert (tmp_path / name).stat().st_size > 1000
     runs = json.loads((tmp_path / "report.json").read_text())
