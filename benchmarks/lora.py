@@ -8,7 +8,7 @@ model is converted here, data-aware, k=256, s=4, row scales, on 8 windows of Sha
 of valid.txt (Hamlet and The Tempest) by token-weighted perplexity (`momos_hf.metrics`):
 
 - MoMos alone (no training);
-- MoMos + LoRA r=16 on every MoMos layer (`momos_hf.lora.get_lora_model`; the base frozen);
+- MoMos + LoRA r=16 on every MoMos layer (`momos_hf.integrations.lora.get_lora_model`; the base frozen);
 - MoMos `motifs` mode: the motifs and row scales of every layer train, mosaics frozen;
 - dense + LoRA r=16 (peft on the dense model), the reference.
 Printed: trainable parameters, median seconds per step, perplexity before and after, and after relative to
@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers.utils import logging
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.data import byte_tokenizer
+from momos_hf.app.text import byte_tokenizer
+from momos_hf.integrations.lora import get_lora_model
 from momos_hf.layer import momos_layers
-from momos_hf.lora import get_lora_model
 from momos_hf.metrics import window_perplexity
 
 
@@ -95,8 +95,13 @@ def compare(args: argparse.Namespace, scratch: str) -> list[dict]:
     if args.quick:
         args.steps, args.batch, args.length, args.eval_windows = 3, 2, 64, 4
         tokenizer = byte_tokenizer()
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                             num_attention_heads=4)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
         state = LlamaForCausalLM(config).state_dict()
 
         def dense():
@@ -117,7 +122,9 @@ def compare(args: argparse.Namespace, scratch: str) -> list[dict]:
         if checkpoint is None:
             checkpoint = scratch
             calibration = [{"input_ids": w[None]} for w in windows(tokenizer, "train", 8, 512)]
-            get_momos_model(dense(), MoMosConfig(k=256, s=4, scale=True, fit="data-aware"), calibration).save_pretrained(checkpoint)
+            get_momos_model(
+                dense(), MoMosConfig(k=256, s=4, scale=True, fit="data-aware"), calibration
+            ).save_pretrained(checkpoint)
 
     def momos():
         return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -141,12 +148,23 @@ def compare(args: argparse.Namespace, scratch: str) -> list[dict]:
         seconds = train(model, train_data, steps, args.batch, args.lr) if steps else []
         after = window_perplexity(model.eval(), eval_data, args.batch) if steps else before
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if steps else 0
-        row = dict(variant=name, steps=steps, trainable_parameters=trainable,
-                   seconds_per_step=statistics.median(seconds[1:] or seconds) if seconds else None,
-                   ppl_before=before, ppl_after=after, vs_dense=after / dense_ppl, dense_ppl=dense_ppl, lr=args.lr)
+        row = dict(
+            variant=name,
+            steps=steps,
+            trainable_parameters=trainable,
+            seconds_per_step=statistics.median(seconds[1:] or seconds) if seconds else None,
+            ppl_before=before,
+            ppl_after=after,
+            vs_dense=after / dense_ppl,
+            dense_ppl=dense_ppl,
+            lr=args.lr,
+        )
         rows.append(row)
         step_time = f"{row['seconds_per_step']:.2f}" if seconds else "-"
-        print(f"{name:<22} {trainable:>10,d} {step_time:>7} {before:>10.2f} {after:>9.2f} {after / dense_ppl:>8.3f}", flush=True)
+        print(
+            f"{name:<22} {trainable:>10,d} {step_time:>7} {before:>10.2f} {after:>9.2f} {after / dense_ppl:>8.3f}",
+            flush=True,
+        )
         del model
     return rows
 

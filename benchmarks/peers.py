@@ -48,6 +48,7 @@ def hqq_bits_per_weight(bits: int, group: int) -> float:
         raise ValueError(f"hqq does not support bits={bits}: choose from {sorted(_HQQ_CODE_BITS)}")
     return _HQQ_CODE_BITS[bits] + 2 * 16 / group
 
+
 # -----------------------------------------------------------------------------
 # the min-max grid shared by RTN and GPTQ
 
@@ -67,7 +68,10 @@ def _snap(w: Tensor, lo: Tensor, s: Tensor, maxq: int) -> Tensor:
 
 def _check(weight: Tensor, bits: int, group: int) -> None:
     if weight.dim() != 2 or bits < 1 or group < 1:
-        raise ValueError(f"need a 2-D weight, bits >= 1 and group >= 1; got shape {tuple(weight.shape)}, bits={bits}, group={group}")
+        raise ValueError(
+            f"need a 2-D weight, bits >= 1 and group >= 1; got shape {tuple(weight.shape)}, bits={bits}, group={group}"
+        )
+
 
 # -----------------------------------------------------------------------------
 # quantizers
@@ -79,8 +83,8 @@ def quantize_rtn(weight: Tensor, bits: int, group: int) -> Tensor:
     w, maxq = weight.float(), 2**bits - 1
     out = torch.empty_like(w)
     for c in range(0, w.shape[1], group):
-        lo, s = _grid(w[:, c:c + group], maxq)
-        out[:, c:c + group] = _snap(w[:, c:c + group], lo, s, maxq)
+        lo, s = _grid(w[:, c : c + group], maxq)
+        out[:, c : c + group] = _snap(w[:, c : c + group], lo, s, maxq)
     return out.to(weight.dtype)
 
 
@@ -98,15 +102,22 @@ def quantize_hqq(weight: Tensor, bits: int, group: int) -> Tensor:
     _check(weight, bits, group)
     rows, cols = weight.shape
     if cols % group or bits not in _HQQ_CODE_BITS:
-        raise ValueError(f"hqq needs bits in {sorted(_HQQ_CODE_BITS)} and in_features % group == 0; got bits={bits}, in={cols}, group={group}")
-    params = BaseQuantizeConfig(nbits=bits, group_size=group, axis=1)["weight_quant_params"]  # optimize=True, round_zero at 4 bits
+        raise ValueError(
+            f"hqq needs bits in {sorted(_HQQ_CODE_BITS)} and in_features % group == 0; got bits={bits}, in={cols}, "
+            f"group={group}"
+        )
+    params = BaseQuantizeConfig(nbits=bits, group_size=group, axis=1)[
+        "weight_quant_params"
+    ]  # optimize=True, round_zero at 4 bits
     codes, meta = Quantizer.quantize(weight.float(), **params, bitpack=False, device=weight.device)
     scale, zero = meta["scale"].half().float(), meta["zero"].half().float()
     return ((codes.float() - zero) * scale).reshape(rows, cols).to(weight.dtype)
 
 
 @torch.no_grad()
-def quantize_gptq(weight: Tensor, moment: Tensor, bits: int, group: int, damping: float = 0.01, block_size: int = 128) -> Tensor:
+def quantize_gptq(
+    weight: Tensor, moment: Tensor, bits: int, group: int, damping: float = 0.01, block_size: int = 128
+) -> Tensor:
     """GPTQ (Frantar et al. 2022): quantize columns left to right, each time moving the rounding error
     onto the columns not yet quantized so as to minimise ||X (W - Q)^T||^2, with H = X^T X / rows.
 
@@ -121,7 +132,9 @@ def quantize_gptq(weight: Tensor, moment: Tensor, bits: int, group: int, damping
     H = moment.to(W.device, torch.float32).clone()
     cols = W.shape[1]
     if H.shape != (cols, cols):
-        raise ValueError(f"moment must be [{cols}, {cols}] for a weight with {cols} input columns; got {tuple(H.shape)}")
+        raise ValueError(
+            f"moment must be [{cols}, {cols}] for a weight with {cols} input columns; got {tuple(H.shape)}"
+        )
     dead = H.diagonal() == 0  # inputs that never fire: any weight is as good, the reference pins it to 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -136,23 +149,26 @@ def quantize_gptq(weight: Tensor, moment: Tensor, bits: int, group: int, damping
             c = b0 + i
             if c % group == 0:
                 g1 = min(c + group, cols)
-                cur = W1[:, i:g1 - b0]
+                cur = W1[:, i : g1 - b0]
                 if g1 > b1:  # group runs past this block: give its later columns this block's pending updates
                     cur = torch.cat([cur, W[:, b1:g1] - E1[:, :i] @ U[b0:c, b1:g1]], dim=1)
                 lo, s = _grid(cur, maxq)
-            q = _snap(W1[:, i:i + 1], lo, s, maxq)[:, 0]
+            q = _snap(W1[:, i : i + 1], lo, s, maxq)[:, 0]
             Q[:, c] = q
             E1[:, i] = (W1[:, i] - q) / U[c, c]
-            W1[:, i + 1:] -= E1[:, i:i + 1] * U[c, c + 1:b1]
+            W1[:, i + 1 :] -= E1[:, i : i + 1] * U[c, c + 1 : b1]
         W[:, b1:] -= E1 @ U[b0:b1, b1:]  # the lazy batch update of all later blocks
     return Q.to(weight.dtype)
+
 
 # -----------------------------------------------------------------------------
 # models
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, names: list[str], method: str, bits: int, group: int, moments: dict[str, Tensor] | None = None) -> float:
+def quantize_model(
+    model: nn.Module, names: list[str], method: str, bits: int, group: int, moments: dict[str, Tensor] | None = None
+) -> float:
     """Replace, in place, the weight of each named nn.Linear / Conv1D by its dequantized form.
 
     Conv1D (GPT-2) stores its weight as [in, out]; it is transposed so groups run along inputs as for
@@ -187,18 +203,22 @@ def quantize_model(model: nn.Module, names: list[str], method: str, bits: int, g
     return total_bits / total_weights
 
 
-def quantize_model_sequentially(model: nn.Module, names: list[str], bits: int, group: int, batches: list[dict]) -> float:
+def quantize_model_sequentially(
+    model: nn.Module, names: list[str], bits: int, group: int, batches: list[dict]
+) -> float:
     """GPTQ as its reference runs it: block by block through the model's stack of blocks, each block's layers
     quantized with moments measured on the outputs of the blocks already quantized (momos_hf's
     `block_by_block`, the calibration MoMos's sequential conversion uses). Returns the bits per weight."""
-    from momos_hf.calibration import ActivationStore, block_by_block
-    from momos_hf.targets import block_stack
+    from momos_hf.convert.calibration import ActivationStore, block_by_block
+    from momos_hf.convert.targets import block_stack
 
     stack_name = block_stack(model, names)
     if stack_name is None or any(not n.startswith(f"{stack_name}.") for n in names):
         raise ValueError("sequential GPTQ needs every named layer inside one stack of blocks")
     stack = model.get_submodule(stack_name)
-    by_block = [{n: model.get_submodule(n) for n in names if n.startswith(f"{stack_name}.{i}.")} for i in range(len(stack))]
+    by_block = [
+        {n: model.get_submodule(n) for n in names if n.startswith(f"{stack_name}.{i}.")} for i in range(len(stack))
+    ]
     store = ActivationStore(budget_bytes=2**31)
     total_bits = total_weights = 0.0
     try:

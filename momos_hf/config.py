@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .fits import FIT_METHODS, NEEDS_INPUT_MOMENTS
+from .fit.methods import FIT_METHODS, NEEDS_INPUT_MOMENTS
 
 CONFIG_NAME = "momos_config.json"
 
@@ -21,8 +21,21 @@ TRAIN_MODES = ("motifs", "projected", "ste")
 SCOPES = ("layer", "global")
 MOTIF_DTYPES = ("float32", "bfloat16", "float16")
 # The settings that decide what the MoMos layers hold; the others say how the model trains.
-FIT_FIELDS = ("k", "capacity", "s", "target_modules", "motif_scope", "fit", "kmeans_iters", "zero_motif", "scale",
-              "motif_dtype", "motif_bits", "constrain_vectors", "seed")
+FIT_FIELDS = (
+    "k",
+    "capacity",
+    "s",
+    "target_modules",
+    "motif_scope",
+    "fit",
+    "kmeans_iters",
+    "zero_motif",
+    "scale",
+    "motif_dtype",
+    "motif_bits",
+    "constrain_vectors",
+    "seed",
+)
 MOTIF_BITS = range(2, 17)
 
 
@@ -47,12 +60,12 @@ class MoMosConfig:
             `"all-linear"` takes every linear layer except the output embeddings (LM head).
         motif_scope: `"layer"`: one dictionary per layer; `"global"`: one dictionary shared by all targets,
             as in the paper.
-        fit: the fit method, used at conversion and by every `project()` refit (`momos_hf.fits`):
+        fit: the fit method, used at conversion and by every `project()` refit (`momos_hf.fit.methods`):
             `"sample"`: the paper's `k` randomly sampled existing blocks; `"kmeans"`: k-means++ start
             (random blocks when `k > 4096`) refined by `kmeans_iters` Lloyd steps; `"data-aware"`:
             minimise each layer's output error on calibration inputs (`get_momos_model(...,
             calibration_data=...)`): importance-weighted k-means, assignment with GPTQ-style error
-            feedback, then motifs solved exactly for that mosaic (see `momos_hf.data_aware`).
+            feedback, then motifs solved exactly for that mosaic (see `momos_hf.fit.data_aware`).
         kmeans_iters: Lloyd steps for `fit="kmeans"` and `"data-aware"`.
         zero_motif: pin motif 0 to the all-zero block (block sparsity).
         scale: learn one scale per output row; motifs are fitted to the rows divided by their RMS.
@@ -106,7 +119,9 @@ class MoMosConfig:
             if self.k is not None:
                 raise ValueError(f"give either k ({self.k}) or capacity ({self.capacity}), not both")
             if not _is_number(self.capacity) or not 0.0 < self.capacity <= 1.0:
-                raise ValueError(f"capacity must be in (0, 1] (a fraction of the blocks, as a number), got {self.capacity!r}")
+                raise ValueError(
+                    f"capacity must be in (0, 1] (a fraction of the blocks, as a number), got {self.capacity!r}"
+                )
         elif self.k is None:
             self.k = 256
         elif not _is_int(self.k) or self.k < 1:
@@ -120,20 +135,30 @@ class MoMosConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.zero_motif and self.k == 1:
-            raise ValueError("zero_motif=True needs k >= 2: with k=1 the only motif is zero and every layer becomes zero")
+            raise ValueError(
+                "zero_motif=True needs k >= 2: with k=1 the only motif is zero and every layer becomes zero"
+            )
         if not _is_int(self.project_every) or self.project_every < 0:
-            raise ValueError(f"project_every must be an integer >= 0 (0: at each epoch end), got {self.project_every!r}")
+            raise ValueError(
+                f"project_every must be an integer >= 0 (0: at each epoch end), got {self.project_every!r}"
+            )
         if self.motif_dtype is not None:
             _check_choice("motif_dtype", self.motif_dtype, MOTIF_DTYPES)
         if self.motif_bits is not None and (not _is_int(self.motif_bits) or self.motif_bits not in MOTIF_BITS):
-            raise ValueError(f"motif_bits must be an integer in [2, 16] (bits per motif value) or None, got {self.motif_bits!r}")
+            raise ValueError(
+                f"motif_bits must be an integer in [2, 16] (bits per motif value) or None, got {self.motif_bits!r}"
+            )
         if self.constrain_vectors:
             needs = {"motif_scope": "global", "train_mode": "projected", "scale": False}
-            wrong = [f"{name}={getattr(self, name)!r}" for name, value in needs.items() if getattr(self, name) != value]
+            wrong = [
+                f"{name}={getattr(self, name)!r}" for name, value in needs.items() if getattr(self, name) != value
+            ]
             wrong += [] if self.fit in WEIGHT_SPACE_FITS else [f"fit={self.fit!r}"]
             if wrong:
-                raise ValueError(f"constrain_vectors=True needs motif_scope='global', train_mode='projected', scale=False and "
-                                 f"fit in {list(WEIGHT_SPACE_FITS)}; got {', '.join(wrong)}")
+                raise ValueError(
+                    f"constrain_vectors=True needs motif_scope='global', train_mode='projected', scale=False and "
+                    f"fit in {list(WEIGHT_SPACE_FITS)}; got {', '.join(wrong)}"
+                )
         if not _is_int(self.kmeans_iters) or self.kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:

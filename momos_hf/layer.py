@@ -29,9 +29,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.pytorch_utils import Conv1D
 
-from .fitting import dictionary_bits, fake_quantize_motifs, index_bits, index_dtype, num_blocks_per_row, reconstruct
+from .kernels.products import PRODUCTS, select_product
+from .mosaic import (
+    dictionary_bits,
+    fake_quantize_motifs,
+    index_bits,
+    index_dtype,
+    num_blocks_per_row,
+    reconstruct,
+)
 from .packing import pack_indices, packed_size, unpack_indices
-from .products import PRODUCTS, select_product
 
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 MAX_K = 2**31 - 1  # mosaics are int32 at most
@@ -80,7 +87,9 @@ class LayerSpec:
         required = {"kind", "in_features", "out_features", "k", "s", "scale", "motifs", "mosaic"}
         missing, unknown = required - set(values), set(values) - required - {"fit_error"}
         if missing or unknown:
-            raise ValueError(f"{where} lacks {sorted(missing)}" if missing else f"{where} has unknown fields {sorted(unknown)}")
+            raise ValueError(
+                f"{where} lacks {sorted(missing)}" if missing else f"{where} has unknown fields {sorted(unknown)}"
+            )
         if values["kind"] not in LAYER_TYPES:
             raise ValueError(f"{where}.kind must be one of {sorted(LAYER_TYPES)}, got {values['kind']!r}")
         for field, upper in (("in_features", None), ("out_features", None), ("k", MAX_K), ("s", None)):
@@ -93,7 +102,9 @@ class LayerSpec:
             if not isinstance(values[field], str) or not MODULE_NAME.fullmatch(values[field]):
                 raise ValueError(f"{where}.{field} must name a MoMos layer, got {values[field]!r}")
         error = values.get("fit_error")
-        if error is not None and (not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error)):
+        if error is not None and (
+            not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error)
+        ):
             raise ValueError(f"{where}.fit_error must be a finite number, got {error!r}")
         return cls(**values)
 
@@ -107,22 +118,26 @@ class LayerSpec:
     def num_blocks(self) -> int:
         return self.out_features * num_blocks_per_row(self.in_features, self.s)
 
-    def description_bits(self, name: str, motif_bits: int, scale_bits: int, quantized_bits: Optional[int] = None) -> tuple[int, int, int]:
+    def description_bits(
+        self, name: str, motif_bits: int, scale_bits: int, quantized_bits: Optional[int] = None
+    ) -> tuple[int, int, int]:
         """Bits of what layer `name` stores itself (0 for what another layer stores): its mosaic
         `n_blocks * ceil(log2 k)`, its dictionary (`k * s * b_motif`, see `fitting.dictionary_bits` for q-bit
         motifs) and its scales `out * b_scale`."""
         if self.mosaic != name:  # tied to another layer: its mosaic, scales and dictionary are stored there
             return 0, 0, 0
-        return (self.num_blocks * index_bits(self.k),
-                dictionary_bits(self.k, self.s, motif_bits, quantized_bits) if self.motifs == name else 0,
-                self.out_features * scale_bits if self.scale else 0)
+        return (
+            self.num_blocks * index_bits(self.k),
+            dictionary_bits(self.k, self.s, motif_bits, quantized_bits) if self.motifs == name else 0,
+            self.out_features * scale_bits if self.scale else 0,
+        )
 
 
 class MoMosLayer(nn.Module):
     """Base of the MoMos layers: the state every kind shares and the mosaic weight they all compute.
 
     Forward never needs the dense weight in memory where a product exists for the call (see
-    `momos_hf.products`; `product` overrides the automatic choice). With `weight_cache_enabled` the layer
+    `momos_hf.kernels.products`; `product` overrides the automatic choice). With `weight_cache_enabled` the layer
     keeps its reconstructed weight instead (throughput at the cost of dense memory); the cache follows
     in-place changes to motifs and scale, and to the mosaic through `set_mosaic`.
     """
@@ -131,13 +146,23 @@ class MoMosLayer(nn.Module):
     replaces: ClassVar[type[nn.Module]]
     multiplies_input: ClassVar[bool] = True  # the matrix multiplies the input (data-aware fits calibrate on it)
 
-    def __init__(self, in_features: int, out_features: int, motifs: nn.Parameter, mosaic: torch.Tensor,
-                 scale: Optional[nn.Parameter] = None, zero_motif: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        motifs: nn.Parameter,
+        mosaic: torch.Tensor,
+        scale: Optional[nn.Parameter] = None,
+        zero_motif: bool = False,
+    ) -> None:
         super().__init__()
         k, s = motifs.shape
         expected = (out_features, num_blocks_per_row(in_features, s))
         if tuple(mosaic.shape) != expected:
-            raise ValueError(f"mosaic shape {tuple(mosaic.shape)} does not fit a {out_features}x{in_features} layer with s={s}; expected {expected}")
+            raise ValueError(
+                f"mosaic shape {tuple(mosaic.shape)} does not fit a {out_features}x{in_features} layer with s={s}; "
+                f"expected {expected}"
+            )
         self.in_features = in_features
         self.out_features = out_features
         self.zero_motif = zero_motif
@@ -155,7 +180,7 @@ class MoMosLayer(nn.Module):
         # The calibration inputs' second moment `X^T X / tokens`, kept for data-aware refits (projected/ste).
         self.register_buffer("input_moment", None, persistent=False)
         self.train_mode = "motifs"
-        self.product: Optional[str] = None  # a name in momos_hf.products.PRODUCTS; None: chosen per call
+        self.product: Optional[str] = None  # a name in momos_hf.kernels.products.PRODUCTS; None: chosen per call
         self._leader: tuple = ()
         self.weight_cache_enabled = False
         self._weight_cache: Optional[tuple[tuple, torch.Tensor]] = None  # (versions it was built from, weight)
@@ -183,8 +208,14 @@ class MoMosLayer(nn.Module):
         return x.reshape(-1, x.shape[-1])
 
     @classmethod
-    def from_module(cls, module: nn.Module, motifs: nn.Parameter, mosaic: torch.Tensor,
-                    scale: Optional[nn.Parameter] = None, zero_motif: bool = False) -> "MoMosLayer":
+    def from_module(
+        cls,
+        module: nn.Module,
+        motifs: nn.Parameter,
+        mosaic: torch.Tensor,
+        scale: Optional[nn.Parameter] = None,
+        zero_motif: bool = False,
+    ) -> "MoMosLayer":
         """The MoMos layer for `module`: its shape and remaining state (bias, ...) around a dictionary and
         mosaic (fitted ones, or empty ones on the meta device when loading)."""
         out_features, in_features = cls.matrix_of(module).shape
@@ -242,8 +273,17 @@ class MoMosLayer(nn.Module):
 
     def spec(self, motifs_owner: str, mosaic_owner: str) -> LayerSpec:
         """The checkpoint's record of this layer, naming the layers that store its motifs and its mosaic."""
-        return LayerSpec(self.kind, self.in_features, self.out_features, self.k, self.s, self.scale is not None,
-                         motifs_owner, mosaic_owner, self.fit_error)
+        return LayerSpec(
+            self.kind,
+            self.in_features,
+            self.out_features,
+            self.k,
+            self.s,
+            self.scale is not None,
+            motifs_owner,
+            mosaic_owner,
+            self.fit_error,
+        )
 
     @torch.no_grad()
     def set_mosaic(self, mosaic: torch.Tensor) -> None:
@@ -352,8 +392,16 @@ class MoMosLinear(MoMosLayer):
     kind = "linear"
     replaces = nn.Linear
 
-    def __init__(self, in_features: int, out_features: int, motifs: nn.Parameter, mosaic: torch.Tensor,
-                 scale: Optional[nn.Parameter] = None, bias: Optional[nn.Parameter] = None, zero_motif: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        motifs: nn.Parameter,
+        mosaic: torch.Tensor,
+        scale: Optional[nn.Parameter] = None,
+        bias: Optional[nn.Parameter] = None,
+        zero_motif: bool = False,
+    ) -> None:
         super().__init__(in_features, out_features, motifs, mosaic, scale, zero_motif)
         self.bias = bias
 
@@ -398,8 +446,16 @@ class MoMosEmbedding(MoMosLayer):
     replaces = nn.Embedding
     multiplies_input = False
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, motifs: nn.Parameter, mosaic: torch.Tensor,
-                 scale: Optional[nn.Parameter] = None, padding_idx: Optional[int] = None, zero_motif: bool = False) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        motifs: nn.Parameter,
+        mosaic: torch.Tensor,
+        scale: Optional[nn.Parameter] = None,
+        padding_idx: Optional[int] = None,
+        zero_motif: bool = False,
+    ) -> None:
         super().__init__(embedding_dim, num_embeddings, motifs, mosaic, scale, zero_motif)
         self.padding_idx = padding_idx
 
@@ -437,14 +493,24 @@ class MoMosConv2d(MoMosLayer):
     replaces = nn.Conv2d
     CONV_OPTIONS = ("in_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 
-    def __init__(self, conv: dict[str, Any], motifs: nn.Parameter, mosaic: torch.Tensor,
-                 scale: Optional[nn.Parameter] = None, bias: Optional[nn.Parameter] = None, zero_motif: bool = False) -> None:
+    def __init__(
+        self,
+        conv: dict[str, Any],
+        motifs: nn.Parameter,
+        mosaic: torch.Tensor,
+        scale: Optional[nn.Parameter] = None,
+        bias: Optional[nn.Parameter] = None,
+        zero_motif: bool = False,
+    ) -> None:
         kh, kw = conv["kernel_size"]
-        super().__init__(conv["in_channels"] // conv["groups"] * kh * kw, mosaic.shape[0], motifs, mosaic, scale, zero_motif)
+        super().__init__(
+            conv["in_channels"] // conv["groups"] * kh * kw, mosaic.shape[0], motifs, mosaic, scale, zero_motif
+        )
         self.conv = dict(conv)
         # nn.Conv2d's own rule for padding modes other than zeros (the padding is applied before convolving)
-        self.reversed_padding = nn.Conv2d(1, 1, conv["kernel_size"], padding=conv["padding"], dilation=conv["dilation"],
-                                          device="meta")._reversed_padding_repeated_twice
+        self.reversed_padding = nn.Conv2d(
+            1, 1, conv["kernel_size"], padding=conv["padding"], dilation=conv["dilation"], device="meta"
+        )._reversed_padding_repeated_twice
         self.bias = bias
 
     @staticmethod
@@ -454,7 +520,9 @@ class MoMosConv2d(MoMosLayer):
     @staticmethod
     def input_rows(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         if module.groups != 1 or isinstance(module.padding, str):
-            raise ValueError("data-aware fitting supports convolutions with groups=1 and numeric padding; use fit='kmeans'")
+            raise ValueError(
+                "data-aware fitting supports convolutions with groups=1 and numeric padding; use fit='kmeans'"
+            )
         if module.padding_mode != "zeros":
             x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0 if module.padding_mode != "zeros" else module.padding
@@ -463,7 +531,9 @@ class MoMosConv2d(MoMosLayer):
 
     @classmethod
     def _from_module(cls, module, in_features, out_features, motifs, mosaic, scale, zero_motif):
-        return cls({name: getattr(module, name) for name in cls.CONV_OPTIONS}, motifs, mosaic, scale, module.bias, zero_motif)
+        return cls(
+            {name: getattr(module, name) for name in cls.CONV_OPTIONS}, motifs, mosaic, scale, module.bias, zero_motif
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         matrix = self.matrix(x.dtype)
@@ -476,14 +546,18 @@ class MoMosConv2d(MoMosLayer):
         return F.conv2d(x, weight, bias, conv["stride"], conv["padding"], conv["dilation"], conv["groups"])
 
     def module_layout(self, matrix: torch.Tensor) -> torch.Tensor:
-        return matrix.reshape(self.out_features, self.conv["in_channels"] // self.conv["groups"], *self.conv["kernel_size"])
+        return matrix.reshape(
+            self.out_features, self.conv["in_channels"] // self.conv["groups"], *self.conv["kernel_size"]
+        )
 
     def empty_module(self) -> nn.Module:
         options = {name: self.conv[name] for name in self.CONV_OPTIONS if name != "in_channels"}
         return nn.Conv2d(self.conv["in_channels"], self.out_features, bias=self.bias is not None, **options)
 
 
-LAYER_TYPES: dict[str, type[MoMosLayer]] = {cls.kind: cls for cls in (MoMosLinear, MoMosConv1D, MoMosEmbedding, MoMosConv2d)}
+LAYER_TYPES: dict[str, type[MoMosLayer]] = {
+    cls.kind: cls for cls in (MoMosLinear, MoMosConv1D, MoMosEmbedding, MoMosConv2d)
+}
 
 
 def layer_class_for(module: nn.Module) -> Optional[type[MoMosLayer]]:
@@ -492,16 +566,25 @@ def layer_class_for(module: nn.Module) -> Optional[type[MoMosLayer]]:
     return next((cls for cls in LAYER_TYPES.values() if type(module) is cls.replaces), None)
 
 
-def replace_with_momos(model: nn.Module, name: str, motifs: nn.Parameter, mosaic: torch.Tensor,
-                       scale: Optional[nn.Parameter] = None, zero_motif: bool = False,
-                       motif_bits: Optional[int] = None) -> MoMosLayer:
+def replace_with_momos(
+    model: nn.Module,
+    name: str,
+    *,
+    motifs: nn.Parameter,
+    mosaic: torch.Tensor,
+    scale: Optional[nn.Parameter] = None,
+    zero_motif: bool = False,
+    motif_bits: Optional[int] = None,
+) -> MoMosLayer:
     """Swap module `name` of `model` for its MoMos layer around `motifs`, `mosaic` and `scale` (fitted ones
     at conversion, empty ones on the meta device when loading): the one place a module is replaced."""
     module = model.get_submodule(name)
     cls = layer_class_for(module)
     if cls is None:
-        raise ValueError(f"{name} is a {type(module).__name__}, which MoMos does not replace; it replaces "
-                         f"{', '.join(c.replaces.__name__ for c in LAYER_TYPES.values())}")
+        raise ValueError(
+            f"{name} is a {type(module).__name__}, which MoMos does not replace; it replaces "
+            f"{', '.join(c.replaces.__name__ for c in LAYER_TYPES.values())}"
+        )
     layer = cls.from_module(module, motifs, mosaic, scale, zero_motif)
     layer.motif_bits = motif_bits
     model.set_submodule(name, layer)
@@ -511,3 +594,16 @@ def replace_with_momos(model: nn.Module, name: str, motifs: nn.Parameter, mosaic
 def momos_layers(model: nn.Module) -> dict[str, MoMosLayer]:
     """Every MoMos layer of `model` by full name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, MoMosLayer)}
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype, motif_dtype: Optional[torch.dtype]) -> None:
+    """Cast every parameter (not the buffers, as loading in that dtype leaves them) in place."""
+    motif_ids = {id(layer.motifs) for layer in momos_layers(model).values()}
+    for param in model.parameters():
+        param.data = param.data.to(motif_dtype if motif_dtype is not None and id(param) in motif_ids else dtype)
+
+
+def untouched_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating-point parameter outside its MoMos layers (its storage dtype)."""
+    momos = {id(p) for layer in momos_layers(model).values() for p in layer.parameters()}
+    return next((p.dtype for p in model.parameters() if p.is_floating_point() and id(p) not in momos), None)

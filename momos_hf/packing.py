@@ -43,7 +43,9 @@ def unpack_indices(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(f"a packed mosaic is a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
     if len(packed) != packed_size(count, bits):
-        raise ValueError(f"packed mosaic has {len(packed)} bytes; {count} indices of {bits} bits need {packed_size(count, bits)}")
+        raise ValueError(
+            f"packed mosaic has {len(packed)} bytes; {count} indices of {bits} bits need {packed_size(count, bits)}"
+        )
     if bits == 0:
         return torch.zeros(count, dtype=torch.long)
     data = packed.cpu().long()

@@ -10,7 +10,7 @@ Trains in one of the `MoMosConfig.train_mode`s (`motifs`, `projected`, `ste`) or
 baseline), optionally distilling from the dense starting model, evaluates validation loss and perplexity,
 logs them with bits per weight and complexity figures, and writes the compact MoMos checkpoint with a model
 card holding the evaluation results. With `--lora_r` it trains LoRA adapters on a MoMos checkpoint instead
-(`momos_hf.lora`; the base stays frozen and compact) and writes the adapter alone, with PEFT's card naming
+(`momos_hf.integrations.lora`; the base stays frozen and compact) and writes the adapter alone, with PEFT's card naming
 the base checkpoint. Where no GPU exists it runs on CPU processes (gloo), so
 `accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py` gives two real ranks.
 """
@@ -30,26 +30,26 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from peft import LoraConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
 
-from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.card import is_generated_card, render_card
-from momos_hf.cli import OneLineParser
+from momos_hf import ComplexityTracker, MoMosConfig, complexity_report, get_lora_model, get_momos_model, momos_layers
+from momos_hf.app import OneLineParser, byte_tokenizer, load_text_datasets, tiny_llama, tokenize_and_group
 from momos_hf.checkpoint import sha256_of
-from momos_hf.complexity import complexity_report
-from momos_hf.tracking import ComplexityTracker
 from momos_hf.config import FITS, SCOPES, TRAIN_MODES
-from momos_hf.fits import NEEDS_INPUT_MOMENTS
-from momos_hf.data import byte_tokenizer, load_text_datasets, tokenize_and_group
-from momos_hf.demo import tiny_llama
-from momos_hf.layer import momos_layers
-from momos_hf.lora import get_lora_model
+from momos_hf.fit import NEEDS_INPUT_MOMENTS
 from momos_hf.metrics import load_metric, token_losses
-from momos_hf.training import ProjectionSchedule, distillation_loss, hidden_state_loss, momos_state_digest, trainable_digest
+from momos_hf.report import is_generated_card, render_card
+from momos_hf.train import (
+    ProjectionSchedule,
+    distillation_loss,
+    hidden_state_loss,
+    momos_state_digest,
+    trainable_digest,
+)
 
 STEP_FILE = "momos_step.json"
 
@@ -59,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model = p.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="local folder or Hub id of a pretrained causal LM")
     model.add_argument("--model_config", help="JSON config to train from scratch (default: a 1M-parameter Llama)")
-    model.add_argument("--tokenizer_name", help="tokenizer folder or Hub id (default: the model's, else an embedded byte tokenizer)")
+    model.add_argument(
+        "--tokenizer_name", help="tokenizer folder or Hub id (default: the model's, else an embedded byte tokenizer)"
+    )
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", help="a `datasets` name (Hub or local script/folder)")
     data.add_argument("--dataset_config_name")
@@ -75,26 +77,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     momos.add_argument("--k", type=int, default=256)
     momos.add_argument("--s", type=int, default=16)
     momos.add_argument("--motif_scope", choices=SCOPES, default="layer")
-    momos.add_argument("--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fits)")
+    momos.add_argument(
+        "--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fit.methods)"
+    )
     momos.add_argument("--scale", action="store_true")
-    momos.add_argument("--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)")
-    momos.add_argument("--calibration_batches", type=int, default=16,
-                       help="training batches whose inputs calibrate --fit data-aware")
-    momos.add_argument("--train_mode", choices=("dense",) + TRAIN_MODES, default="motifs",
-                       help="what trains (see MoMosConfig.train_mode); dense: the baseline, no conversion")
-    momos.add_argument("--project_every", type=int, default=50,
-                       help="optimizer steps between projections in projected/ste modes (0: each epoch end, as the paper)")
+    momos.add_argument(
+        "--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
+    )
+    momos.add_argument(
+        "--calibration_batches", type=int, default=16, help="training batches whose inputs calibrate --fit data-aware"
+    )
+    momos.add_argument(
+        "--train_mode",
+        choices=("dense",) + TRAIN_MODES,
+        default="motifs",
+        help="what trains (see MoMosConfig.train_mode); dense: the baseline, no conversion",
+    )
+    momos.add_argument(
+        "--project_every",
+        type=int,
+        default=50,
+        help="optimizer steps between projections in projected/ste modes (0: each epoch end, as the paper)",
+    )
     momos.add_argument("--modules_to_save", nargs="*", default=None, help="dense modules trained in `motifs` mode")
     momos.add_argument("--distill", action="store_true", help="distil from the dense starting model")
-    momos.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on the LM loss)")
+    momos.add_argument(
+        "--distill_alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on the LM loss)"
+    )
     momos.add_argument("--distill_temperature", type=float, default=2.0)
     momos.add_argument("--distill_hidden_weight", type=float, default=0.0, help="weight of a hidden-state MSE term")
     lora = p.add_argument_group("LoRA adapters on a MoMos checkpoint (--model_name_or_path)")
     lora.add_argument("--lora_r", type=int, help="train LoRA adapters of this rank; the MoMos base stays frozen")
     lora.add_argument("--lora_alpha", type=float, help="LoRA scaling numerator (default: 2 * --lora_r)")
     lora.add_argument("--lora_dropout", type=float, default=0.05)
-    lora.add_argument("--lora_target_modules", nargs="+", default=["all-linear"],
-                      help="module names, or all-linear (every MoMos matrix layer and dense linear layer, not the head)")
+    lora.add_argument(
+        "--lora_target_modules",
+        nargs="+",
+        default=["all-linear"],
+        help="module names, or all-linear (every MoMos matrix layer and dense linear layer, not the head)",
+    )
     train = p.add_argument_group("training")
     train.add_argument("--per_device_train_batch_size", type=int, default=8)
     train.add_argument("--per_device_eval_batch_size", type=int, default=8)
@@ -105,29 +126,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--num_warmup_steps", type=int, default=0)
     train.add_argument("--num_train_epochs", type=int, default=1)
     train.add_argument("--max_steps", type=int, default=None, help="overrides --num_train_epochs")
-    train.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end only)")
+    train.add_argument(
+        "--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end only)"
+    )
     train.add_argument("--logging_steps", type=int, default=10)
-    train.add_argument("--complexity_every", type=int, default=0,
-                       help="log compressibility, BDM and entropy of the weights every N steps (0: off); "
-                            "written to complexity.json")
-    train.add_argument("--complexity_budget", type=float, default=0.1,
-                       help="largest share of the wall time tracking may take (a due measurement that would exceed it "
-                            "is skipped; 0: no limit)")
+    train.add_argument(
+        "--complexity_every",
+        type=int,
+        default=0,
+        help="log compressibility, BDM and entropy of the weights every N steps (0: off); written to complexity.json",
+    )
+    train.add_argument(
+        "--complexity_budget",
+        type=float,
+        default=0.1,
+        help="largest share of the wall time tracking may take (a due measurement that would exceed it "
+        "is skipped; 0: no limit)",
+    )
     train.add_argument("--checkpointing_steps", type=int, default=0, help="save the training state every N steps")
     train.add_argument("--resume_from_checkpoint", help="a step_N folder written by --checkpointing_steps")
     train.add_argument("--output_dir", default="momos-out")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--report_to", default="none", help="an Accelerate tracker (tensorboard, wandb, ...) or 'none'")
-    train.add_argument("--push_to_hub", action="store_true", help="upload the checkpoint, tokenizer and card at the end")
+    train.add_argument(
+        "--push_to_hub", action="store_true", help="upload the checkpoint, tokenizer and card at the end"
+    )
     train.add_argument("--hub_model_id")
     train.add_argument("--hub_token", help="never logged or written anywhere")
-    train.add_argument("--hub_public", action="store_true",
-                       help="create the Hub repository public (default: private, as publishing a compressed copy of a "
-                            "model is a decision about its license, not a default)")
+    train.add_argument(
+        "--hub_public",
+        action="store_true",
+        help="create the Hub repository public (default: private, as publishing a compressed copy of a "
+        "model is a decision about its license, not a default)",
+    )
     args = p.parse_args(argv)
-    positive = ["k", "s", "block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "num_train_epochs", "logging_steps", "calibration_batches",
-                "max_steps", "max_train_samples", "max_eval_samples", "lora_r"]
+    positive = [
+        "k",
+        "s",
+        "block_size",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "logging_steps",
+        "calibration_batches",
+        "max_steps",
+        "max_train_samples",
+        "max_eval_samples",
+        "lora_r",
+    ]
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -178,7 +225,8 @@ def training_loss(model, teacher, batch, args) -> torch.Tensor:
     with torch.no_grad():
         reference = teacher(input_ids=batch["input_ids"], output_hidden_states=want_hidden)
     loss = (1 - args.distill_alpha) * out.loss + args.distill_alpha * distillation_loss(
-        out.logits, reference.logits, args.distill_temperature)
+        out.logits, reference.logits, args.distill_temperature
+    )
     if want_hidden:
         loss = loss + args.distill_hidden_weight * hidden_state_loss(out.hidden_states, reference.hidden_states)
     return loss
@@ -239,14 +287,18 @@ def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) 
         raise ValueError(f"{folder} is not a complete training checkpoint ({STEP_FILE}: {err})") from None
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {STEP_FILE}
     if present != set(files) or any(sha256_of(folder / name) != digest for name, digest in files.items()):
-        raise ValueError(f"{folder} is corrupted: its files differ from those recorded in {STEP_FILE} when it was saved")
+        raise ValueError(
+            f"{folder} is corrupted: its files differ from those recorded in {STEP_FILE} when it was saved"
+        )
     if step >= max_steps:
         raise ValueError(f"{folder} is at step {step}, and --max_steps is {max_steps}: nothing is left to train")
     try:
         accelerator.load_state(folder)
     except (RuntimeError, KeyError, ValueError) as err:  # a model or optimizer of another shape
-        raise ValueError(f"{folder} was saved by a run with other settings (model, train mode or optimizer): "
-                         f"{str(err).splitlines()[0]}") from None
+        raise ValueError(
+            f"{folder} was saved by a run with other settings (model, train mode or optimizer): "
+            f"{str(err).splitlines()[0]}"
+        ) from None
     return step
 
 
@@ -254,45 +306,89 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     # Without a GPU, Accelerate must be told to use the CPU, or each launched process silently runs alone.
     # The data order is a function of (seed, epoch), so a resumed run sees the batches the interrupted one would have.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=None if args.report_to == "none" else args.report_to, project_dir=args.output_dir,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
-    accelerator.print(f"world size {accelerator.num_processes}, device {accelerator.device}, "
-                      f"mixed precision {accelerator.mixed_precision}, train mode {args.train_mode}")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    accelerator.print(
+        f"world size {accelerator.num_processes}, device {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}, train mode {args.train_mode}"
+    )
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args)
     with accelerator.main_process_first():
-        raw = load_text_datasets(args.dataset_name, args.dataset_config_name, args.train_file, args.validation_file,
-                                 args.validation_split_percentage)
+        raw = load_text_datasets(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_file,
+            args.validation_file,
+            args.validation_split_percentage,
+        )
         data = tokenize_and_group(raw, tokenizer, args.block_size, args.text_column, args.preprocessing_num_workers)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             data[split] = data[split].select(range(min(limit, len(data[split]))))
-    train_dl = DataLoader(data["train"], shuffle=True, batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator)
-    eval_dl = DataLoader(data["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator)
+    train_dl = DataLoader(
+        data["train"], shuffle=True, batch_size=args.per_device_train_batch_size, collate_fn=default_data_collator
+    )
+    eval_dl = DataLoader(
+        data["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=default_data_collator
+    )
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None
     momos_mode = args.train_mode != "dense" and not args.lora_r  # MoMos layers are converted and trained here
     if args.lora_r:
         if not momos_layers(model):
-            raise ValueError(f"--lora_r trains adapters on a MoMos checkpoint, and {args.model_name_or_path} has no MoMos layers")
+            raise ValueError(
+                f"--lora_r trains adapters on a MoMos checkpoint, and {args.model_name_or_path} has no MoMos layers"
+            )
         targets = "all-linear" if args.lora_target_modules == ["all-linear"] else args.lora_target_modules
-        model = get_lora_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
-                                                 lora_dropout=args.lora_dropout, target_modules=targets))
+        model = get_lora_model(
+            model,
+            LoraConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                lora_dropout=args.lora_dropout,
+                target_modules=targets,
+            ),
+        )
     if momos_mode:
-        config = MoMosConfig(k=args.k, s=args.s, motif_scope=args.motif_scope, fit=args.fit, scale=args.scale,
-                             motif_bits=args.motif_bits, train_mode=args.train_mode, project_every=args.project_every,
-                             modules_to_save=args.modules_to_save, seed=args.seed)
-        calibration = list(itertools.islice(train_dl, args.calibration_batches)) if args.fit in NEEDS_INPUT_MOMENTS else None
+        config = MoMosConfig(
+            k=args.k,
+            s=args.s,
+            motif_scope=args.motif_scope,
+            fit=args.fit,
+            scale=args.scale,
+            motif_bits=args.motif_bits,
+            train_mode=args.train_mode,
+            project_every=args.project_every,
+            modules_to_save=args.modules_to_save,
+            seed=args.seed,
+        )
+        calibration = (
+            list(itertools.islice(train_dl, args.calibration_batches)) if args.fit in NEEDS_INPUT_MOMENTS else None
+        )
         model = get_momos_model(model, config, calibration)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    accelerator.print(f"trainable parameters {sum(p.numel() for p in trainable):,d} of {sum(p.numel() for p in model.parameters()):,d}")
+    accelerator.print(
+        f"trainable parameters {sum(p.numel() for p in trainable):,d} of "
+        f"{sum(p.numel() for p in model.parameters()):,d}"
+    )
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_steps or args.num_train_epochs * steps_per_epoch
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps * accelerator.num_processes,
-                              max_steps * accelerator.num_processes)
-    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        args.num_warmup_steps * accelerator.num_processes,
+        max_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
+        model, optimizer, train_dl, eval_dl, scheduler
+    )
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
     logged = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
@@ -308,7 +404,11 @@ def main(argv=None) -> dict:
     schedule = ProjectionSchedule(model) if momos_mode else None
     train_start = time.perf_counter()
 
-    tracker = ComplexityTracker(every=args.complexity_every, max_overhead=args.complexity_budget or None) if args.complexity_every else None
+    tracker = (
+        ComplexityTracker(every=args.complexity_every, max_overhead=args.complexity_budget or None)
+        if args.complexity_every
+        else None
+    )
     if tracker is not None:
         tracker.track(model, step)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
@@ -330,7 +430,10 @@ def main(argv=None) -> dict:
             if schedule is not None:
                 schedule.step_end(step)
             if tracker is not None and (row := tracker.track(model, step, loss.item())) is not None:
-                accelerator.log({f"complexity/{key}": value for key, value in row.items() if key not in ("step", "loss")}, step=step)
+                accelerator.log(
+                    {f"complexity/{key}": value for key, value in row.items() if key not in ("step", "loss")},
+                    step=step,
+                )
             if step % args.logging_steps == 0:
                 train_loss = accelerator.gather(loss.detach().float()).mean().item()
                 progress.set_postfix(loss=f"{train_loss:.3f}")
@@ -338,7 +441,9 @@ def main(argv=None) -> dict:
             if args.eval_steps and step % args.eval_steps == 0:
                 metrics = evaluate(model, eval_dl, accelerator) | (momos_figures(model) if momos_mode else {})
                 accelerator.log(metrics, step=step)
-                accelerator.print(f"step {step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}")
+                accelerator.print(
+                    f"step {step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
+                )
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 save_training_state(accelerator, Path(args.output_dir), step)
             if step >= max_steps:
@@ -352,13 +457,22 @@ def main(argv=None) -> dict:
         schedule.train_end(step)  # finish exactly in MoMos form
     train_seconds = time.perf_counter() - train_start
     if tracker is not None:
-        accelerator.print(f"complexity tracking: {len(tracker.history)} measurements, {tracker.overhead:.1%} of training time")
+        accelerator.print(
+            f"complexity tracking: {len(tracker.history)} measurements, {tracker.overhead:.1%} of training time"
+        )
         if accelerator.is_main_process:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / "complexity.json").write_text(json.dumps(tracker.history, indent=1))
     metrics = evaluate(model, eval_dl, accelerator)
-    metrics.update({"initial_eval_loss": initial["eval_loss"], "steps": step, "world_size": accelerator.num_processes,
-                    "train_seconds": train_seconds, "projection_seconds": schedule.seconds if schedule else 0.0})
+    metrics.update(
+        {
+            "initial_eval_loss": initial["eval_loss"],
+            "steps": step,
+            "world_size": accelerator.num_processes,
+            "train_seconds": train_seconds,
+            "projection_seconds": schedule.seconds if schedule else 0.0,
+        }
+    )
     if tracker is not None:
         metrics["complexity_overhead"] = tracker.overhead
     if momos_mode or args.lora_r:
@@ -369,8 +483,10 @@ def main(argv=None) -> dict:
         accelerator.print(f"{what} identical on all {accelerator.num_processes} ranks: {metrics['ranks_agree']}")
     if momos_mode:
         metrics.update(momos_figures(model))
-    accelerator.print(f"final: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} "
-                      f"(from {initial['eval_loss']:.4f})")
+    accelerator.print(
+        f"final: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f} "
+        f"(from {initial['eval_loss']:.4f})"
+    )
     accelerator.log(metrics, step=step)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathered whole from every rank when sharded (FSDP)
@@ -390,10 +506,15 @@ def main(argv=None) -> dict:
             if not readme.exists() or is_generated_card(readme):  # a README of the user's is kept
                 readme.write_text(render_card(args.output_dir, args.hub_model_id, results=metrics), encoding="utf-8")
             if args.push_to_hub:
-                from momos_hf.hub import push_folder
+                from momos_hf.integrations.hub import push_folder
 
-                push_folder(args.output_dir, args.hub_model_id, private=not args.hub_public, token=args.hub_token,
-                            commit_message=f"MoMos training, step {step}")
+                push_folder(
+                    args.output_dir,
+                    args.hub_model_id,
+                    private=not args.hub_public,
+                    token=args.hub_token,
+                    commit_message=f"MoMos training, step {step}",
+                )
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:
         # torch's gloo backend frees the tensors of finished collectives on its worker thread, which needs the

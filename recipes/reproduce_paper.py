@@ -18,7 +18,7 @@ validation perplexity). Methods, several seeds each:
   training (with hard-concrete l0 gates for `l0`) for half the budget, hard pruning of every tensor to that
   description length (by |value|, or by gate), the kept values trained for the other half.
 Description length (DL): `complexity_report` for MoMos models (mosaics, dictionaries at q bits, scales,
-dense tensors at 32 bits), `momos_hf.pruning.sparse_description_bits` for pruned ones (mask code + 32-bit
+dense tensors at 32 bits), `momos_hf.train.pruning.sparse_description_bits` for pruned ones (mask code + 32-bit
 values), 32 bits per parameter for dense ones; bits per parameter = DL / parameters of the dense model.
 Writes `report.md`, `report.json` and PNG figures to `--output_dir`.
 Usage: python recipes/reproduce_paper.py [--quick] [--output_dir DIR]
@@ -44,12 +44,19 @@ from torch.nn.utils import parametrize
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging
 
-from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.complexity import complexity_report
+from momos_hf import MoMosConfig, complexity_report, get_momos_model
 from momos_hf.metrics import load_metric, window_perplexity
-from momos_hf.pruning import HardConcreteGate, apply_masks, kept_for_bits, magnitude_masks, sparse_description_bits, top_masks
-from momos_hf.tracking import ComplexityTracker, complexity_snapshot
-from momos_hf.training import ProjectionSchedule
+from momos_hf.train import (
+    ComplexityTracker,
+    HardConcreteGate,
+    ProjectionSchedule,
+    apply_masks,
+    complexity_snapshot,
+    kept_for_bits,
+    magnitude_masks,
+    sparse_description_bits,
+    top_masks,
+)
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare" / "train.txt"
 S = 4  # the authors' block size
@@ -97,13 +104,25 @@ def digits_task(args) -> Task:
         x_test, y_test = split(seed)[2:]
         with torch.no_grad():
             predictions = model(x_test).argmax(1).tolist()
-        return load_metric("accuracy", keep_in_memory=True).compute(predictions=predictions, references=y_test.tolist())["accuracy"]
+        return load_metric("accuracy", keep_in_memory=True).compute(
+            predictions=predictions, references=y_test.tolist()
+        )["accuracy"]
 
     per_epoch = math.ceil(len(split(0)[1]) / 32)
-    return Task("digits", lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)),
-                batches, lambda model, b: nn.functional.cross_entropy(model(b["input"]), b["labels"]), score,
-                args.digits_epochs * per_epoch, per_epoch, 3e-3, "all-linear", {"target_modules": "all-linear"},
-                args.digits_track_every, None)  # a step takes a millisecond: the budget is lifted to get a curve
+    return Task(
+        "digits",
+        lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)),
+        batches,
+        lambda model, b: nn.functional.cross_entropy(model(b["input"]), b["labels"]),
+        score,
+        args.digits_epochs * per_epoch,
+        per_epoch,
+        3e-3,
+        "all-linear",
+        {"target_modules": "all-linear"},
+        args.digits_track_every,
+        None,
+    )  # a step takes a millisecond: the budget is lifted to get a curve
 
 
 def lm_task(args) -> Task:
@@ -111,18 +130,38 @@ def lm_task(args) -> Task:
     cut = len(data) * 9 // 10
     train_data, valid_data = data[:cut], data[cut:]
     valid = torch.stack([valid_data[i : i + 64] for i in range(0, min(len(valid_data) - 64, 64 * 256), 64)][:128])
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
 
     def batches(seed, step):
-        starts = torch.randint(len(train_data) - 64, (16,), generator=torch.Generator().manual_seed(seed * 100003 + step))
+        starts = torch.randint(
+            len(train_data) - 64, (16,), generator=torch.Generator().manual_seed(seed * 100003 + step)
+        )
         ids = torch.stack([train_data[i : i + 64] for i in starts.tolist()])
         return {"input_ids": ids, "labels": ids}
 
     every_matrix = r".*_proj|model\.embed_tokens|lm_head"
-    return Task("lm", lambda: LlamaForCausalLM(config), batches, lambda model, b: model(**b).loss,
-                lambda model, seed: window_perplexity(model, valid, 32), args.lm_steps, args.lm_epoch_steps, 2e-3,
-                every_matrix, {"target_modules": every_matrix, "modules_to_save": ["norm"]}, args.lm_track_every, 0.1)
+    return Task(
+        "lm",
+        lambda: LlamaForCausalLM(config),
+        batches,
+        lambda model, b: model(**b).loss,
+        lambda model, seed: window_perplexity(model, valid, 32),
+        args.lm_steps,
+        args.lm_epoch_steps,
+        2e-3,
+        every_matrix,
+        {"target_modules": every_matrix, "modules_to_save": ["norm"]},
+        args.lm_track_every,
+        0.1,
+    )
 
 
 def methods(capacities: list[float], qs: list[int], grid: bool) -> list[dict]:
@@ -133,28 +172,55 @@ def methods(capacities: list[float], qs: list[int], grid: bool) -> list[dict]:
     cross = sorted({(c, 32) for c in capacities} | {(AUTHORS["capacity"], q) for q in qs}, key=lambda p: (p[0], -p[1]))
     every_step = cross if grid else [(AUTHORS["capacity"], AUTHORS["q"])]
     runs = [{"procedure": "dense"}]
-    runs += [{"procedure": "paper", "projection": "epoch", "capacity": c, "q": q}
-             for c, q in ([(c, q) for c in capacities for q in qs] if grid else cross)]
+    runs += [
+        {"procedure": "paper", "projection": "epoch", "capacity": c, "q": q}
+        for c, q in ([(c, q) for c in capacities for q in qs] if grid else cross)
+    ]
     runs += [{"procedure": "paper", "projection": "step", "capacity": c, "q": q} for c, q in every_step]
-    runs += [{"procedure": "library", "capacity": c, "q": q} for c, q in sorted({(c, 32) for c in capacities} | {(AUTHORS["capacity"], min(qs))})]
+    runs += [
+        {"procedure": "library", "capacity": c, "q": q}
+        for c, q in sorted({(c, 32) for c in capacities} | {(AUTHORS["capacity"], min(qs))})
+    ]
     runs += [{"procedure": p, "capacity": c, "q": 32} for p in ("magnitude", "l0") for c in capacities]
     return runs
 
 
 def is_authors(method: dict) -> bool:
-    return method.get("capacity") == AUTHORS["capacity"] and method.get("q") == AUTHORS["q"] and method["procedure"] != "magnitude" \
+    return (
+        method.get("capacity") == AUTHORS["capacity"]
+        and method.get("q") == AUTHORS["q"]
+        and method["procedure"] != "magnitude"
         and method["procedure"] != "l0"
+    )
 
 
 def paper_config(task: Task, method: dict, seed: int) -> MoMosConfig:
-    return MoMosConfig(capacity=method["capacity"], s=S, motif_scope="global", fit="sample", zero_motif=True, train_mode="projected",
-                       project_every=1 if method.get("projection") == "step" else 0, motif_bits=None if method["q"] == 32 else method["q"],
-                       constrain_vectors=True, target_modules=task.paper_targets, seed=seed)
+    return MoMosConfig(
+        capacity=method["capacity"],
+        s=S,
+        motif_scope="global",
+        fit="sample",
+        zero_motif=True,
+        train_mode="projected",
+        project_every=1 if method.get("projection") == "step" else 0,
+        motif_bits=None if method["q"] == 32 else method["q"],
+        constrain_vectors=True,
+        target_modules=task.paper_targets,
+        seed=seed,
+    )
 
 
 def library_config(task: Task, method: dict, seed: int) -> MoMosConfig:
-    return MoMosConfig(capacity=method["capacity"], s=S, motif_scope="global", fit="data-aware", scale=True,
-                       motif_bits=None if method["q"] == 32 else method["q"], seed=seed, **task.library_options)
+    return MoMosConfig(
+        capacity=method["capacity"],
+        s=S,
+        motif_scope="global",
+        fit="data-aware",
+        scale=True,
+        motif_bits=None if method["q"] == 32 else method["q"],
+        seed=seed,
+        **task.library_options,
+    )
 
 
 def paper_bits(task: Task, capacity: float) -> int:
@@ -191,7 +257,9 @@ def l0_penalty(gates: list[HardConcreteGate], density: float) -> torch.Tensor:
 def optimizer_for(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     gates = [p for n, p in params if n.endswith("log_alpha")]
-    groups = [{"params": [p for n, p in params if not n.endswith("log_alpha")]}] + ([{"params": gates, "lr": GATE_LR}] if gates else [])
+    groups = [{"params": [p for n, p in params if not n.endswith("log_alpha")]}] + (
+        [{"params": gates, "lr": GATE_LR}] if gates else []
+    )
     return torch.optim.AdamW(groups, lr=lr)
 
 
@@ -215,7 +283,9 @@ def train(task: Task, method: dict, seed: int, kept: Optional[int], tracker: Opt
         tracker.track(model, 0)
     for step in range(1, task.steps + 1):
         if step == half + 1 and procedure == "library":  # dense half done: fit to data, train motifs
-            calibration = [{key: v for key, v in task.batches(seed, -i).items() if key != "labels"} for i in range(1, 5)]
+            calibration = [
+                {key: v for key, v in task.batches(seed, -i).items() if key != "labels"} for i in range(1, 5)
+            ]
             model = get_momos_model(model, library_config(task, method, seed), calibration)
             optimizer = optimizer_for(model, task.lr)
         elif step == half + 1 and procedure in ("magnitude", "l0"):  # hard pruning to the description length
@@ -247,8 +317,13 @@ def train(task: Task, method: dict, seed: int, kept: Optional[int], tracker: Opt
         bits = sparse_description_bits(n_params, kept)
     else:
         bits = complexity_report(model, max_bytes=0).total_bits
-    return model, {"description_length_bits": bits, "bits_per_param": bits / n_params, "params": n_params, "kept": kept,
-                   "final_train_loss": statistics.mean(losses[-max(1, len(losses) // 10):])}
+    return model, {
+        "description_length_bits": bits,
+        "bits_per_param": bits / n_params,
+        "params": n_params,
+        "kept": kept,
+        "final_train_loss": statistics.mean(losses[-max(1, len(losses) // 10) :]),
+    }
 
 
 def run_summary(model, tracker: Optional[ComplexityTracker]) -> dict:
@@ -277,21 +352,44 @@ def task_runs(task: Task, args, grid: bool, capacities: list[float]) -> list[dic
     for seed in args.seeds:
         for method in methods(capacities, args.qs, grid):
             tracked = method["procedure"] == "dense" or is_authors(method)
-            tracker = ComplexityTracker(every=task.track_every, max_values=2**14, max_overhead=task.max_overhead) if tracked else None
-            kept = kept_for_bits(sum(p.numel() for p in task.build().parameters()), budgets[method["capacity"]]) \
-                if method["procedure"] in ("magnitude", "l0") else None
+            tracker = (
+                ComplexityTracker(every=task.track_every, max_values=2**14, max_overhead=task.max_overhead)
+                if tracked
+                else None
+            )
+            kept = (
+                kept_for_bits(sum(p.numel() for p in task.build().parameters()), budgets[method["capacity"]])
+                if method["procedure"] in ("magnitude", "l0")
+                else None
+            )
             start = time.perf_counter()
             model, facts = train(task, method, seed, kept, tracker)
             seconds = time.perf_counter() - start
             score = task.score(model, seed)
-            runs.append({"task": task.name, **method, "seed": seed, "score": score, "seconds": seconds, **facts, **run_summary(model, tracker)})
-            print(f"{task.name:<7} {label(method):<28} seed={seed}: {'accuracy' if task.name == 'digits' else 'perplexity'} "
-                  f"{score:.4f} at {facts['bits_per_param']:.3f} bits/param ({seconds:.1f} s)", flush=True)
+            runs.append(
+                {
+                    "task": task.name,
+                    **method,
+                    "seed": seed,
+                    "score": score,
+                    "seconds": seconds,
+                    **facts,
+                    **run_summary(model, tracker),
+                }
+            )
+            print(
+                f"{task.name:<7} {label(method):<28} seed={seed}: "
+                f"{'accuracy' if task.name == 'digits' else 'perplexity'} "
+                f"{score:.4f} at {facts['bits_per_param']:.3f} bits/param ({seconds:.1f} s)",
+                flush=True,
+            )
     return runs
 
 
 def label(method: dict) -> str:
-    parts = [method["procedure"]] + [f"{key[0]}={method[key]}" for key in ("projection", "capacity", "q") if key in method]
+    parts = [method["procedure"]] + [
+        f"{key[0]}={method[key]}" for key in ("projection", "capacity", "q") if key in method
+    ]
     return " ".join(parts)
 
 
@@ -316,20 +414,31 @@ def vs_dense(task: str, score: float, dense: float) -> str:
 
 
 def dense_scores(runs: list[dict]) -> dict[str, float]:
-    return {task: statistics.mean(r["score"] for r in rs) for (task, proc, *_), rs in group(runs).items() if proc == "dense"}
+    return {
+        task: statistics.mean(r["score"] for r in rs)
+        for (task, proc, *_), rs in group(runs).items()
+        if proc == "dense"
+    }
 
 
 def main_table(runs: list[dict]) -> list[str]:
     """One row per task and method setting: score and description length, mean ± std over seeds."""
     dense = dense_scores(runs)
-    lines = ["| task | method | projection | capacity | q | score | median | vs dense | bits/param | DL (KiB) | train loss, last 10% | s/run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | method | projection | capacity | q | score | median | vs dense | bits/param | DL (KiB) | train "
+        "loss, last 10% | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (task, procedure, projection, capacity, q), rs in group(runs).items():
         scores = [r["score"] for r in rs]
-        lines.append(f"| {task} | {procedure} | {projection or '-'} | {capacity or '-'} | {q or '-'} | {mean_std(scores)} | {statistics.median(scores):.4g} | "
-                     f"{vs_dense(task, statistics.mean(scores), dense[task])} | {statistics.mean(r['bits_per_param'] for r in rs):.3f} | "
-                     f"{statistics.mean(r['description_length_bits'] for r in rs) / 8192:.1f} | "
-                     f"{mean_std([r['final_train_loss'] for r in rs], 3)} | {statistics.mean(r['seconds'] for r in rs):.1f} |")
+        lines.append(
+            f"| {task} | {procedure} | {projection or '-'} | {capacity or '-'} | {q or '-'} | {mean_std(scores)} | "
+            f"{statistics.median(scores):.4g} | "
+            f"{vs_dense(task, statistics.mean(scores), dense[task])} | "
+            f"{statistics.mean(r['bits_per_param'] for r in rs):.3f} | "
+            f"{statistics.mean(r['description_length_bits'] for r in rs) / 8192:.1f} | "
+            f"{mean_std([r['final_train_loss'] for r in rs], 3)} | {statistics.mean(r['seconds'] for r in rs):.1f} |"
+        )
     return lines
 
 
@@ -339,26 +448,43 @@ def claims(runs: list[dict]) -> list[str]:
     MoMos within 1 accuracy point (digits) or 5% perplexity (LM) of dense; (3) |r(BDM, loss)| above
     |r(entropy, loss)| in most seeds."""
     dense, groups = dense_scores(runs), group(runs)
-    lines = ["| task | run | (1) BDM-1D trained / init | (2) score vs dense at bits/param; pruning at that DL: magnitude, l0 | "
-             "(3) seeds where abs r(BDM, loss) > abs r(entropy, loss) |", "|---|---|---|---|---|"]
+    lines = [
+        "| task | run | (1) BDM-1D trained / init | (2) score vs dense at bits/param; pruning at that DL: "
+        "magnitude, l0 | "
+        "(3) seeds where abs r(BDM, loss) > abs r(entropy, loss) |",
+        "|---|---|---|---|---|",
+    ]
     held: dict[int, list[tuple[str, bool]]] = {1: [], 2: [], 3: []}
     for (task, procedure, projection, capacity, q), rs in groups.items():
         if procedure != "dense" and not is_authors(rs[0]):
             continue
         name = f"{task} {label(rs[0])}"
-        ratios = [r["bdm1d_bits_per_sign_final"] / r["bdm1d_bits_per_sign_init"] for r in rs if "bdm1d_bits_per_sign_init" in r]
-        correlated = [r for r in rs if "pearson_bdm1d_bits_per_sign_loss" in r and "pearson_histogram_entropy_loss" in r]
-        wins = sum(abs(r["pearson_bdm1d_bits_per_sign_loss"]) > abs(r["pearson_histogram_entropy_loss"]) for r in correlated)
+        ratios = [
+            r["bdm1d_bits_per_sign_final"] / r["bdm1d_bits_per_sign_init"]
+            for r in rs
+            if "bdm1d_bits_per_sign_init" in r
+        ]
+        correlated = [
+            r for r in rs if "pearson_bdm1d_bits_per_sign_loss" in r and "pearson_histogram_entropy_loss" in r
+        ]
+        wins = sum(
+            abs(r["pearson_bdm1d_bits_per_sign_loss"]) > abs(r["pearson_histogram_entropy_loss"]) for r in correlated
+        )
         score = statistics.mean(r["score"] for r in rs)
         versus = vs_dense(task, score, dense[task])
         if procedure == "paper":
-            pruned = [statistics.mean(r["score"] for r in groups.get((task, p, None, capacity, 32), [{"score": math.nan}]))
-                      for p in ("magnitude", "l0")]
+            pruned = [
+                statistics.mean(r["score"] for r in groups.get((task, p, None, capacity, 32), [{"score": math.nan}]))
+                for p in ("magnitude", "l0")
+            ]
             versus += "; " + ", ".join(vs_dense(task, s, dense[task]) for s in pruned)
             close = sum(comparable(task, r["score"], dense[task]) for r in rs)
             held[2].append((f"{name} ({close} of {len(rs)} seeds)", comparable(task, score, dense[task])))
-        lines.append(f"| {task} | {label(rs[0])} | {mean_std(ratios)} ({sum(x < 1 for x in ratios)} of {len(ratios)} below 1) | "
-                     f"{versus} at {statistics.mean(r['bits_per_param'] for r in rs):.2f} | {wins} of {len(correlated)} |")
+        lines.append(
+            f"| {task} | {label(rs[0])} | {mean_std(ratios)} ({sum(x < 1 for x in ratios)} of {len(ratios)} below "
+            "1) | "
+            f"{versus} at {statistics.mean(r['bits_per_param'] for r in rs):.2f} | {wins} of {len(correlated)} |"
+        )
         held[1].append((name, bool(ratios) and all(x < 1 for x in ratios)))
         if correlated:  # too few measurements in a short run give no correlation
             held[3].append((name, wins * 2 > len(correlated)))
@@ -368,13 +494,21 @@ def claims(runs: list[dict]) -> list[str]:
         no = [name for name, ok in held[claim] if not ok]
         return f"holds for {', '.join(yes) or 'none'}; does not hold for {', '.join(no) or 'none'}."
 
-    elsewhere = [f"{task} {label(rs[0])} ({vs_dense(task, statistics.mean(r['score'] for r in rs), dense[task])} at "
-                 f"{statistics.mean(r['bits_per_param'] for r in rs):.2f} bits/param)" for (task, procedure, *_), rs in groups.items()
-                 if procedure == "paper" and not is_authors(rs[0]) and comparable(task, statistics.mean(r["score"] for r in rs), dense[task])]
-    return lines + ["", f"- Claim (1), trained weights simpler (BDM) than at initialisation: {verdict(1)}",
-                    f"- Claim (2), the paper's MoMos comparable to dense (mean within 1 point / 5% perplexity): {verdict(2)} "
-                    f"Elsewhere on the grid it is comparable at: {', '.join(elsewhere) or 'no setting'}.",
-                    f"- Claim (3), BDM tracks the loss better than entropy: {verdict(3)}"]
+    elsewhere = [
+        f"{task} {label(rs[0])} ({vs_dense(task, statistics.mean(r['score'] for r in rs), dense[task])} at "
+        f"{statistics.mean(r['bits_per_param'] for r in rs):.2f} bits/param)"
+        for (task, procedure, *_), rs in groups.items()
+        if procedure == "paper"
+        and not is_authors(rs[0])
+        and comparable(task, statistics.mean(r["score"] for r in rs), dense[task])
+    ]
+    return lines + [
+        "",
+        f"- Claim (1), trained weights simpler (BDM) than at initialisation: {verdict(1)}",
+        f"- Claim (2), the paper's MoMos comparable to dense (mean within 1 point / 5% perplexity): {verdict(2)} "
+        f"Elsewhere on the grid it is comparable at: {', '.join(elsewhere) or 'no setting'}.",
+        f"- Claim (3), BDM tracks the loss better than entropy: {verdict(3)}",
+    ]
 
 
 def comparable(task: str, score: float, dense: float) -> bool:
@@ -391,10 +525,14 @@ def plot(runs: list[dict], output_dir: Path) -> list[str]:
     def paper(projection, q):
         return lambda r: r["procedure"] == "paper" and r["projection"] == projection and r["q"] == q
 
-    curves = {"paper, projection at epoch ends, q=32": paper("epoch", 32), "paper, projection at epoch ends, q=4": paper("epoch", 4),
-              "paper, projection every step, q=32": paper("step", 32),
-              "library (data-aware, motifs trained), q=32": lambda r: r["procedure"] == "library" and r["q"] == 32,
-              "magnitude pruning": lambda r: r["procedure"] == "magnitude", "l0 gates": lambda r: r["procedure"] == "l0"}
+    curves = {
+        "paper, projection at epoch ends, q=32": paper("epoch", 32),
+        "paper, projection at epoch ends, q=4": paper("epoch", 4),
+        "paper, projection every step, q=32": paper("step", 32),
+        "library (data-aware, motifs trained), q=32": lambda r: r["procedure"] == "library" and r["q"] == 32,
+        "magnitude pruning": lambda r: r["procedure"] == "magnitude",
+        "l0 gates": lambda r: r["procedure"] == "l0",
+    }
     dense = dense_scores(runs)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     for ax, task in zip(axes, ("digits", "lm")):
@@ -402,8 +540,11 @@ def plot(runs: list[dict], output_dir: Path) -> list[str]:
             continue
         shown = []
         for name, chosen in curves.items():
-            points = sorted((statistics.mean(r["bits_per_param"] for r in rs), statistics.mean(r["score"] for r in rs))
-                            for key, rs in group(runs).items() if key[0] == task and chosen(rs[0]))
+            points = sorted(
+                (statistics.mean(r["bits_per_param"] for r in rs), statistics.mean(r["score"] for r in rs))
+                for key, rs in group(runs).items()
+                if key[0] == task and chosen(rs[0])
+            )
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
                 shown += [y for _, y in points if 0.85 < y / dense[task] < 1.5]
@@ -438,18 +579,31 @@ def write_report(runs: list[dict], args, output_dir: Path) -> Path:
     figures = plot(runs, output_dir)
     tracked = [r for r in runs if "tracking_overhead" in r]
     lines = [
-        "# MoMos reproduction report: the authors' operating points", "",
-        f"Seeds {args.seeds}; digits: {args.digits_epochs} epochs; LM: {args.lm_steps} steps on {Path(args.text_file).name}. "
+        "# MoMos reproduction report: the authors' operating points",
+        "",
+        f"Seeds {args.seeds}; digits: {args.digits_epochs} epochs; LM: {args.lm_steps} steps on "
+        f"{Path(args.text_file).name}. "
         "Score: digits test accuracy, LM validation perplexity (lower is better); mean ± std over seeds. "
-        "bits/param: the model's description length over its dense parameter count (dense: 32).", "",
-        "## Score against description length", "", *main_table(runs), "",
-        "## The claims at the authors' setting (s=4, capacity 0.01, q=32, zero motif, every tensor on one dictionary)", "",
-        *claims(runs), "",
-        "Tracking overhead (share of each tracked run's wall time spent measuring, mean): " + ", ".join(
+        "bits/param: the model's description length over its dense parameter count (dense: 32).",
+        "",
+        "## Score against description length",
+        "",
+        *main_table(runs),
+        "",
+        "## The claims at the authors' setting (s=4, capacity 0.01, q=32, zero motif, every tensor on one dictionary)",
+        "",
+        *claims(runs),
+        "",
+        "Tracking overhead (share of each tracked run's wall time spent measuring, mean): "
+        + ", ".join(
             f"{task} {statistics.mean(r['tracking_overhead'] for r in tracked if r['task'] == task):.1%}"
-            for task in ("digits", "lm") if any(r["task"] == task for r in tracked))
-        + " (digits: budget lifted, a step takes a millisecond; LM: budget 10%).", "",
-        *[f"![{name}]({name})" for name in figures], "",
+            for task in ("digits", "lm")
+            if any(r["task"] == task for r in tracked)
+        )
+        + " (digits: budget lifted, a step takes a millisecond; LM: budget 10%).",
+        "",
+        *[f"![{name}]({name})" for name in figures],
+        "",
     ]
     path = output_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -467,14 +621,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--digits_epochs", type=int, default=30)
     p.add_argument("--digits_track_every", type=int, default=20)
     p.add_argument("--lm_steps", type=int, default=300)
-    p.add_argument("--lm_epoch_steps", type=int, default=50, help="steps per 'epoch' of the paper's epoch-end projections")
+    p.add_argument(
+        "--lm_epoch_steps", type=int, default=50, help="steps per 'epoch' of the paper's epoch-end projections"
+    )
     p.add_argument("--lm_track_every", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, the authors' capacity, q 32 and 4, few steps")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: 2 seeds, the authors' capacity, q 32 and 4, few steps"
+    )
     p.add_argument("--report_only", action="store_true", help="write the report again from --output_dir's report.json")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.capacities, args.qs = args.seeds[:2], [AUTHORS["capacity"]], [32, 4]
-        args.digits_epochs, args.digits_track_every, args.lm_steps, args.lm_epoch_steps, args.lm_track_every = 2, 10, 12, 6, 3
+        args.digits_epochs, args.digits_track_every, args.lm_steps, args.lm_epoch_steps, args.lm_track_every = (
+            2,
+            10,
+            12,
+            6,
+            3,
+        )
     if AUTHORS["capacity"] not in args.capacities or 32 not in args.qs:
         p.error(f"--capacities must include the authors' {AUTHORS['capacity']} and --qs 32")
     return args
@@ -488,7 +652,9 @@ def main(argv=None) -> Path:
     if args.report_only:
         runs = json.loads((output_dir / "report.json").read_text(encoding="utf-8"))
     else:
-        runs = task_runs(digits_task(args), args, True, args.capacities) + task_runs(lm_task(args), args, False, args.capacities)
+        runs = task_runs(digits_task(args), args, True, args.capacities) + task_runs(
+            lm_task(args), args, False, args.capacities
+        )
     path = write_report(runs, args, output_dir)
     print(f"report: {path}")
     return path

@@ -6,7 +6,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="momos-hf-home-"))
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU through triton's interpreter
-os.environ.setdefault("MOMOS_HF_KERNEL_CACHE", tempfile.mkdtemp(prefix="momos-hf-kernels-"))  # the C++ lookup builds here
+os.environ.setdefault(
+    "MOMOS_HF_KERNEL_CACHE", tempfile.mkdtemp(prefix="momos-hf-kernels-")
+)  # the C++ lookup builds here
 
 import pytest
 import torch
@@ -27,30 +29,60 @@ logging.set_verbosity_error()
 
 
 def tiny_llama() -> torch.nn.Module:
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def tiny_gpt2() -> torch.nn.Module:
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
-    ))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=96,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def tiny_bert() -> torch.nn.Module:
-    return BertModel(BertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64,
-    ))
+    return BertModel(
+        BertConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def tiny_t5() -> torch.nn.Module:
-    return T5ForConditionalGeneration(T5Config(
-        vocab_size=96, d_model=32, d_ff=48, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0,
-    ))
+    return T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=96,
+            d_model=32,
+            d_ff=48,
+            d_kv=8,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 # name -> (builder, leaf names of the default targets in each block)

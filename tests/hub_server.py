@@ -53,7 +53,12 @@ def make_handler(state: HubState):
 
         def _error(self, status: int, code: str, message: str, head_only: bool = False) -> None:
             body = b"" if head_only else json.dumps({"error": message}).encode()
-            self._send(status, body, {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}, head_only)
+            self._send(
+                status,
+                body,
+                {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"},
+                head_only,
+            )
 
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -91,7 +96,11 @@ def make_handler(state: HubState):
             if match:  # branches are not modelled: every revision reads and writes the one history
                 if unquote(match[1]) not in state.repos:
                     return self._error(404, "RepoNotFound", f"Repository {match[1]} not found")
-                return self._error(409, "BranchExists", "Reference already exists") if unquote(match[2]) == "main" else self._json(200, {})
+                return (
+                    self._error(409, "BranchExists", "Reference already exists")
+                    if unquote(match[2]) == "main"
+                    else self._json(200, {})
+                )
             match = re.fullmatch(r"/api/models/(.+)/(preupload|commit)/([^/]+)", path)
             if not match:
                 return self._error(404, "NotFound", f"no route {path}")
@@ -100,7 +109,10 @@ def make_handler(state: HubState):
                 return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                return self._json(
+                    200,
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                )
             with state.lock:
                 files = state.repos[repo_id]
                 for line in body.decode().splitlines():
@@ -111,7 +123,14 @@ def make_handler(state: HubState):
                         files.pop(item["value"]["path"], None)
                 commit = hashlib.sha1(body + state.head(repo_id).encode()).hexdigest()
                 state.commits[repo_id].append(commit)
-            return self._json(200, {"commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{commit}", "commitOid": commit, "success": True})
+            return self._json(
+                200,
+                {
+                    "commitUrl": f"http://{self.headers['Host']}/{repo_id}/commit/{commit}",
+                    "commitOid": commit,
+                    "success": True,
+                },
+            )
 
         def _resolve(self, head_only: bool) -> None:
             self._record_token()
@@ -124,15 +143,29 @@ def make_handler(state: HubState):
                 data = state.repos[repo_id].get(filename)
                 if data is None:
                     return self._error(404, "EntryNotFound", f"{filename} does not exist", head_only)
-                headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": state.head(repo_id),
-                           "Content-Type": "application/octet-stream"}
+                headers = {
+                    "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                    "X-Repo-Commit": state.head(repo_id),
+                    "Content-Type": "application/octet-stream",
+                }
                 return self._send(200, data, headers, head_only)
             match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
             if match and unquote(match[1]) in state.repos:
                 repo_id = unquote(match[1])
-                siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(state.repos[repo_id].items())]
-                return self._json(200, {"id": repo_id, "modelId": repo_id, "sha": state.head(repo_id), "siblings": siblings,
-                                        "private": state.private[repo_id], "tags": []})
+                siblings = [
+                    {"rfilename": name, "size": len(data)} for name, data in sorted(state.repos[repo_id].items())
+                ]
+                return self._json(
+                    200,
+                    {
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "sha": state.head(repo_id),
+                        "siblings": siblings,
+                        "private": state.private[repo_id],
+                        "tags": [],
+                    },
+                )
             return self._error(404, "RepoNotFound", f"no route {path}", head_only)
 
         def do_GET(self) -> None:

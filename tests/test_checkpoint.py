@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
 
 import momos_hf.checkpoint as checkpoint
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
-from momos_hf.fitting import index_bits
+from momos_hf.mosaic import index_bits
 
 AUTO = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModel, "t5": AutoModelForSeq2SeqLM}
 
@@ -51,7 +51,9 @@ def test_round_trip_is_bit_exact(tmp_path, arch, scope):
     assert torch.equal(outputs(plain, arch), reference)
     wrapped = MoMosModel.from_pretrained(tmp_path)
     assert torch.equal(outputs(wrapped, arch), reference)
-    assert len({id(l.motifs) for l in wrapped.momos_layers().values()}) == (1 if scope == "global" else len(mm.momos_layers()))
+    assert len({id(l.motifs) for l in wrapped.momos_layers().values()}) == (
+        1 if scope == "global" else len(mm.momos_layers())
+    )
     assert wrapped.fit_errors == pytest.approx(mm.fit_errors)
     merged = wrapped.merge_and_unload()
     torch.testing.assert_close(outputs(merged, arch), reference, rtol=1e-5, atol=1e-5)
@@ -110,22 +112,36 @@ def test_packing_edge_cases_round_trip(tmp_path, k):
 def test_momos_layers_on_disk_are_at_their_description_length(tmp_path):
     config = MoMosConfig(k=256, s=16, kmeans_iters=1, target_modules="all-linear")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=1, num_attention_heads=4))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4)
+    )
     mm = get_momos_model(model, config)
     mm.save_pretrained(tmp_path)
     with safe_open(weight_file(tmp_path), "pt") as f:
-        on_disk = sum(f.get_slice(n).get_shape()[0] * (f.get_slice(n).get_shape()[1] if n.endswith("motifs") else 1)
-                      * (4 if n.endswith("motifs") else 1) for n in f.keys() if n.endswith(("motifs", "mosaic_packed")))
-    description_length = sum(l.k * l.s * 32 + l.mosaic.numel() * index_bits(l.k) for l in mm.momos_layers().values()) / 8
+        on_disk = sum(
+            f.get_slice(n).get_shape()[0]
+            * (f.get_slice(n).get_shape()[1] if n.endswith("motifs") else 1)
+            * (4 if n.endswith("motifs") else 1)
+            for n in f.keys()
+            if n.endswith(("motifs", "mosaic_packed"))
+        )
+    description_length = (
+        sum(l.k * l.s * 32 + l.mosaic.numel() * index_bits(l.k) for l in mm.momos_layers().values()) / 8
+    )
     assert on_disk == description_length
     assert os.path.getsize(weight_file(tmp_path)) < 1.02 * (description_length + 4 * (64 * 256 * 2 + 3 * 256))
 
 
 @pytest.mark.parametrize("arch", list(AUTO))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("settings", [{"k": 16, "s": 4}, {"k": 64, "s": 16, "motif_scope": "global"},
-                                      {"k": 256, "s": 8, "scale": True, "motif_scope": "global"}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"k": 16, "s": 4},
+        {"k": 64, "s": 16, "motif_scope": "global"},
+        {"k": 256, "s": 8, "scale": True, "motif_scope": "global"},
+    ],
+)
 def test_a_momos_checkpoint_is_never_larger_than_the_dense_one(tmp_path, arch, dtype, settings):
     model = build(arch).to(dtype)
     model.save_pretrained(tmp_path / "dense")
@@ -139,7 +155,9 @@ def test_a_momos_checkpoint_is_never_larger_than_the_dense_one(tmp_path, arch, d
 @pytest.mark.parametrize("arch", list(AUTO))
 def test_settings_that_would_not_compress_are_refused(arch):
     # 64 motifs of 16 values per layer outweigh these layers' 32x32 to 32x48 dense weights.
-    with pytest.raises(ValueError, match=r"with k=64, s=16 the MoMos form of .* takes [\d,]+ bytes, more than its [\d,]+ dense bytes"):
+    with pytest.raises(
+        ValueError, match=r"with k=64, s=16 the MoMos form of .* takes [\d,]+ bytes, more than its [\d,]+ dense bytes"
+    ):
         get_momos_model(build(arch), MoMosConfig(k=64, s=16, kmeans_iters=1))
 
 
@@ -193,10 +211,12 @@ def test_interrupted_save_leaves_the_good_checkpoint(tmp_path, monkeypatch):
 
 # -- what a load refuses ------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def saved(tmp_path):
-    converted("llama", k=300, s=4, kmeans_iters=1, target_modules=["down_proj", "up_proj"], scale=True,
-              motif_scope="global").save_pretrained(tmp_path)
+    converted(
+        "llama", k=300, s=4, kmeans_iters=1, target_modules=["down_proj", "up_proj"], scale=True, motif_scope="global"
+    ).save_pretrained(tmp_path)
     return tmp_path
 
 
@@ -250,8 +270,14 @@ def test_corrupted_bytes_are_caught_by_the_checksum(saved):
 
 def test_mosaic_index_beyond_k_is_refused(saved):
     # The first 9-bit index becomes 511 >= k=300, with the integrity record redone.
-    rewrite_tensors(saved, lambda t: t["model.layers.0.mlp.down_proj.mosaic_packed"][:2].copy_(torch.tensor([255, 1], dtype=torch.uint8)))
-    with pytest.raises(ValueError, match=r"layer model.layers.0.mlp.down_proj: mosaic holds indices \d+\.\.511 but the layer has k=300 motifs"):
+    rewrite_tensors(
+        saved,
+        lambda t: t["model.layers.0.mlp.down_proj.mosaic_packed"][:2].copy_(torch.tensor([255, 1], dtype=torch.uint8)),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"layer model.layers.0.mlp.down_proj: mosaic holds indices \d+\.\.511 but the layer has k=300 motifs",
+    ):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
@@ -262,11 +288,17 @@ def test_an_edited_config_is_caught_by_the_digest(saved):
 
 
 def test_shapes_that_disagree_with_the_config(saved):
-    edit_config(saved, lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.down_proj"].update(in_features=64))
+    edit_config(
+        saved, lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.down_proj"].update(in_features=64)
+    )
     resign(saved)
-    with pytest.raises(ValueError, match=r"down_proj.mosaic_packed is U8 \[432\]; the layer spec calls for U8 \[576\]"):
+    with pytest.raises(
+        ValueError, match=r"down_proj.mosaic_packed is U8 \[432\]; the layer spec calls for U8 \[576\]"
+    ):
         AutoModelForCausalLM.from_pretrained(saved)
-    rewrite_tensors(saved, lambda t: t.update({"model.layers.0.mlp.down_proj.mosaic_packed": torch.zeros(576, dtype=torch.uint8)}))
+    rewrite_tensors(
+        saved, lambda t: t.update({"model.layers.0.mlp.down_proj.mosaic_packed": torch.zeros(576, dtype=torch.uint8)})
+    )
     with pytest.raises(ValueError, match=r"down_proj is recorded as 32x64 but the model config builds it as 32x48"):
         AutoModelForCausalLM.from_pretrained(saved)
 
@@ -279,13 +311,18 @@ def change_owner(config):
     config["quantization_config"]["layers"]["model.layers.1.mlp.up_proj"]["motifs"] = "model.layers.1.mlp.up_proj"
 
 
-@pytest.mark.parametrize("edit, message", [
-    (drop_layer, r"tensors \['model.layers.1.mlp.up_proj.mosaic_packed'.*of layers its config.json does not list"),
-    (change_owner, "lacks the tensor model.layers.1.mlp.up_proj.motifs"),
-    (lambda c: c["quantization_config"].update(layers={}), "layers must list at least one MoMos layer"),
-    (lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(scale=False),
-     r"up_proj' \(k=300, s=4, scale=False\) contradicts momos_config"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (drop_layer, r"tensors \['model.layers.1.mlp.up_proj.mosaic_packed'.*of layers its config.json does not list"),
+        (change_owner, "lacks the tensor model.layers.1.mlp.up_proj.motifs"),
+        (lambda c: c["quantization_config"].update(layers={}), "layers must list at least one MoMos layer"),
+        (
+            lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.up_proj"].update(scale=False),
+            r"up_proj' \(k=300, s=4, scale=False\) contradicts momos_config",
+        ),
+    ],
+)
 def test_config_edits_that_keep_the_integrity_record_are_still_refused(saved, edit, message):
     edit_config(saved, edit)
     resign(saved)
@@ -293,16 +330,29 @@ def test_config_edits_that_keep_the_integrity_record_are_still_refused(saved, ed
         AutoModelForCausalLM.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.pop("model.layers.0.mlp.up_proj.motifs"), "lacks the tensor model.layers.0.mlp.up_proj.motifs"),
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.mosaic_packed"), "lacks the tensor model.layers.1.mlp.up_proj.mosaic_packed"),
-    (lambda t: t.pop("model.layers.0.mlp.up_proj.scale"), "lacks the tensor model.layers.0.mlp.up_proj.scale"),
-    (lambda t: t.update({"model.layers.0.mlp.up_proj.motifs": t["model.layers.0.mlp.up_proj.motifs"].long()}),
-     r"motifs is I64 \[300, 4\]; the layer spec calls for BF16/F16/F32"),
-    (lambda t: t["model.layers.0.mlp.up_proj.motifs"].__setitem__((0, 0), float("nan")), "has NaN or infinite motifs"),
-    (lambda t: t.update({"model.layers.0.self_attn.q_proj.mosaic_packed": torch.zeros(4, dtype=torch.uint8)}),
-     r"tensors \['model.layers.0.self_attn.q_proj.mosaic_packed'\] of layers its config.json does not list"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop("model.layers.0.mlp.up_proj.motifs"), "lacks the tensor model.layers.0.mlp.up_proj.motifs"),
+        (
+            lambda t: t.pop("model.layers.1.mlp.up_proj.mosaic_packed"),
+            "lacks the tensor model.layers.1.mlp.up_proj.mosaic_packed",
+        ),
+        (lambda t: t.pop("model.layers.0.mlp.up_proj.scale"), "lacks the tensor model.layers.0.mlp.up_proj.scale"),
+        (
+            lambda t: t.update({"model.layers.0.mlp.up_proj.motifs": t["model.layers.0.mlp.up_proj.motifs"].long()}),
+            r"motifs is I64 \[300, 4\]; the layer spec calls for BF16/F16/F32",
+        ),
+        (
+            lambda t: t["model.layers.0.mlp.up_proj.motifs"].__setitem__((0, 0), float("nan")),
+            "has NaN or infinite motifs",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.mosaic_packed": torch.zeros(4, dtype=torch.uint8)}),
+            r"tensors \['model.layers.0.self_attn.q_proj.mosaic_packed'\] of layers its config.json does not list",
+        ),
+    ],
+)
 def test_missing_extra_and_bad_momos_tensors_are_refused(saved, edit, message):
     rewrite_tensors(saved, edit)
     with pytest.raises(ValueError, match=message):
@@ -315,30 +365,40 @@ def test_a_checkpoint_without_checksums_is_not_loaded(saved):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("spec_edit, message", [
-    ({"k": "300"}, r"\.k must be an integer in \[1, 2147483647\], got '300'"),
-    ({"k": 0}, r"\.k must be an integer in \[1, 2147483647\], got 0"),
-    ({"s": 0}, r"\.s must be an integer in \[1, inf\], got 0"),
-    ({"out_features": -32}, r"\.out_features must be an integer in \[1, inf\], got -32"),
-    ({"scale": "no"}, r"\.scale must be true or false"),
-    ({"colour": "red"}, r"has unknown fields \['colour'\]"),
-])
+@pytest.mark.parametrize(
+    "spec_edit, message",
+    [
+        ({"k": "300"}, r"\.k must be an integer in \[1, 2147483647\], got '300'"),
+        ({"k": 0}, r"\.k must be an integer in \[1, 2147483647\], got 0"),
+        ({"s": 0}, r"\.s must be an integer in \[1, inf\], got 0"),
+        ({"out_features": -32}, r"\.out_features must be an integer in \[1, inf\], got -32"),
+        ({"scale": "no"}, r"\.scale must be true or false"),
+        ({"colour": "red"}, r"has unknown fields \['colour'\]"),
+    ],
+)
 def test_malformed_layer_specs_are_named(saved, spec_edit, message):
     edit_config(saved, lambda c: c["quantization_config"]["layers"]["model.layers.0.mlp.down_proj"].update(spec_edit))
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda q: q.update(format_version=99), "format_version 99; this momos-hf reads 2: upgrade momos-hf"),
-    (lambda q: q.update(format_version="1"), "format_version must be a positive integer, got '1'"),
-    (lambda q: q.update(format_version=1), "format_version 1, which carries no integrity record"),
-    (lambda q: q.update(layers=[1, 2]), "layers must list at least one MoMos layer"),
-    (lambda q: q["layers"].update({"model.layers.0.mlp.down_proj.weight": q["layers"]["model.layers.0.mlp.down_proj"]}),
-     "config.json is not the one .* was saved with"),
-    (lambda q: q.update(weights="../outside.safetensors"), "weights must be a .safetensors"),
-    (lambda q: q.update(checksums={"../x": "0" * 64}), "checksums must map file names"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda q: q.update(format_version=99), "format_version 99; this momos-hf reads 2: upgrade momos-hf"),
+        (lambda q: q.update(format_version="1"), "format_version must be a positive integer, got '1'"),
+        (lambda q: q.update(format_version=1), "format_version 1, which carries no integrity record"),
+        (lambda q: q.update(layers=[1, 2]), "layers must list at least one MoMos layer"),
+        (
+            lambda q: q["layers"].update(
+                {"model.layers.0.mlp.down_proj.weight": q["layers"]["model.layers.0.mlp.down_proj"]}
+            ),
+            "config.json is not the one .* was saved with",
+        ),
+        (lambda q: q.update(weights="../outside.safetensors"), "weights must be a .safetensors"),
+        (lambda q: q.update(checksums={"../x": "0" * 64}), "checksums must map file names"),
+    ],
+)
 def test_malformed_quantization_configs_are_named(saved, edit, message):
     edit_config(saved, lambda c: edit(c["quantization_config"]))
     with pytest.raises(ValueError, match=message):
@@ -358,7 +418,9 @@ def test_shard_index_entries_outside_the_folder_or_not_regular_files_are_refused
         index_path.write_text(json.dumps(index))
         with pytest.raises(ValueError, match="not a safetensors file inside the checkpoint folder"):
             checkpoint.verify_checkpoint(tmp_path, config)
-    index["weight_map"] = {k: ("fifo.safetensors" if v.startswith("../") else v) for k, v in index["weight_map"].items()}
+    index["weight_map"] = {
+        k: ("fifo.safetensors" if v.startswith("../") else v) for k, v in index["weight_map"].items()
+    }
     index_path.write_text(json.dumps(index))
     quantization["checksums"].update({"fifo.safetensors": "0" * 64, index_path.name: checkpoint.sha256_of(index_path)})
     os.mkfifo(tmp_path / "fifo.safetensors")  # opening it would block for ever: it is never opened
@@ -415,7 +477,9 @@ def test_malformed_safetensors_headers_are_named(saved):
     text += b" " * (length - len(text))  # the same length, so only the entry is wrong
     file.write_bytes(data[:8] + text + data[8 + length :])
     for load in (AutoModelForCausalLM.from_pretrained, checkpoint.checkpoint_info):
-        with pytest.raises(ValueError, match=f"{file.name} is corrupted: the header entry of .* does not describe its bytes"):
+        with pytest.raises(
+            ValueError, match=f"{file.name} is corrupted: the header entry of .* does not describe its bytes"
+        ):
             load(saved)
 
 
@@ -437,14 +501,23 @@ def test_save_from_a_gathered_state_dict(tmp_path):
     reference = outputs(mm, "llama")
     mm.save_pretrained(tmp_path, state_dict=mm.state_dict())
     # The ste model multiplies by the reconstructed weight, the reloaded one uses the lookup product.
-    torch.testing.assert_close(outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        outputs(AutoModelForCausalLM.from_pretrained(tmp_path), "llama"), reference, rtol=0, atol=1e-6
+    )
 
 
 def test_the_plain_call_without_momos_hf_fails_and_says_what_to_install(saved):
     # A fresh interpreter that never imports momos_hf: Transformers alone must not load random weights.
-    code = "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
-    done = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode != 0
     assert "pip install momos-hf" in done.stderr and "import momos_hf" in done.stderr
 
@@ -456,7 +529,10 @@ def test_q_bit_dictionaries_are_stored_at_q_bits(tmp_path, arch):
     owner = next(name for name, spec in checkpoint.layer_specs(mm.base_model).items() if spec.motifs == name)
     tensors = load_file(weight_file(tmp_path))
     assert not any(key.endswith(".motifs") for key in tensors)
-    assert tensors[f"{owner}.motif_codes"].shape == (300 * 4 * 4 // 8,) and tensors[f"{owner}.motif_step"].dtype == torch.float32
+    assert (
+        tensors[f"{owner}.motif_codes"].shape == (300 * 4 * 4 // 8,)
+        and tensors[f"{owner}.motif_step"].dtype == torch.float32
+    )
     inputs = model_inputs(arch)
     for load in (MoMosModel.from_pretrained, AUTO[arch].from_pretrained):
         loaded = load(tmp_path)
@@ -465,20 +541,31 @@ def test_q_bit_dictionaries_are_stored_at_q_bits(tmp_path, arch):
         with torch.no_grad():
             assert torch.allclose(mm(**inputs).logits, loaded(**inputs).logits, atol=1e-5)
     loaded.save_pretrained(tmp_path / "again")  # a reloaded model saves the same codes
-    assert torch.equal(load_file(weight_file(tmp_path / "again"))[f"{owner}.motif_codes"], tensors[f"{owner}.motif_codes"])
+    assert torch.equal(
+        load_file(weight_file(tmp_path / "again"))[f"{owner}.motif_codes"], tensors[f"{owner}.motif_codes"]
+    )
     layers = mm.momos_layers()
-    specs = checkpoint.parse_quantization(read_config(tmp_path)["quantization_config"])  # the order the file is read in
-    weights = torch.cat([layers[name].mosaic_weight().detach().flatten() for name, spec in specs.items() if spec.mosaic == name])
+    specs = checkpoint.parse_quantization(
+        read_config(tmp_path)["quantization_config"]
+    )  # the order the file is read in
+    weights = torch.cat(
+        [layers[name].mosaic_weight().detach().flatten() for name, spec in specs.items() if spec.mosaic == name]
+    )
     assert torch.allclose(checkpoint.read_leading_weights(tmp_path, 5000), weights[:5000], atol=1e-6)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda codes, step: codes[:1].fill_(255), r"motif codes reach 7, beyond the 7 levels of a 3-bit grid"),
-    (lambda codes, step: step.fill_(float("nan")), r"the motif grid step is \[nan\], not a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda codes, step: codes[:1].fill_(255), r"motif codes reach 7, beyond the 7 levels of a 3-bit grid"),
+        (lambda codes, step: step.fill_(float("nan")), r"the motif grid step is \[nan\], not a finite number >= 0"),
+    ],
+)
 def test_q_bit_codes_off_the_grid_are_refused(tmp_path, edit, message):
     converted("llama", motif_scope="global", motif_bits=3).save_pretrained(tmp_path)
-    owner = next(key.removesuffix(".motif_codes") for key in load_file(weight_file(tmp_path)) if key.endswith(".motif_codes"))
+    owner = next(
+        key.removesuffix(".motif_codes") for key in load_file(weight_file(tmp_path)) if key.endswith(".motif_codes")
+    )
     rewrite_tensors(tmp_path, lambda t: edit(t[f"{owner}.motif_codes"], t[f"{owner}.motif_step"]))
     with pytest.raises(ValueError, match=f"corrupted MoMos checkpoint: layer {owner}: {message}"):
         AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -4,7 +4,7 @@ import pytest
 from conftest import build
 from transformers import AutoModelForCausalLM
 
-from momos_hf.cli import main
+from momos_hf.app.cli import main
 
 
 def test_demo_trains_and_reports(capsys):
@@ -18,13 +18,52 @@ def test_demo_trains_and_reports(capsys):
 
 def test_report_on_a_local_model(tmp_path, capsys):
     build("bert").save_pretrained(tmp_path / "bert")
-    main(["report", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--max_bytes", "4096", "--json", str(tmp_path / "r.json")])
+    main(
+        [
+            "report",
+            str(tmp_path / "bert"),
+            "--k",
+            "16",
+            "--s",
+            "4",
+            "--max_bytes",
+            "4096",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "encoder.layer.1.output.dense" in out and "x fp32" in out
-    main(["report", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--max_bytes", "0", "--target_regex", r".*\.1\..*dense"])
+    main(
+        [
+            "report",
+            str(tmp_path / "bert"),
+            "--k",
+            "16",
+            "--s",
+            "4",
+            "--max_bytes",
+            "0",
+            "--target_regex",
+            r".*\.1\..*dense",
+        ]
+    )
     regex_out = capsys.readouterr().out
     assert "converted layers     3 " in regex_out
-    main(["report", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--max_bytes", "0", "--target_modules", "all-linear"])
+    main(
+        [
+            "report",
+            str(tmp_path / "bert"),
+            "--k",
+            "16",
+            "--s",
+            "4",
+            "--max_bytes",
+            "0",
+            "--target_modules",
+            "all-linear",
+        ]
+    )
     assert "converted layers     13 " in capsys.readouterr().out  # the pooler too
     assert '"bits_per_weight"' in (tmp_path / "r.json").read_text()
 
@@ -41,21 +80,30 @@ def fails(argv, capsys):
 def test_errors_are_one_clear_line(tmp_path, capsys):
     build("bert").save_pretrained(tmp_path / "bert")
     assert "k=4096 motifs do not fit" in fails(["report", str(tmp_path / "bert"), "--k", "4096", "--s", "4"], capsys)
-    assert "/nope is not a local model folder" in fails(["compress", "/nope", "--output_dir", str(tmp_path / "o")], capsys)
+    assert "/nope is not a local model folder" in fails(
+        ["compress", "/nope", "--output_dir", str(tmp_path / "o")], capsys
+    )
     assert "/nope is not a folder" in fails(["info", "/nope"], capsys)
     assert "has no config.json" in fails(["push", str(tmp_path), "me/x"], capsys)  # before any network call
     (tmp_path / "file").write_text("x")
-    assert "it is a file, not a folder" in fails(["compress", str(tmp_path / "bert"), "--k", "16", "--s", "4",
-                                                  "--output_dir", str(tmp_path / "file")], capsys)
+    assert "it is a file, not a folder" in fails(
+        ["compress", str(tmp_path / "bert"), "--k", "16", "--s", "4", "--output_dir", str(tmp_path / "file")], capsys
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info"], "the following arguments are required: directory"),
-    (["compress", "x"], "the following arguments are required: --output_dir"),
-    (["compress", "x", "--output_dir", "y", "--k", "abc"], "argument --k: invalid positive_int value: 'abc'"),
-    (["compress", "x", "--output_dir", "y", "--calibration_samples", "0"], "argument --calibration_samples: must be >= 1"),
-    (["report", "--max_bytes", "-5"], "argument --max_bytes: must be >= 0, got -5"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info"], "the following arguments are required: directory"),
+        (["compress", "x"], "the following arguments are required: --output_dir"),
+        (["compress", "x", "--output_dir", "y", "--k", "abc"], "argument --k: invalid positive_int value: 'abc'"),
+        (
+            ["compress", "x", "--output_dir", "y", "--calibration_samples", "0"],
+            "argument --calibration_samples: must be >= 1",
+        ),
+        (["report", "--max_bytes", "-5"], "argument --max_bytes: must be >= 0, got -5"),
+    ],
+)
 def test_argument_errors_are_one_line_too(argv, message, capsys):
     assert message in fails(argv, capsys)
 
@@ -78,7 +126,20 @@ def test_compress_then_info(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     build("llama").save_pretrained(tmp_path / "dense")
-    main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--motif_scope", "global"])
+    main(
+        [
+            "compress",
+            str(tmp_path / "dense"),
+            "--output_dir",
+            str(tmp_path / "momos"),
+            "--k",
+            "16",
+            "--s",
+            "4",
+            "--motif_scope",
+            "global",
+        ]
+    )
     compress_out = capsys.readouterr().out
     main(["info", str(tmp_path / "momos")])
     info = capsys.readouterr().out
@@ -90,11 +151,24 @@ def test_compress_then_info(tmp_path, capsys):
         assert torch.isfinite(model(**model_inputs("llama")).logits).all()
     # Compressing the MoMos checkpoint again with other settings would mislabel its layers: refused.
     assert "fitted with other settings (k=16, not 8)" in fails(
-        ["compress", str(tmp_path / "momos"), "--output_dir", str(tmp_path / "again"), "--k", "8", "--s", "4",
-         "--motif_scope", "global"], capsys)
+        [
+            "compress",
+            str(tmp_path / "momos"),
+            "--output_dir",
+            str(tmp_path / "again"),
+            "--k",
+            "8",
+            "--s",
+            "4",
+            "--motif_scope",
+            "global",
+        ],
+        capsys,
+    )
     # Compressing into the dense model's own folder would overwrite its config.json: refused.
     assert "already holds a model that is not a MoMos checkpoint" in fails(
-        ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "dense"), "--k", "16", "--s", "4"], capsys)
+        ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "dense"), "--k", "16", "--s", "4"], capsys
+    )
 
 
 def test_compress_keeps_the_dtype_the_model_was_saved_in(tmp_path, capsys):
@@ -102,8 +176,20 @@ def test_compress_keeps_the_dtype_the_model_was_saved_in(tmp_path, capsys):
 
     build("llama").to(torch.bfloat16).save_pretrained(tmp_path / "dense")
     main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "auto"), "--k", "16", "--s", "4"])
-    main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "fp32"), "--k", "16", "--s", "4",
-          "--torch_dtype", "float32"])
+    main(
+        [
+            "compress",
+            str(tmp_path / "dense"),
+            "--output_dir",
+            str(tmp_path / "fp32"),
+            "--k",
+            "16",
+            "--s",
+            "4",
+            "--torch_dtype",
+            "float32",
+        ]
+    )
     capsys.readouterr()
     configs = {name: json.loads((tmp_path / name / "config.json").read_text()) for name in ("auto", "fp32")}
     assert configs["auto"]["dtype"] == "bfloat16" and configs["fp32"]["dtype"] == "float32"
@@ -117,8 +203,8 @@ def test_info_on_a_dense_folder_is_refused(tmp_path, capsys):
 def test_compress_fine_tunes_towards_the_dense_model(tmp_path, capsys):
     import torch
 
-    from momos_hf.data import byte_tokenizer, calibration_batches, embedded_text
-    from momos_hf.distill import teacher_targets, top_kl
+    from momos_hf.app.text import byte_tokenizer, calibration_batches, embedded_text
+    from momos_hf.train.distill import teacher_targets, top_kl
 
     text = tmp_path / "calibration.txt"
     text.write_text(embedded_text(), encoding="utf-8")
@@ -132,28 +218,42 @@ def test_compress_fine_tunes_towards_the_dense_model(tmp_path, capsys):
     byte_tokenizer().save_pretrained(tmp_path / "dense")
     args = ["compress", str(tmp_path / "dense"), "--k", "8", "--s", "4", "--scale"]
     calibration = ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"]
-    assert "--finetune_steps needs --calibration_file" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4"], capsys)
-    assert "--finetune_lr is used with --finetune_steps only" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1"], capsys)
+    assert "--finetune_steps needs --calibration_file" in fails(
+        args + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4"], capsys
+    )
+    assert "--finetune_lr is used with --finetune_steps only" in fails(
+        args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1"], capsys
+    )
     # the default value given explicitly is refused too: the flag, not its value, is what has no effect
-    assert "--finetune_lr is used with --finetune_steps only" in fails(args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1e-4"], capsys)
-    assert "--finetune_lr must be a positive number" in fails(args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4",
-                                                                                     "--finetune_lr", "-1"], capsys)
+    assert "--finetune_lr is used with --finetune_steps only" in fails(
+        args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1e-4"], capsys
+    )
+    assert "--finetune_lr must be a positive number" in fails(
+        args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4", "--finetune_lr", "-1"],
+        capsys,
+    )
     assert not (tmp_path / "x").exists()
     main(args + ["--output_dir", str(tmp_path / "plain")])
-    main(args + calibration + ["--output_dir", str(tmp_path / "tuned"), "--finetune_steps", "16", "--finetune_lr", "3e-3"])
+    main(
+        args
+        + calibration
+        + ["--output_dir", str(tmp_path / "tuned"), "--finetune_steps", "16", "--finetune_lr", "3e-3"]
+    )
     targets = teacher_targets(model.eval(), calibration_batches(byte_tokenizer(), str(text), 8, 32))
 
     def kl(folder):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder).eval()
         with torch.no_grad():
-            return sum(float(top_kl(loaded(**w).logits[0], i, p)) for w, i, p in zip(targets.inputs, targets.ids, targets.logprobs))
+            return sum(
+                float(top_kl(loaded(**w).logits[0], i, p))
+                for w, i, p in zip(targets.inputs, targets.ids, targets.logprobs)
+            )
 
     assert kl("tuned") < 0.8 * kl("plain")  # measured 0.70
 
 
 def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
-    from momos_hf.data import byte_tokenizer
-    from momos_hf.data import embedded_text
+    from momos_hf.app.text import byte_tokenizer, embedded_text
 
     text = tmp_path / "calibration.txt"
     text.write_text(embedded_text(), encoding="utf-8")
@@ -161,21 +261,49 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     model.resize_token_embeddings(257)
     model.save_pretrained(tmp_path / "dense")
     byte_tokenizer().save_pretrained(tmp_path / "dense")
-    args = ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "momos"), "--k", "16", "--s", "4", "--fit", "data-aware"]
+    args = [
+        "compress",
+        str(tmp_path / "dense"),
+        "--output_dir",
+        str(tmp_path / "momos"),
+        "--k",
+        "16",
+        "--s",
+        "4",
+        "--fit",
+        "data-aware",
+    ]
     assert "--fit data-aware needs --calibration_file" in fails(args, capsys)
     main(args + ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"])
     assert "MoMos layers         8" in capsys.readouterr().out
     config = json.loads((tmp_path / "momos" / "config.json").read_text())
     assert config["quantization_config"]["momos_config"]["fit"] == "data-aware"
-    assert "--calibration_file is used by --fit data-aware and --finetune_steps only" in fails(args[:-2] + ["--calibration_file", str(text)], capsys)
+    assert "--calibration_file is used by --fit data-aware and --finetune_steps only" in fails(
+        args[:-2] + ["--calibration_file", str(text)], capsys
+    )
     calibration = ["--calibration_file", str(text), "--calibration_samples", "8", "--calibration_seq_len", "32"]
     offload = tmp_path / "offload"
     offload.mkdir()
-    main(args + calibration + ["--sequential", "--offload_folder", str(offload), "--activation_budget_mb", "0",
-                               "--output_dir", str(tmp_path / "sequential"), "--resume_folder", str(tmp_path / "resume")])
+    main(
+        args
+        + calibration
+        + [
+            "--sequential",
+            "--offload_folder",
+            str(offload),
+            "--activation_budget_mb",
+            "0",
+            "--output_dir",
+            str(tmp_path / "sequential"),
+            "--resume_folder",
+            str(tmp_path / "resume"),
+        ]
+    )
     assert "MoMos layers         8" in capsys.readouterr().out and not list(offload.iterdir())
     assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["block-0.safetensors", "block-1.safetensors"]
-    assert "used with --sequential only" in fails(args + calibration + ["--resume_folder", str(tmp_path / "resume")], capsys)
+    assert "used with --sequential only" in fails(
+        args + calibration + ["--resume_folder", str(tmp_path / "resume")], capsys
+    )
     assert "used with --sequential only" in fails(args + calibration + ["--offload_folder", str(offload)], capsys)
     assert "used with --sequential only" in fails(args + calibration + ["--activation_budget_mb", "2048"], capsys)
     assert "--sequential calibrates --fit data-aware" in fails(args[:-2] + ["--sequential"], capsys)

@@ -3,7 +3,7 @@ import torch
 from conftest import build
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.complexity import bdm_of_signs, complexity_report, compression_ratios, usage_entropy
+from momos_hf.report.complexity import bdm_of_signs, complexity_report, compression_ratios, usage_entropy
 
 
 def test_description_length_per_layer_dictionary():
@@ -32,7 +32,9 @@ def test_biases_of_momos_layers_count_as_other_parameters():
 
 def test_global_dictionary_is_counted_once_and_reaches_half_a_bit():
     model = build("llama")
-    mm = get_momos_model(model, MoMosConfig(k=256, s=16, motif_scope="global", kmeans_iters=2, target_modules="all-linear"))
+    mm = get_momos_model(
+        model, MoMosConfig(k=256, s=16, motif_scope="global", kmeans_iters=2, target_modules="all-linear")
+    )
     report = complexity_report(mm, max_bytes=0)
     assert report.shared_dictionary_bits == 256 * 16 * 32
     assert all(l.dictionary_bits == 0 and l.bits_per_weight == 0.5 for l in report.layers)

@@ -11,8 +11,18 @@ def test_defaults_are_the_headline_rate():
 
 
 def test_json_round_trip(tmp_path):
-    config = MoMosConfig(k=64, s=8, target_modules=["q_proj", "v_proj"], motif_scope="global", scale=True,
-                         zero_motif=True, motif_dtype="bfloat16", seed=3, modules_to_save=["lm_head"], motif_bits=4)
+    config = MoMosConfig(
+        k=64,
+        s=8,
+        target_modules=["q_proj", "v_proj"],
+        motif_scope="global",
+        scale=True,
+        zero_motif=True,
+        motif_dtype="bfloat16",
+        seed=3,
+        modules_to_save=["lm_head"],
+        motif_bits=4,
+    )
     assert MoMosConfig.from_json_string(config.to_json_string()) == config
     config.save_pretrained(tmp_path)
     assert MoMosConfig.from_pretrained(tmp_path) == config
@@ -53,10 +63,15 @@ def test_capacity_resolves_k_per_dictionary():
         ({"motif_bits": 32}, "motif_bits must be an integer in [2, 16]"),
         ({"motif_bits": 4.0}, "motif_bits must be an integer in [2, 16]"),
         ({"constrain_vectors": 1}, "constrain_vectors must be True or False"),
-        ({"constrain_vectors": True}, "constrain_vectors=True needs motif_scope='global', train_mode='projected', scale=False and "
-                                      "fit in ['sample', 'kmeans']; got motif_scope='layer', train_mode='motifs'"),
-        ({"constrain_vectors": True, "motif_scope": "global", "train_mode": "projected", "fit": "data-aware"},
-         "got fit='data-aware'"),
+        (
+            {"constrain_vectors": True},
+            "constrain_vectors=True needs motif_scope='global', train_mode='projected', scale=False and "
+            "fit in ['sample', 'kmeans']; got motif_scope='layer', train_mode='motifs'",
+        ),
+        (
+            {"constrain_vectors": True, "motif_scope": "global", "train_mode": "projected", "fit": "data-aware"},
+            "got fit='data-aware'",
+        ),
     ],
 )
 def test_impossible_values_say_what_is_wrong(kwargs, message):

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import ARCHITECTURES, build, main_output, model_inputs
+
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.calibration import input_moments
-from momos_hf.data_aware import (
+from momos_hf.convert.calibration import input_moments
+from momos_hf.fit.data_aware import (
     assign_with_feedback,
     fit_data_aware,
     inverse_cholesky,
@@ -14,7 +14,8 @@ from momos_hf.data_aware import (
     prepare_moment,
     solve_motifs,
 )
-from momos_hf.fitting import FitOptions, assign, fit_weight_space, kmeans, reconstruct, to_blocks
+from momos_hf.fit.weight_space import FitOptions, assign, fit_weight_space, kmeans
+from momos_hf.mosaic import reconstruct, to_blocks
 
 
 def correlated_layer(out=48, inp=64, tokens=2048, seed=0):
@@ -30,7 +31,9 @@ def test_inverse_cholesky_factors_the_inverse():
     upper = inverse_cholesky(prepare_moment(h, 4))
     assert torch.equal(upper, upper.triu())
     assert upper.dtype == torch.float32  # factorised in float64, used in float32
-    torch.testing.assert_close(upper.double().T @ upper.double(), torch.linalg.inv(prepare_moment(h, 4).double()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        upper.double().T @ upper.double(), torch.linalg.inv(prepare_moment(h, 4).double()), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_inverse_cholesky_falls_back_to_float64_when_float32_fails():
@@ -55,8 +58,8 @@ def test_prepare_moment_pads_normalises_and_revives_dead_columns():
 @pytest.mark.parametrize("s, k", [(4, 64), (8, 32)])
 def test_data_aware_beats_kmeans_on_output_error_and_kmeans_wins_on_weight_error(s, k):
     w, h = correlated_layer()
-    km = fit_weight_space([w], FitOptions(k, s, 10, seed=0))
-    da = fit_data_aware([w], [h], FitOptions(k, s, 10, seed=0))
+    km = fit_weight_space([w], FitOptions(k=k, s=s, iters=10, seed=0))
+    da = fit_data_aware([w], [h], FitOptions(k=k, s=s, iters=10, seed=0))
     w_km = reconstruct(km.motifs, km.mosaics[0], w.shape[1])
     w_da = reconstruct(da.motifs, da.mosaics[0], w.shape[1])
     assert output_error(w, w_da, h) < 0.7 * output_error(w, w_km, h)
@@ -71,7 +74,9 @@ def test_error_feedback_lowers_the_output_error_for_the_same_motifs():
     plain = assign(to_blocks(w, s), motifs.float())[0].reshape(w.shape[0], -1)
     feedback = assign_with_feedback(w, motifs, inverse_cholesky(p))
     assert feedback.shape == plain.shape
-    assert output_error(w, reconstruct(motifs, feedback, 64), p) < 0.8 * output_error(w, reconstruct(motifs, plain, 64), p)
+    assert output_error(w, reconstruct(motifs, feedback, 64), p) < 0.8 * output_error(
+        w, reconstruct(motifs, plain, 64), p
+    )
 
 
 def test_lazy_feedback_groups_give_the_mosaic_of_immediate_feedback():
@@ -82,7 +87,10 @@ def test_lazy_feedback_groups_give_the_mosaic_of_immediate_feedback():
     motifs = kmeans(to_blocks(padded, s), 32, 5, torch.Generator().manual_seed(0))
     immediate = assign_with_feedback(padded.double(), motifs.double(), inverse_cholesky(p).double(), group=s)
     for group in (16, 56, 128, 1024):  # several groups, a group that does not divide the width, one group
-        assert torch.equal(assign_with_feedback(padded.double(), motifs.double(), inverse_cholesky(p).double(), group=group), immediate)
+        assert torch.equal(
+            assign_with_feedback(padded.double(), motifs.double(), inverse_cholesky(p).double(), group=group),
+            immediate,
+        )
 
 
 def test_solved_motifs_are_the_exact_minimiser():
@@ -114,13 +122,13 @@ def test_float32_solve_reaches_the_float64_output_error():
 def test_padding_zero_motif_scales_and_shared_dictionary():
     w1, h1 = correlated_layer(out=20, inp=30, seed=1)
     w2, h2 = correlated_layer(out=12, inp=64, seed=2)
-    fit = fit_data_aware([w1, w2], [h1, h2], FitOptions(16, 8, 5, seed=0, zero_motif=True, scale=True))
+    fit = fit_data_aware([w1, w2], [h1, h2], FitOptions(k=16, s=8, iters=5, seed=0, zero_motif=True, scale=True))
     assert fit.motifs.shape == (16, 8) and torch.equal(fit.motifs[0], torch.zeros(8))
     assert [m.shape for m in fit.mosaics] == [(20, 4), (12, 8)] and fit.mosaics[0].dtype == torch.uint8
     assert [s.shape for s in fit.scales] == [(20,), (12,)]
     assert all(bool((s > 0).all()) for s in fit.scales)
     with pytest.raises(ValueError, match="exceed the 80 blocks"):
-        fit_data_aware([w1], [h1], FitOptions(81, 8))
+        fit_data_aware([w1], [h1], FitOptions(k=81, s=8))
 
 
 def test_second_moments_skip_padding_positions():
@@ -145,12 +153,19 @@ def test_moments_are_each_layers_own_with_shared_products_and_no_head(arch):
     """Layers reading one tensor (q/k/v, gate/up) share a product, and the head is skipped: the moments are
     still exactly each layer's `X^T X / rows` from a full forward."""
     model = build(arch)
-    names = [name for name, module in model.named_modules() if ".0." in name and not list(module.children())
-             and type(module).__name__ in ("Linear", "Conv1D")]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if ".0." in name and not list(module.children()) and type(module).__name__ in ("Linear", "Conv1D")
+    ]
     inputs = model_inputs(arch)
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: rows[n].append(a[0].reshape(-1, a[0].shape[-1])))
-             for name in names]
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, n=name: rows[n].append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for name in names
+    ]
     with torch.no_grad():
         model(**inputs)
     for hook in hooks:
@@ -178,7 +193,11 @@ def test_calibrated_conversion_tracks_the_dense_model_better(arch):
         reference = main_output(dense(**held_out))
         errors = {}
         for init in ("kmeans", "data-aware"):
-            mm = get_momos_model(build(arch), MoMosConfig(k=32, s=4, fit=init), calibration_data=calibration if init == "data-aware" else None)
+            mm = get_momos_model(
+                build(arch),
+                MoMosConfig(k=32, s=4, fit=init),
+                calibration_data=calibration if init == "data-aware" else None,
+            )
             errors[init] = float((main_output(mm(**held_out)) - reference).square().mean())
     assert errors["data-aware"] < 0.9 * errors["kmeans"], errors
 
@@ -194,8 +213,11 @@ def test_calibration_errors_are_clear():
 
 def test_projection_reuses_the_calibration_of_the_conversion():
     calibration = [model_inputs("llama", batch=4, seed=i) for i in range(2)]
-    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, fit="data-aware", train_mode="projected", motif_scope="global"),
-                         calibration_data=calibration)
+    mm = get_momos_model(
+        build("llama"),
+        MoMosConfig(k=16, s=4, fit="data-aware", train_mode="projected", motif_scope="global"),
+        calibration_data=calibration,
+    )
     layer = next(iter(mm.momos_layers().values()))
     with torch.no_grad():
         layer.latent.mul_(1.1)
@@ -205,7 +227,7 @@ def test_projection_reuses_the_calibration_of_the_conversion():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_sequential_conversion_calibrates_each_block_on_the_converted_ones(arch, tmp_path, monkeypatch):
-    from momos_hf import calibration
+    from momos_hf.convert import calibration
 
     held = []  # how many moments each recorder holds at once
     real_init = calibration.MomentRecorder.__init__
@@ -216,20 +238,30 @@ def test_sequential_conversion_calibrates_each_block_on_the_converted_ones(arch,
 
     monkeypatch.setattr(calibration.MomentRecorder, "__init__", counting_init)
     batches = [model_inputs(arch, batch=4, length=16, seed=i) for i in range(4)]
-    config = MoMosConfig(k=16, s=4, fit="data-aware", train_mode="ste")  # ste: mosaic forward, layers keep their moment
+    config = MoMosConfig(
+        k=16, s=4, fit="data-aware", train_mode="ste"
+    )  # ste: mosaic forward, layers keep their moment
     joint = get_momos_model(build(arch), config, calibration_data=batches)
     held.clear()
     offload = tmp_path / "offload"
     offload.mkdir()
-    mm = get_momos_model(build(arch), config, calibration_data=batches, sequential=True, activation_budget_bytes=0,
-                         offload_folder=str(offload))
+    mm = get_momos_model(
+        build(arch),
+        config,
+        calibration_data=batches,
+        sequential=True,
+        activation_budget_bytes=0,
+        offload_folder=str(offload),
+    )
     layers = mm.momos_layers()
     per_block = max(sum(f".{i}." in n for n in layers) for i in range(2))
     assert held and max(held) == per_block < len(layers)  # one block's moments at a time
     assert list(offload.iterdir()) == []  # hidden states went to disk (budget 0) and were removed
     names = list(layers)
     first, second = names[0], next(n for n in names if ".1." in n)
-    torch.testing.assert_close(layers[first].motifs, joint.momos_layers()[first].motifs)  # the same inputs, the same fit
+    torch.testing.assert_close(
+        layers[first].motifs, joint.momos_layers()[first].motifs
+    )  # the same inputs, the same fit
     # Block 1 saw the outputs of converted block 0: its moment is what the converted model feeds it, not the dense one.
     converted_moment = input_moments(mm.base_model, [second], batches)[second]
     dense_moment = input_moments(build(arch), [second], batches)[second]
@@ -254,19 +286,28 @@ def test_a_stack_whose_blocks_run_more_than_once_is_refused():
     from transformers import AlbertConfig, AlbertModel
 
     torch.manual_seed(0)
-    albert = AlbertModel(AlbertConfig(vocab_size=96, embedding_size=16, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)).eval()
+    albert = AlbertModel(
+        AlbertConfig(
+            vocab_size=96,
+            embedding_size=16,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    ).eval()
     with pytest.raises(ValueError, match="run \\[3\\] times per forward"):
         get_momos_model(albert, MoMosConfig(k=8, s=4, fit="data-aware"), [model_inputs("bert")], sequential=True)
 
 
 def test_sequential_conversion_refuses_what_it_cannot_do(monkeypatch):
+    from momos_hf.convert import Converter
     from momos_hf.layer import momos_layers
-    from momos_hf.model import MoMosModel
 
     model = build("llama")
     before = main_output(model(**model_inputs("llama")))
-    real_fit, calls = MoMosModel._fit, []
+    real_fit, calls = Converter.fit, []
 
     def fails_in_the_second_block(self, *args, **kwargs):
         calls.append(1)
@@ -274,15 +315,22 @@ def test_sequential_conversion_refuses_what_it_cannot_do(monkeypatch):
             raise KeyboardInterrupt("stopped by the user")
         return real_fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(MoMosModel, "_fit", fails_in_the_second_block)
+    monkeypatch.setattr(Converter, "fit", fails_in_the_second_block)
     with pytest.raises(KeyboardInterrupt):  # the first block was converted already: it is put back
-        get_momos_model(model, MoMosConfig(k=8, s=4, fit="data-aware"), calibration_data=[model_inputs("llama")],
-                        sequential=True)
+        get_momos_model(
+            model, MoMosConfig(k=8, s=4, fit="data-aware"), calibration_data=[model_inputs("llama")], sequential=True
+        )
     assert not momos_layers(model) and torch.equal(main_output(model(**model_inputs("llama"))), before)
     monkeypatch.undo()
     batches = [model_inputs("t5", batch=2, seed=i) for i in range(2)]
     with pytest.raises(ValueError, match="do not all get the same arguments .* use sequential=False"):
-        get_momos_model(build("t5"), MoMosConfig(k=8, s=4, fit="data-aware"), calibration_data=batches, sequential=True)
+        get_momos_model(
+            build("t5"), MoMosConfig(k=8, s=4, fit="data-aware"), calibration_data=batches, sequential=True
+        )
     with pytest.raises(ValueError, match="motif_scope='global' fits one dictionary for all layers at once"):
-        get_momos_model(build("llama"), MoMosConfig(k=8, s=4, fit="data-aware", motif_scope="global"),
-                        calibration_data=[model_inputs("llama")], sequential=True)
+        get_momos_model(
+            build("llama"),
+            MoMosConfig(k=8, s=4, fit="data-aware", motif_scope="global"),
+            calibration_data=[model_inputs("llama")],
+            sequential=True,
+        )

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build
+
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.distill import finetune_to_teacher, teacher_targets, top_kl, tuned_parameters, windows_of
+from momos_hf.train.distill import finetune_to_teacher, teacher_targets, top_kl, tuned_parameters, windows_of
 
 
 def random_logits(seed, shape=(6, 40)):
@@ -17,9 +17,15 @@ def random_logits(seed, shape=(6, 40)):
 
 def test_top_kl_is_the_full_kl_with_every_token_and_a_lower_bound_with_fewer():
     student, teacher = random_logits(0), random_logits(1)
-    full = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1).mean()
-    for top, check in ((40, lambda kl: torch.testing.assert_close(kl, full, atol=1e-5, rtol=1e-5)),
-                       (8, lambda kl: 0 < kl < full)):
+    full = (
+        F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
+        .sum(-1)
+        .mean()
+    )
+    for top, check in (
+        (40, lambda kl: torch.testing.assert_close(kl, full, atol=1e-5, rtol=1e-5)),
+        (8, lambda kl: 0 < kl < full),
+    ):
         values, ids = F.log_softmax(teacher, -1).topk(top, -1)
         check(top_kl(student, ids, values))
     values, ids = F.log_softmax(teacher, -1).topk(8, -1)
@@ -35,7 +41,9 @@ def calibration(n=8, length=16, seed=0):
 
 def kl_to(model, targets):
     with torch.no_grad():
-        return sum(float(top_kl(model(**w).logits[0], i, p)) for w, i, p in zip(targets.inputs, targets.ids, targets.logprobs)) / len(targets)
+        return sum(
+            float(top_kl(model(**w).logits[0], i, p)) for w, i, p in zip(targets.inputs, targets.ids, targets.logprobs)
+        ) / len(targets)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -100,4 +108,6 @@ def test_windows_that_are_all_padding_are_left_out():
 def test_windows_of_splits_batches_into_single_windows():
     windows = windows_of(calibration(8))
     assert len(windows) == 8 and all(w["input_ids"].shape == (1, 16) for w in windows)
-    torch.testing.assert_close(torch.cat([w["input_ids"] for w in windows]), torch.cat([b["input_ids"] for b in calibration(8)]))
+    torch.testing.assert_close(
+        torch.cat([w["input_ids"] for w in windows]), torch.cat([b["input_ids"] for b in calibration(8)])
+    )

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from momos_hf import MoMosLinear
-from momos_hf.data import load_text_datasets
+from momos_hf.app.text import load_text_datasets
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "finetune.py"
 sys.path.insert(0, str(RECIPE.parent))
@@ -30,12 +30,34 @@ def free_port():
 
 
 def launch(tmp_path, *args):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(RECIPE), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(RECIPE),
+        *args,
+    ]
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         out, err = process.communicate(timeout=600)  # a bound for a busy machine, not a speed check
     except subprocess.TimeoutExpired:
@@ -51,8 +73,22 @@ def final_loss(output):
 
 
 def test_two_processes_train_agree_save_and_resume(tmp_path):
-    common = ["--max_steps", "8", "--k", "64", "--train_mode", "ste", "--project_every", "4",
-              "--per_device_train_batch_size", "4", "--logging_steps", "2", "--max_eval_samples", "16"]
+    common = [
+        "--max_steps",
+        "8",
+        "--k",
+        "64",
+        "--train_mode",
+        "ste",
+        "--project_every",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "2",
+        "--max_eval_samples",
+        "16",
+    ]
     out = launch(tmp_path, *common, "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "4")
     assert "world size 2" in out
     assert "MoMos state identical on all 2 ranks: True" in out
@@ -62,8 +98,14 @@ def test_two_processes_train_agree_save_and_resume(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     assert any(isinstance(m, MoMosLinear) for m in model.modules())
     assert "## Evaluation" in (tmp_path / "run" / "README.md").read_text()
-    resumed = launch(tmp_path, *common, "--output_dir", str(tmp_path / "resumed"),
-                     "--resume_from_checkpoint", str(tmp_path / "run" / "step_4"))
+    resumed = launch(
+        tmp_path,
+        *common,
+        "--output_dir",
+        str(tmp_path / "resumed"),
+        "--resume_from_checkpoint",
+        str(tmp_path / "run" / "step_4"),
+    )
     assert "resumed from step 4" in resumed
     assert final_loss(resumed) == final_loss(out)  # the same run, continued exactly
 
@@ -72,20 +114,38 @@ def test_lora_adapters_on_a_momos_checkpoint_with_two_processes(tmp_path):
     from peft import PeftConfig
 
     from momos_hf import MoMosConfig, get_momos_model
-    from momos_hf.data import byte_tokenizer
-    from momos_hf.demo import tiny_llama
+    from momos_hf.app.demo import tiny_llama
+    from momos_hf.app.text import byte_tokenizer
+    from momos_hf.integrations.lora import load_lora
     from momos_hf.layer import momos_layers
-    from momos_hf.lora import load_lora
 
     tokenizer = byte_tokenizer()
-    get_momos_model(tiny_llama(0, len(tokenizer)), MoMosConfig(k=64, s=16)).save_pretrained(tmp_path / "base", tokenizer=tokenizer)
-    out = launch(tmp_path, "--model_name_or_path", str(tmp_path / "base"), "--lora_r", "8", "--max_steps", "8",
-                 "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_eval_samples", "16",
-                 "--output_dir", str(tmp_path / "adapter"))
+    get_momos_model(tiny_llama(0, len(tokenizer)), MoMosConfig(k=64, s=16)).save_pretrained(
+        tmp_path / "base", tokenizer=tokenizer
+    )
+    out = launch(
+        tmp_path,
+        "--model_name_or_path",
+        str(tmp_path / "base"),
+        "--lora_r",
+        "8",
+        "--max_steps",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--max_eval_samples",
+        "16",
+        "--output_dir",
+        str(tmp_path / "adapter"),
+    )
     assert "world size 2" in out and "adapter identical on all 2 ranks: True" in out
     results = json.loads((tmp_path / "adapter" / "eval_results.json").read_text())
     assert results["eval_loss"] < results["initial_eval_loss"] - 0.05
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {
+        p.name for p in (tmp_path / "adapter").iterdir()
+    }
     assert not list((tmp_path / "adapter").glob("model*.safetensors"))  # the base is not copied
     assert PeftConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path == str(tmp_path / "base")
     assert str(tmp_path / "base") in (tmp_path / "adapter" / "README.md").read_text()
@@ -107,10 +167,38 @@ def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
     (text_files / "out").mkdir()
     (text_files / "out" / "README.md").write_text("my own notes")  # a README of the user's is never replaced
     # motifs mode starts from a data-aware fit calibrated on two training batches
-    extra = ["--modules_to_save", "embed_tokens", "lm_head", "--fit", "data-aware", "--calibration_batches", "2"] if mode == "motifs" else []
-    metrics = finetune.main(["--train_file", "train.txt", "--validation_file", "valid.txt", "--max_steps", "12",
-                             "--train_mode", mode, "--k", "64", "--project_every", "6", "--block_size", "64",
-                             "--learning_rate", "3e-3", "--output_dir", "out", "--complexity_every", "4", "--complexity_budget", "0", *extra])
+    extra = (
+        ["--modules_to_save", "embed_tokens", "lm_head", "--fit", "data-aware", "--calibration_batches", "2"]
+        if mode == "motifs"
+        else []
+    )
+    metrics = finetune.main(
+        [
+            "--train_file",
+            "train.txt",
+            "--validation_file",
+            "valid.txt",
+            "--max_steps",
+            "12",
+            "--train_mode",
+            mode,
+            "--k",
+            "64",
+            "--project_every",
+            "6",
+            "--block_size",
+            "64",
+            "--learning_rate",
+            "3e-3",
+            "--output_dir",
+            "out",
+            "--complexity_every",
+            "4",
+            "--complexity_budget",
+            "0",
+            *extra,
+        ]
+    )
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 0.5
     assert ("bits_per_weight" in metrics) == (mode != "dense")
     history = json.loads((text_files / "out" / "complexity.json").read_text())
@@ -125,26 +213,61 @@ def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
 def test_distillation_from_the_dense_model(text_files, monkeypatch):
     monkeypatch.chdir(text_files)
     # First a short dense run, then MoMos training distilled from it.
-    finetune.main(["--train_file", "train.txt", "--max_steps", "10", "--train_mode", "dense", "--block_size", "64",
-                   "--learning_rate", "3e-3", "--output_dir", "dense"])
-    metrics = finetune.main(["--model_name_or_path", "dense", "--train_file", "train.txt", "--max_steps", "6",
-                             "--train_mode", "ste", "--k", "64", "--distill", "--distill_hidden_weight", "0.1",
-                             "--block_size", "64", "--output_dir", "student"])
+    finetune.main(
+        [
+            "--train_file",
+            "train.txt",
+            "--max_steps",
+            "10",
+            "--train_mode",
+            "dense",
+            "--block_size",
+            "64",
+            "--learning_rate",
+            "3e-3",
+            "--output_dir",
+            "dense",
+        ]
+    )
+    metrics = finetune.main(
+        [
+            "--model_name_or_path",
+            "dense",
+            "--train_file",
+            "train.txt",
+            "--max_steps",
+            "6",
+            "--train_mode",
+            "ste",
+            "--k",
+            "64",
+            "--distill",
+            "--distill_hidden_weight",
+            "0.1",
+            "--block_size",
+            "64",
+            "--output_dir",
+            "student",
+        ]
+    )
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
     assert metrics["ranks_agree"] and metrics["bits_per_weight"] < 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model_name_or_path", "a", "--model_config", "b.json"], "not both"),
-    (["--push_to_hub", "--hub_model_id", "me/x", "--train_mode", "dense"], "publishes MoMos checkpoints"),
-    (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
-    (["--block_size", "0"], "--block_size must be >= 1, got 0"),
-    (["--checkpointing_steps", "-2"], "--checkpointing_steps must be >= 0"),
-    (["--lora_r", "8"], "--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path"),
-    (["--lora_r", "8", "--model_name_or_path", "m", "--distill"], "distillation needs the dense model"),
-    (["--lora_r", "0", "--model_name_or_path", "m"], "--lora_r must be >= 1, got 0"),
-    (["--lora_r", "8", "--model_name_or_path", "m", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model_name_or_path", "a", "--model_config", "b.json"], "not both"),
+        (["--push_to_hub", "--hub_model_id", "me/x", "--train_mode", "dense"], "publishes MoMos checkpoints"),
+        (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
+        (["--block_size", "0"], "--block_size must be >= 1, got 0"),
+        (["--checkpointing_steps", "-2"], "--checkpointing_steps must be >= 0"),
+        (["--lora_r", "8"], "--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path"),
+        (["--lora_r", "8", "--model_name_or_path", "m", "--distill"], "distillation needs the dense model"),
+        (["--lora_r", "0", "--model_name_or_path", "m"], "--lora_r must be >= 1, got 0"),
+        (["--lora_r", "8", "--model_name_or_path", "m", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+    ],
+)
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         finetune.parse_args(argv)
@@ -172,8 +295,26 @@ def test_bf16_mixed_precision(text_files, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     AcceleratorState._reset_state(True)  # Accelerate keeps one state per process; earlier tests set "no"
     try:
-        metrics = finetune.main(["--train_file", "train.txt", "--max_steps", "8", "--train_mode", "ste", "--k", "64",
-                                 "--project_every", "4", "--block_size", "64", "--learning_rate", "3e-3", "--output_dir", "bf16"])
+        metrics = finetune.main(
+            [
+                "--train_file",
+                "train.txt",
+                "--max_steps",
+                "8",
+                "--train_mode",
+                "ste",
+                "--k",
+                "64",
+                "--project_every",
+                "4",
+                "--block_size",
+                "64",
+                "--learning_rate",
+                "3e-3",
+                "--output_dir",
+                "bf16",
+            ]
+        )
     finally:
         AcceleratorState._reset_state(True)
     assert "mixed precision bf16" in capsys.readouterr().out
@@ -187,9 +328,14 @@ def run_recipe(tmp_path, *args, env=None):
     pipes: a pipe nobody reads fills up and stalls the process."""
     name = f"recipe-{len(list(tmp_path.glob('recipe-*.out')))}"
     with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
-        process = subprocess.Popen([sys.executable, str(RECIPE), *args], cwd=tmp_path, stdout=out, stderr=err, text=True,
-                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})})
+        process = subprocess.Popen(
+            [sys.executable, str(RECIPE), *args],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})},
+        )
     process.logs = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     return process
 
@@ -202,9 +348,28 @@ def finish(process, timeout=600):
 
 def test_a_run_killed_mid_way_resumes_exactly(tmp_path):
     # 40 training blocks in batches of 4: 10 steps an epoch, so the 24 steps cross two epoch boundaries.
-    common = ["--max_steps", "24", "--k", "64", "--train_mode", "ste", "--project_every", "5", "--block_size", "64",
-              "--per_device_train_batch_size", "4", "--max_train_samples", "40", "--max_eval_samples", "16",
-              "--checkpointing_steps", "3", "--learning_rate", "3e-3"]
+    common = [
+        "--max_steps",
+        "24",
+        "--k",
+        "64",
+        "--train_mode",
+        "ste",
+        "--project_every",
+        "5",
+        "--block_size",
+        "64",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_train_samples",
+        "40",
+        "--max_eval_samples",
+        "16",
+        "--checkpointing_steps",
+        "3",
+        "--learning_rate",
+        "3e-3",
+    ]
     one_thread = {"OMP_NUM_THREADS": "1"}  # two runs share the cores: threads that spin-wait on each other stall both
     whole = run_recipe(tmp_path, *common, "--output_dir", "whole", env=one_thread)
     killed = run_recipe(tmp_path, *common, "--output_dir", "killed", env=one_thread)
@@ -217,9 +382,18 @@ def test_a_run_killed_mid_way_resumes_exactly(tmp_path):
     killed.wait()
     out, err = finish(whole)
     assert whole.returncode == 0, err[-3000:]
-    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "killed").glob("step_*") if p.name.split("_")[1].isdigit())
-    resumed = run_recipe(tmp_path, *common, "--output_dir", "resumed", "--resume_from_checkpoint", f"killed/step_{saved[-1]}",
-                         env=one_thread)
+    saved = sorted(
+        int(p.name.split("_")[1]) for p in (tmp_path / "killed").glob("step_*") if p.name.split("_")[1].isdigit()
+    )
+    resumed = run_recipe(
+        tmp_path,
+        *common,
+        "--output_dir",
+        "resumed",
+        "--resume_from_checkpoint",
+        f"killed/step_{saved[-1]}",
+        env=one_thread,
+    )
     resumed_out, err = finish(resumed)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from step {saved[-1]}" in resumed_out
@@ -233,27 +407,61 @@ def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_
     step = text_files / "run" / "step_4"
     for max_steps in ("3", "4"):  # past it, or exactly at it: nothing left to train
         with pytest.raises(ValueError, match=f"step_4 is at step 4, and --max_steps is {max_steps}: nothing is left"):
-            finetune.main([*common, "--max_steps", max_steps, "--output_dir", "again", "--resume_from_checkpoint", str(step)])
+            finetune.main(
+                [*common, "--max_steps", max_steps, "--output_dir", "again", "--resume_from_checkpoint", str(step)]
+            )
     with pytest.raises(ValueError, match="step_4 was saved by a run with other settings"):
-        finetune.main([*common, "--max_steps", "6", "--k", "8", "--output_dir", "again", "--resume_from_checkpoint", str(step)])
+        finetune.main(
+            [*common, "--max_steps", "6", "--k", "8", "--output_dir", "again", "--resume_from_checkpoint", str(step)]
+        )
     optimizer_file = next(p for p in step.iterdir() if p.name.startswith("optimizer"))
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:-8])
     with pytest.raises(ValueError, match="step_4 is corrupted"):
         finetune.main([*common, "--max_steps", "6", "--output_dir", "again", "--resume_from_checkpoint", str(step)])
     (text_files / "run" / "step_2" / "momos_step.json").unlink()
     with pytest.raises(ValueError, match="step_2 is not a complete training checkpoint"):
-        finetune.main([*common, "--max_steps", "6", "--output_dir", "again", "--resume_from_checkpoint",
-                       str(text_files / "run" / "step_2")])
+        finetune.main(
+            [
+                *common,
+                "--max_steps",
+                "6",
+                "--output_dir",
+                "again",
+                "--resume_from_checkpoint",
+                str(text_files / "run" / "step_2"),
+            ]
+        )
 
 
 def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
     from hub_server import HubServer
 
     with HubServer() as hub:
-        run = run_recipe(text_files, "--train_file", "train.txt", "--max_steps", "2", "--k", "64", "--block_size", "64",
-                         "--max_eval_samples", "8", "--checkpointing_steps", "1", "--report_to", "tensorboard",
-                         "--output_dir", "out", "--push_to_hub", "--hub_model_id", "me/run", "--hub_token", "hf_SECRET42",
-                         env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(text_files / "hf")})
+        run = run_recipe(
+            text_files,
+            "--train_file",
+            "train.txt",
+            "--max_steps",
+            "2",
+            "--k",
+            "64",
+            "--block_size",
+            "64",
+            "--max_eval_samples",
+            "8",
+            "--checkpointing_steps",
+            "1",
+            "--report_to",
+            "tensorboard",
+            "--output_dir",
+            "out",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/run",
+            "--hub_token",
+            "hf_SECRET42",
+            env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(text_files / "hf")},
+        )
         out, err = finish(run)
         assert run.returncode == 0, err[-3000:]
         files = hub.state.repos["me/run"]
@@ -262,6 +470,13 @@ def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
     assert any("events" in p.name for p in written)  # the tracker wrote its logs...
     assert not [p for p in written if b"hf_SECRET42" in p.read_bytes()]  # ...and no file holds the token
     weights = json.loads(files["config.json"])["quantization_config"]["weights"]
-    assert set(files) == {"config.json", weights, "generation_config.json", "README.md", "eval_results.json",
-                          "tokenizer.json", "tokenizer_config.json"}
+    assert set(files) == {
+        "config.json",
+        weights,
+        "generation_config.json",
+        "README.md",
+        "eval_results.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert not any(b"hf_SECRET42" in data for data in files.values())

@@ -1,28 +1,25 @@
 import pytest
 import torch
 
-from momos_hf.fitting import (
-    assign,
-    FitOptions,
-    fit_weight_space,
-    index_bits,
-    index_dtype,
-    kmeans,
-    least_squares_scale,
-    padding_weights,
-    reconstruct,
-    relative_error,
-    sample_motifs,
-    to_blocks,
-)
+from momos_hf.fit.weight_space import FitOptions, assign, fit_weight_space, kmeans, least_squares_scale, sample_motifs
+from momos_hf.mosaic import index_bits, index_dtype, padding_weights, reconstruct, relative_error, to_blocks
 
 
 def gaussian(rows, cols, seed=0):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("k, bits, dtype", [(1, 0, torch.uint8), (2, 1, torch.uint8), (256, 8, torch.uint8),
-                                            (257, 9, torch.uint16), (65536, 16, torch.uint16), (65537, 17, torch.int32)])
+@pytest.mark.parametrize(
+    "k, bits, dtype",
+    [
+        (1, 0, torch.uint8),
+        (2, 1, torch.uint8),
+        (256, 8, torch.uint8),
+        (257, 9, torch.uint16),
+        (65536, 16, torch.uint16),
+        (65537, 17, torch.int32),
+    ],
+)
 def test_index_width(k, bits, dtype):
     assert index_bits(k) == bits
     assert index_dtype(k) == dtype

@@ -11,19 +11,27 @@ import textwrap
 import pytest
 import torch
 from conftest import build
-from huggingface_hub import ModelCard
 from hub_server import HubServer
+from huggingface_hub import ModelCard
 
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.card import render_card
+from momos_hf.report.card import render_card
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_client(endpoint, code, tmp_path):
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home"),
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": TESTS}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONPATH": TESTS,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -35,7 +43,9 @@ def hub():
 
 
 def test_push_then_pull_gives_identical_logits(hub, tmp_path):
-    out = run_client(hub.endpoint, f"""
+    out = run_client(
+        hub.endpoint,
+        f"""
         import torch
         from conftest import build, model_inputs
         from transformers import AutoModelForCausalLM
@@ -50,7 +60,9 @@ def test_push_then_pull_gives_identical_logits(hub, tmp_path):
             pulled = AutoModelForCausalLM.from_pretrained("org/gpt2-momos", token="hf_test")(**inputs).logits
             wrapped = MoMosModel.from_pretrained("org/gpt2-momos", token="hf_test")(**inputs).logits
         print("identical", torch.equal(pulled, reference), torch.equal(wrapped, reference))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert "identical True True" in out
     files = hub.state.repos["org/gpt2-momos"]
     weights = json.loads(files["config.json"])["quantization_config"]["weights"]
@@ -73,10 +85,14 @@ def test_cli_push_uploads_the_checkpoint_and_nothing_else(hub, tmp_path):
     (folder / "step_4" / "optimizer.bin").write_bytes(b"pickle")
     (folder / "hparams.yml").write_text("hub_token: hf_secret")
     (folder / "notes.txt").write_text("private notes")
-    out = run_client(hub.endpoint, f"""
-        from momos_hf.cli import main
+    out = run_client(
+        hub.endpoint,
+        f"""
+        from momos_hf.app.cli import main
         main(["push", r"{folder}", "me/bert-momos", "--token", "hf_cli", "--revision", "main"])
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert "pushed" in out and "me/bert-momos" in out
     files = hub.state.repos["me/bert-momos"]
     assert set(files) == {"config.json", weights, "README.md", "tokenizer_config.json"}
@@ -93,23 +109,29 @@ def test_push_checks_every_file_before_the_first_request(hub, tmp_path):
     (tmp_path / "elsewhere.json").write_text("{}")
     (folder / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")  # a link out of the folder
     code = f"""
-        from momos_hf.cli import main
+        from momos_hf.app.cli import main
         main(["push", r"{folder}", "me/bad", "--token", "hf_cli"])
     """
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "PYTHONPATH": TESTS}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2 and "tokenizer.json is not a regular file inside" in done.stderr
     (folder / "tokenizer.json").unlink()
     data = bytearray(weights.read_bytes())
     data[-3] ^= 1
     weights.write_bytes(bytes(data))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2 and "is corrupted: its sha256 differs" in done.stderr
     assert hub.state.requests == [] and "me/bad" not in hub.state.repos
 
 
 def test_push_to_hub_creates_private_repositories_by_default(hub, tmp_path):
-    run_client(hub.endpoint, """
+    run_client(
+        hub.endpoint,
+        """
         from conftest import build
         from momos_hf import MoMosConfig, get_momos_model
 
@@ -117,7 +139,9 @@ def test_push_to_hub_creates_private_repositories_by_default(hub, tmp_path):
         mm.push_to_hub("org/default")
         mm.push_to_hub("org/public", private=False)
         mm.base_model.push_to_hub("org/through-transformers")  # PreTrainedModel.push_to_hub saves through MoMos
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert hub.state.private["org/default"] and not hub.state.private["org/public"]
     assert hub.state.private["org/through-transformers"]
     config = json.loads(hub.state.repos["org/through-transformers"]["config.json"])
@@ -134,7 +158,7 @@ def test_card_renders_and_parses(tmp_path):
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M"
     assert set(card.data.tags) == {"momos", "mosaic-of-motifs", "compression"}
     text = card.text
-    assert "AutoModelForCausalLM.from_pretrained(\"org/smol-momos\")" in text
+    assert 'AutoModelForCausalLM.from_pretrained("org/smol-momos")' in text
     assert "| MoMos layers on disk / their description length | 1.0000 |" in text
     assert "mean relative weight error at fit time" in text and "lzma" in text
     assert "$" not in text  # every placeholder filled

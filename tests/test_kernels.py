@@ -13,13 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from momos_hf.fitting import index_dtype, reconstruct
+from momos_hf.kernels.products import PRODUCTS
 from momos_hf.layer import MoMosLinear
-from momos_hf.products import PRODUCTS
+from momos_hf.mosaic import index_dtype, reconstruct
 
 # (k, s, in_features, out_features, rows): last blocks padded (37 % 8, 10 % 3, 30 % 8), group remainders (9, 17 rows)
-CASES = [(256, 8, 37, 24, 1), (256, 16, 64, 40, 9), (16, 5, 37, 24, 17), (2, 3, 10, 7, 1), (300, 4, 64, 33, 3),
-         (65536, 4, 64, 33, 2), (70000, 8, 30, 20, 32)]
+CASES = [
+    (256, 8, 37, 24, 1),
+    (256, 16, 64, 40, 9),
+    (16, 5, 37, 24, 17),
+    (2, 3, 10, 7, 1),
+    (300, 4, 64, 33, 3),
+    (65536, 4, 64, 33, 2),
+    (70000, 8, 30, 20, 32),
+]
 
 
 def mosaic_case(k, s, in_features, out_features, rows, dtype=torch.float32, seed=0):
@@ -45,7 +52,9 @@ def test_compiled_lookup_equals_the_reference(case, with_scale):
     x, motifs, mosaic, scale = mosaic_case(*case)
     scale = scale if with_scale else None
     reference = x.double() @ reconstruct(motifs.double(), mosaic, case[2], None if scale is None else scale.double()).T
-    assert mosaic.dtype == {256: torch.uint8, 300: torch.uint16, 65536: torch.uint16, 70000: torch.int32}.get(case[0], torch.uint8)
+    assert mosaic.dtype == {256: torch.uint8, 300: torch.uint16, 65536: torch.uint16, 70000: torch.int32}.get(
+        case[0], torch.uint8
+    )
     y = PRODUCTS["compiled_lookup"](x, motifs, mosaic, scale, case[2])
     assert y.dtype == x.dtype and y.shape == reference.shape
     assert relative_error(y, reference) < 1e-5
@@ -70,6 +79,7 @@ def test_compiled_lookup_refuses_to_train():
 def build_into(cache, queue):
     os.environ["MOMOS_HF_KERNEL_CACHE"] = cache
     from momos_hf.kernels import cpu
+
     queue.put(str(cpu.build(os.environ.get("CXX", "c++"))))
 
 
@@ -113,8 +123,9 @@ TRITON = ["triton_lookup", "triton_matmul"]
 
 
 # every case in float32; the uint8-mosaic cases in 16-bit too (k only changes the index dtype)
-DTYPE_CASES = [(torch.float32, case) for case in CASES] + [(dtype, case) for case in CASES if case[0] <= 256
-                                                          for dtype in (torch.float16, torch.bfloat16)]
+DTYPE_CASES = [(torch.float32, case) for case in CASES] + [
+    (dtype, case) for case in CASES if case[0] <= 256 for dtype in (torch.float16, torch.bfloat16)
+]
 
 
 @pytest.mark.parametrize("dtype, case", DTYPE_CASES)

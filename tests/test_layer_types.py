@@ -19,19 +19,37 @@ from transformers import (
 )
 
 from momos_hf import MoMosConfig, MoMosConv2d, MoMosEmbedding, MoMosLinear, MoMosModel, get_momos_model
-from momos_hf.checkpoint import checkpoint_info, read_checkpoint_config
+from momos_hf.checkpoint.info import checkpoint_info
+from momos_hf.checkpoint.verify import read_checkpoint_config
 
 
 def tied_llama():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    ).eval()
 
 
 def tied_bert():
     torch.manual_seed(0)
-    return BertForMaskedLM(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=4, max_position_embeddings=64)).eval()
+    return BertForMaskedLM(
+        BertConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
 TIED = {  # builder, Auto class, input embeddings, output embeddings
@@ -62,7 +80,8 @@ def test_tied_embeddings_stay_tied_through_conversion_save_load_and_merge(tmp_pa
     mm.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:  # one dictionary, mosaic and scale for both
         assert {k for k in f.keys() if k.startswith((head_name + ".", embed_name + "."))} == {
-            f"{embed_name}.{part}" for part in ("motifs", "mosaic_packed", "scale")}
+            f"{embed_name}.{part}" for part in ("motifs", "mosaic_packed", "scale")
+        }
     loaded = auto.from_pretrained(tmp_path)
     embed2, head2 = loaded.get_submodule(embed_name), loaded.get_submodule(head_name)
     assert head2.motifs is embed2.motifs and head2.scale is embed2.scale and head2.leader is embed2
@@ -93,7 +112,9 @@ def test_untied_embeddings_are_two_layers():
 
 
 def test_embedding_lookup_equals_the_mosaic_table():
-    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=5, kmeans_iters=2, scale=True, target_modules=["embed_tokens"]))
+    mm = get_momos_model(
+        build("llama"), MoMosConfig(k=16, s=5, kmeans_iters=2, scale=True, target_modules=["embed_tokens"])
+    )
     layer = mm.base_model.model.embed_tokens
     ids = torch.tensor([[0, 5, 95], [7, 7, 1]])
     torch.testing.assert_close(layer(ids), nn.functional.embedding(ids, layer.mosaic_weight()))
@@ -101,8 +122,18 @@ def test_embedding_lookup_equals_the_mosaic_table():
 
 def tiny_vit():
     torch.manual_seed(0)
-    return ViTModel(ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
-                              num_attention_heads=4, intermediate_size=48), add_pooling_layer=False)
+    return ViTModel(
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=48,
+        ),
+        add_pooling_layer=False,
+    )
 
 
 @pytest.mark.parametrize("fit", ["kmeans", "data-aware"])
@@ -110,7 +141,9 @@ def test_conv2d_patch_embedding_round_trips(tmp_path, fit):
     model = tiny_vit()
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     calibration = [{"pixel_values": pixels}] if fit == "data-aware" else None
-    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2, fit=fit, target_modules=["projection"]), calibration)
+    mm = get_momos_model(
+        model, MoMosConfig(k=16, s=4, kmeans_iters=2, fit=fit, target_modules=["projection"]), calibration
+    )
     layer = model.embeddings.patch_embeddings.projection
     assert isinstance(layer, MoMosConv2d) and (layer.out_features, layer.in_features) == (32, 48)
     with torch.no_grad():
@@ -122,5 +155,10 @@ def test_conv2d_patch_embedding_round_trips(tmp_path, fit):
     assert isinstance(loaded.embeddings.patch_embeddings.projection, MoMosConv2d)
     with torch.no_grad():
         assert torch.equal(loaded(pixel_values=pixels).last_hidden_state, reference)
-    assert read_checkpoint_config(tmp_path)["quantization_config"]["layers"]["embeddings.patch_embeddings.projection"]["kind"] == "conv2d"
+    assert (
+        read_checkpoint_config(tmp_path)["quantization_config"]["layers"]["embeddings.patch_embeddings.projection"][
+            "kind"
+        ]
+        == "conv2d"
+    )
     assert checkpoint_info(tmp_path)["layers"] == 1

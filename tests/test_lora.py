@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from momos_hf import MoMosConfig, get_momos_model
+from momos_hf.integrations.lora import MoMosLoraLinear, get_lora_model, load_lora, merge_lora
 from momos_hf.layer import MoMosLayer, momos_layers
-from momos_hf.lora import MoMosLoraLinear, get_lora_model, load_lora, merge_lora
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -24,8 +24,11 @@ def checkpoint(request, tmp_path_factory):
 
 
 def base_tensors(model):
-    return {f"{name.replace('.base_layer', '')}.{key}": value.detach().clone() for name, layer in momos_layers(model).items()
-            for key, value in (("motifs", layer.motifs), ("mosaic", layer.mosaic), ("scale", layer.scale))}
+    return {
+        f"{name.replace('.base_layer', '')}.{key}": value.detach().clone()
+        for name, layer in momos_layers(model).items()
+        for key, value in (("motifs", layer.motifs), ("mosaic", layer.mosaic), ("scale", layer.scale))
+    }
 
 
 def train(model, inputs, steps=30, lr=1e-2):
@@ -89,8 +92,16 @@ def test_trainer_accepts_a_momos_base_with_adapters(checkpoint, tmp_path):
     model = get_lora_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules="all-linear"))
     ids = model_inputs(arch, batch=8, length=16)["input_ids"]
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(tmp_path, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                             use_cpu=True, save_strategy="no", logging_steps=1)
+    args = TrainingArguments(
+        tmp_path,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
     result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 3
 
@@ -101,7 +112,9 @@ def test_merge_to_dense_is_exact_and_into_motifs_reports_its_error(checkpoint):
     merged_logits = {}
     for into in ("dense", "motifs"):
         torch.manual_seed(0)
-        model = get_lora_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules="all-linear"))
+        model = get_lora_model(
+            AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules="all-linear")
+        )
         train(model, inputs, steps=5)
         model.eval()
         with torch.no_grad():
@@ -123,6 +136,8 @@ def test_merge_to_dense_is_exact_and_into_motifs_reports_its_error(checkpoint):
 def test_unsupported_requests_fail_with_one_line(checkpoint):
     arch, folder = checkpoint
     with pytest.raises(ValueError, match="DoRA is not supported on MoMos layers"):
-        get_lora_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+        get_lora_model(
+            AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules="all-linear", use_dora=True)
+        )
     with pytest.raises(ValueError, match="the model has no MoMos layers"):
         get_lora_model(build(arch), LoraConfig(r=4, target_modules="all-linear"))

@@ -8,8 +8,11 @@ from momos_hf.metrics import METRICS, load_metric
 
 
 def test_every_metric_loads_offline():  # conftest sets HF_HUB_OFFLINE=1
-    inputs = {"perplexity": {"loss", "tokens"}, "accuracy": {"predictions", "references"},
-              "embedding_cosine": {"predictions", "references"}}
+    inputs = {
+        "perplexity": {"loss", "tokens"},
+        "accuracy": {"predictions", "references"},
+        "embedding_cosine": {"predictions", "references"},
+    }
     assert {name: set(load_metric(name, keep_in_memory=True).features) for name in METRICS} == inputs
 
 
@@ -23,11 +26,17 @@ def test_perplexity_weighs_every_token_the_same():
 
 
 def test_accuracy_and_embedding_cosine():
-    assert load_metric("accuracy", keep_in_memory=True).compute(predictions=[1, 2, 3, 4], references=[1, 2, 0, 4]) == {"accuracy": 0.75}
-    cosine = load_metric("embedding_cosine", keep_in_memory=True).compute(predictions=[[1, 0], [1, 1]], references=[[2, 0], [1, -1]])
+    assert load_metric("accuracy", keep_in_memory=True).compute(predictions=[1, 2, 3, 4], references=[1, 2, 0, 4]) == {
+        "accuracy": 0.75
+    }
+    cosine = load_metric("embedding_cosine", keep_in_memory=True).compute(
+        predictions=[[1, 0], [1, 1]], references=[[2, 0], [1, -1]]
+    )
     assert cosine == {"cosine": pytest.approx(0.5), "min_cosine": pytest.approx(0.0)}
 
 
 def test_an_unknown_metric_is_named():
-    with pytest.raises(ValueError, match="unknown metric 'bleu': momos_hf ships perplexity, accuracy, embedding_cosine"):
+    with pytest.raises(
+        ValueError, match="unknown metric 'bleu': momos_hf ships perplexity, accuracy, embedding_cosine"
+    ):
         load_metric("bleu")

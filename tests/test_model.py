@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from momos_hf import MoMosConfig, MoMosConv1D, MoMosLayer, MoMosLinear, MoMosModel, get_momos_model
-from momos_hf.fitting import to_blocks
+from momos_hf.mosaic import to_blocks
 
 ARCHS = list(ARCHITECTURES)
 
@@ -24,8 +24,10 @@ def test_default_targets_are_the_block_projections_and_nothing_else(arch):
     model = build(arch)
     leaves = ARCHITECTURES[arch][1]
     expected = {
-        name for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, Conv1D)) and any(name.endswith("." + leaf) for leaf in leaves)
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D))
+        and any(name.endswith("." + leaf) for leaf in leaves)
         and any(part.isdigit() for part in name.split("."))
     }
     mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2))
@@ -74,7 +76,9 @@ def test_weights_made_of_k_blocks_convert_losslessly(arch):
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, Conv1D)) and any(p.isdigit() for p in name.split(".")):
-                out_features, in_features = module.weight.shape[::-1] if isinstance(module, Conv1D) else module.weight.shape
+                out_features, in_features = (
+                    module.weight.shape[::-1] if isinstance(module, Conv1D) else module.weight.shape
+                )
                 mosaic = torch.randint(0, 8, (out_features, -(-in_features // 5)), generator=generator)
                 weight = patterns[mosaic].reshape(out_features, -1)[:, :in_features]
                 module.weight.copy_(weight.T if isinstance(module, Conv1D) else weight)
@@ -125,7 +129,10 @@ def test_print_trainable_parameters_counts_the_weights_the_mosaic_stands_for(cap
     assert trainable == motif_params + mm.base_model.lm_head.weight.numel()
     assert total == dense_total  # every converted weight counts once, as PEFT counts packed 4-bit weights
     mm.print_trainable_parameters()
-    assert f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}" in capsys.readouterr().out
+    assert (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        in capsys.readouterr().out
+    )
 
 
 def test_global_scope_shares_one_dictionary():
@@ -179,9 +186,13 @@ def test_motif_dtype_overrides():
 
 def test_target_selection_by_list_regex_and_all_linear():
     model = build("llama")
-    mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules=["q_proj", "v_proj"]))
+    mm = get_momos_model(
+        copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules=["q_proj", "v_proj"])
+    )
     assert {n.rsplit(".", 1)[1] for n in mm.momos_layers()} == {"q_proj", "v_proj"}
-    mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules=r".*\.1\.mlp\..*_proj"))
+    mm = get_momos_model(
+        copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules=r".*\.1\.mlp\..*_proj")
+    )
     assert len(mm.momos_layers()) == 3
     mm = get_momos_model(copy.deepcopy(model), MoMosConfig(k=8, s=4, kmeans_iters=1, target_modules="all-linear"))
     assert len(mm.momos_layers()) == 14 and "lm_head" not in mm.momos_layers()
@@ -190,7 +201,11 @@ def test_target_selection_by_list_regex_and_all_linear():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"target_modules": ["q_proj", "qkv"]}, r"target_modules \['qkv'\] match no module of LlamaForCausalLM; its linear layers are named like \['down_proj'"),
+        (
+            {"target_modules": ["q_proj", "qkv"]},
+            r"target_modules \['qkv'\] match no module of LlamaForCausalLM; its linear layers are named like "
+            r"\['down_proj'",
+        ),
         ({"target_modules": ["mlp"]}, r"MoMos does not replace: \['model.layers.0.mlp \(LlamaMLP\)'"),
         ({"target_modules": "nothing.*"}, "selects no linear layer"),
         ({"k": 1000}, r"k=1000 motifs do not fit: model.layers.0.self_attn.q_proj \(32, 32\) has only 256 blocks"),
@@ -269,7 +284,9 @@ def test_dequantize_gives_the_layers_back(tmp_path, loaded):
     with torch.no_grad():
         torch.testing.assert_close(dense(**inputs).logits, reference, rtol=1e-5, atol=1e-5)
     dense.save_pretrained(tmp_path / "dense")
-    assert not any(isinstance(m, MoMosLinear) for m in AutoModelForCausalLM.from_pretrained(tmp_path / "dense").modules())
+    assert not any(
+        isinstance(m, MoMosLinear) for m in AutoModelForCausalLM.from_pretrained(tmp_path / "dense").modules()
+    )
 
 
 def test_float16_with_row_scales_stays_finite():
@@ -278,7 +295,9 @@ def test_float16_with_row_scales_stays_finite():
         model.model.layers[0].mlp.down_proj.weight.mul_(2000.0)  # rows near the top of float16's range
     mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=2, scale=True))
     layer = mm.base_model.model.layers[0].mlp.down_proj
-    assert layer.scale.dtype == torch.float16 and torch.isfinite(layer.scale).all() and torch.isfinite(layer.motifs).all()
+    assert (
+        layer.scale.dtype == torch.float16 and torch.isfinite(layer.scale).all() and torch.isfinite(layer.motifs).all()
+    )
     assert mm.fit_errors["model.layers.0.mlp.down_proj"] < 1
 
 
@@ -300,11 +319,17 @@ def test_dtype_casts_the_converted_model_after_the_fit():
     assert torch.isfinite(mm(**model_inputs("llama")).logits).all()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m: get_momos_model(m, MoMosConfig(k=16, s=4), dtype="bfloat16"), "dtype must be a floating-point torch.dtype"),
-    (lambda m: get_momos_model(None, MoMosConfig(k=16, s=4)), "model must be a torch.nn.Module"),
-    (lambda m: get_momos_model(m, {"k": 16}), "config must be a MoMosConfig"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m: get_momos_model(m, MoMosConfig(k=16, s=4), dtype="bfloat16"),
+            "dtype must be a floating-point torch.dtype",
+        ),
+        (lambda m: get_momos_model(None, MoMosConfig(k=16, s=4)), "model must be a torch.nn.Module"),
+        (lambda m: get_momos_model(m, {"k": 16}), "config must be a MoMosConfig"),
+    ],
+)
 def test_bad_arguments_leave_the_model_untouched(call, message):
     model = build("llama")
     with pytest.raises(ValueError, match=message):

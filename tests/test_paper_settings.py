@@ -5,15 +5,22 @@ import math
 
 import pytest
 import torch
+from conftest import build, model_inputs
 from torch import nn
 
-from conftest import build, model_inputs
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.checkpoint import checkpoint_info
-from momos_hf.complexity import complexity_report
-from momos_hf.fitting import fake_quantize_motifs, quantize_motifs
+from momos_hf.checkpoint.info import checkpoint_info
 from momos_hf.model import MoMosModel
-from momos_hf.pruning import HardConcreteGate, apply_masks, kept_for_bits, magnitude_masks, sparse_description_bits, top_masks
+from momos_hf.mosaic import fake_quantize_motifs, quantize_motifs
+from momos_hf.report.complexity import complexity_report
+from momos_hf.train.pruning import (
+    HardConcreteGate,
+    apply_masks,
+    kept_for_bits,
+    magnitude_masks,
+    sparse_description_bits,
+    top_masks,
+)
 
 
 def mlp(seed=0):
@@ -22,8 +29,18 @@ def mlp(seed=0):
 
 
 def paper_config(**kw):
-    return MoMosConfig(**{"capacity": 0.02, "s": 4, "motif_scope": "global", "fit": "sample", "zero_motif": True,
-                          "train_mode": "projected", "target_modules": "all-linear", **kw})
+    return MoMosConfig(
+        **{
+            "capacity": 0.02,
+            "s": 4,
+            "motif_scope": "global",
+            "fit": "sample",
+            "zero_motif": True,
+            "train_mode": "projected",
+            "target_modules": "all-linear",
+            **kw,
+        }
+    )
 
 
 def test_quantized_motifs_lie_on_a_symmetric_grid():
@@ -55,7 +72,10 @@ def test_q_bit_motifs_train_save_and_load_on_the_grid(arch, tmp_path):
         optimizer.step()
     assert len(torch.unique(layer.effective_motifs().detach())) <= 15
     mm.save_pretrained(tmp_path / "ckpt")
-    assert checkpoint_info(tmp_path / "ckpt")["description_length_bytes"] * 8 == complexity_report(mm, max_bytes=0).converted_bits
+    assert (
+        checkpoint_info(tmp_path / "ckpt")["description_length_bytes"] * 8
+        == complexity_report(mm, max_bytes=0).converted_bits
+    )
     loaded = MoMosModel.from_pretrained(tmp_path / "ckpt")
     assert next(iter(loaded.momos_layers().values())).motif_bits == 4
     with torch.no_grad():
@@ -85,13 +105,19 @@ def test_constrained_vectors_sit_on_the_dictionary_and_are_counted():
     assert len(torch.unique(bias.detach())) > 15
     mm.project()
     motifs = mm.base_model[0].effective_motifs().detach()
-    assert torch.allclose(bias.detach(), motifs[mm.vector_mosaics["0.bias"].long().flatten()].flatten()[:128], atol=1e-6)
+    assert torch.allclose(
+        bias.detach(), motifs[mm.vector_mosaics["0.bias"].long().flatten()].flatten()[:128], atol=1e-6
+    )
     with pytest.raises(ValueError, match="constrain_vectors=True has no MoMos checkpoint form"):
-        get_momos_model(build("llama"), paper_config(constrain_vectors=True, target_modules=None)).save_pretrained("unused")
+        get_momos_model(build("llama"), paper_config(constrain_vectors=True, target_modules=None)).save_pretrained(
+            "unused"
+        )
 
 
 def test_constrain_vectors_covers_norms_and_spares_modules_to_save():
-    mm = get_momos_model(build("llama"), paper_config(constrain_vectors=True, target_modules=None, modules_to_save=["norm"]))
+    mm = get_momos_model(
+        build("llama"), paper_config(constrain_vectors=True, target_modules=None, modules_to_save=["norm"])
+    )
     names = set(mm.vector_mosaics)
     assert "model.layers.0.input_layernorm.weight" in names and "model.norm.weight" not in names
     assert all(mm.base_model.get_parameter(n).ndim == 1 for n in names)
@@ -122,4 +148,6 @@ def test_magnitude_and_gate_masks():
     gate.train()
     sampled = gate(weight)
     assert 0 <= sampled.min() and sampled.max() <= 1 and 0.8 < (sampled > 0).float().mean() <= 1.0
-    assert gate.open_probability().mean().item() == pytest.approx(torch.sigmoid(torch.tensor(math.log(9) - 2 / 3 * math.log(0.1 / 1.1))).item())
+    assert gate.open_probability().mean().item() == pytest.approx(
+        torch.sigmoid(torch.tensor(math.log(9) - 2 / 3 * math.log(0.1 / 1.1))).item()
+    )

@@ -8,7 +8,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 # loaded by path, not via sys.path, so benchmarks/common.py and friends cannot shadow other tests' imports
-_spec = importlib.util.spec_from_file_location("peers", Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py")
+_spec = importlib.util.spec_from_file_location(
+    "peers", Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+)
 peers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(peers)
 
@@ -19,7 +21,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def levels_per_group(q: torch.Tensor, group: int) -> int:
     """Most distinct values in one row of one group."""
-    return max(len(torch.unique(q[r, c:c + group])) for r in range(q.shape[0]) for c in range(0, q.shape[1], group))
+    return max(len(torch.unique(q[r, c : c + group])) for r in range(q.shape[0]) for c in range(0, q.shape[1], group))
 
 
 def correlated_inputs(cols: int, rows: int = 4096, seed: int = 1) -> torch.Tensor:
@@ -38,12 +40,13 @@ def naive_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group: int, damping:
     hinv, q = torch.linalg.inv(h), torch.zeros_like(w)
     for c in range(w.shape[1]):
         if c % group == 0:
-            lo, s = peers._grid(w[:, c:c + group], maxq)
-        q[:, c] = peers._snap(w[:, c:c + 1], lo, s, maxq)[:, 0]
+            lo, s = peers._grid(w[:, c : c + group], maxq)
+        q[:, c] = peers._snap(w[:, c : c + 1], lo, s, maxq)[:, 0]
         err = (w[:, c] - q[:, c]) / hinv[c, c]
-        w[:, c + 1:] -= err[:, None] * hinv[c, c + 1:]
-        hinv -= hinv[:, c:c + 1] @ hinv[c:c + 1, :] / hinv[c, c]  # drop column c from the problem
+        w[:, c + 1 :] -= err[:, None] * hinv[c, c + 1 :]
+        hinv -= hinv[:, c : c + 1] @ hinv[c : c + 1, :] / hinv[c, c]  # drop column c from the problem
     return q.float()
+
 
 # -----------------------------------------------------------------------------
 # RTN
@@ -56,8 +59,8 @@ def test_rtn_levels_and_extremes(bits):
     assert q.shape == w.shape and q.dtype == w.dtype
     assert levels_per_group(q, 32) <= 2**bits
     for c in range(0, 100, 32):  # min-max grid: each group's min and max are levels
-        torch.testing.assert_close(q[:, c:c + 32].amin(1), w[:, c:c + 32].amin(1))
-        torch.testing.assert_close(q[:, c:c + 32].amax(1), w[:, c:c + 32].amax(1))
+        torch.testing.assert_close(q[:, c : c + 32].amin(1), w[:, c : c + 32].amin(1))
+        torch.testing.assert_close(q[:, c : c + 32].amax(1), w[:, c : c + 32].amax(1))
     assert (q - w).abs().max() <= (w.amax(1) - w.amin(1)).max() / (2**bits - 1) / 2 + 1e-6  # at most half a step
 
 
@@ -84,11 +87,14 @@ def test_rtn_groups_are_independent_and_edge_cases():
     torch.testing.assert_close(q[:, 96:], peers.quantize_rtn(w[:, 96:], 2, 4))  # the short last group
     torch.testing.assert_close(q[:, 32:64], peers.quantize_rtn(w[:, 32:64], 2, 32))
     torch.testing.assert_close(peers.quantize_rtn(w, 2, 1000), peers.quantize_rtn(w, 2, 100))  # group > in: per row
-    torch.testing.assert_close(peers.quantize_rtn(torch.full((2, 8), 0.3), 2, 4), torch.full((2, 8), 0.3))  # constant group
+    torch.testing.assert_close(
+        peers.quantize_rtn(torch.full((2, 8), 0.3), 2, 4), torch.full((2, 8), 0.3)
+    )  # constant group
     qb = peers.quantize_rtn(w.bfloat16(), 2, 32)
     assert qb.dtype == torch.bfloat16
     with pytest.raises(ValueError):
         peers.quantize_rtn(w[0], 2, 32)
+
 
 # -----------------------------------------------------------------------------
 # GPTQ
@@ -118,7 +124,9 @@ def test_gptq_with_diagonal_moment_is_rtn():
     w = torch.randn(32, 100, generator=gen())
     rtn = peers.quantize_rtn(w, 3, 32)
     assert torch.equal(peers.quantize_gptq(w, torch.eye(100), 3, 32), rtn)
-    assert torch.equal(peers.quantize_gptq(w, torch.diag(torch.rand(100, generator=gen(1)) + 0.1), 3, 32, block_size=16), rtn)
+    assert torch.equal(
+        peers.quantize_gptq(w, torch.diag(torch.rand(100, generator=gen(1)) + 0.1), 3, 32, block_size=16), rtn
+    )
 
 
 def test_gptq_short_group_dead_inputs_and_dtype():
@@ -131,6 +139,7 @@ def test_gptq_short_group_dead_inputs_and_dtype():
     assert output_error(x, w, q.float()) < 0.8 * output_error(x, w, peers.quantize_rtn(w, 2, 32))
     with pytest.raises(ValueError, match="moment"):
         peers.quantize_gptq(w, torch.eye(99), 2, 32)
+
 
 # -----------------------------------------------------------------------------
 # HQQ
@@ -153,13 +162,18 @@ def test_hqq_matches_hqq_linear_and_its_storage():
 
     w = torch.randn(40, 128, generator=gen())  # 80 groups of 64: packs without padding at 2, 3 and 4 bits
     for bits in (2, 3, 4):
-        layer = HQQLinear.from_weights(w.clone(), None, BaseQuantizeConfig(nbits=bits, group_size=64, axis=1), device="cpu")
-        torch.testing.assert_close(peers.quantize_hqq(w, bits, 64), layer.dequantize().float(), rtol=2e-3, atol=1e-3)  # hqq computes in fp16
+        layer = HQQLinear.from_weights(
+            w.clone(), None, BaseQuantizeConfig(nbits=bits, group_size=64, axis=1), device="cpu"
+        )
+        torch.testing.assert_close(
+            peers.quantize_hqq(w, bits, 64), layer.dequantize().float(), rtol=2e-3, atol=1e-3
+        )  # hqq computes in fp16
         stored = sum(t.numel() * t.element_size() * 8 for t in (layer.W_q, layer.meta["scale"], layer.meta["zero"]))
         assert stored / w.numel() == peers.hqq_bits_per_weight(bits, 64)
     assert peers.hqq_bits_per_weight(3, 64) == 3.2 + 0.5 and peers.hqq_bits_per_weight(4, 128) == 4.25
     with pytest.raises(ValueError):
         peers.quantize_hqq(torch.randn(4, 100), 2, 64)  # hqq groups must tile the rows
+
 
 # -----------------------------------------------------------------------------
 # models
@@ -172,8 +186,16 @@ def test_bits_per_weight():
 
 def tiny_llama() -> torch.nn.Module:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=128))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    )
 
 
 def tiny_gpt2() -> torch.nn.Module:
@@ -185,9 +207,11 @@ def moments_from(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Te
     """X^T X / rows of each named layer's input on random tokens: how a benchmark would calibrate."""
     sums, hooks = {}, []
     for name in names:
+
         def hook(module, args, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[name] = x.T @ x / x.shape[0]
+
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
     with torch.no_grad():
         model(torch.randint(0, 128, (4, 32), generator=gen()))
@@ -216,7 +240,11 @@ def test_quantize_model_llama(method):
 
 def test_quantize_model_gpt2_conv1d():
     model, ref = tiny_gpt2(), tiny_gpt2()
-    names = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]  # Conv1D [in, out]
+    names = [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+    ]  # Conv1D [in, out]
     assert peers.quantize_model(model, names, "rtn", 2, 32) == peers.bits_per_weight(2, 32)
     for key, value in model.state_dict().items():
         name = key.removesuffix(".weight")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from momos_hf.fitting import reconstruct
+from momos_hf.kernels.products import LOOKUP_TABLE_RATIO, PRODUCTS, lookup_product, select_product
 from momos_hf.layer import MoMosLinear
-from momos_hf.products import LOOKUP_TABLE_RATIO, PRODUCTS, lookup_product, select_product
+from momos_hf.mosaic import reconstruct
 
 
 def lookup_linear(x, motifs, mosaic, scale=None):
@@ -41,7 +41,9 @@ def test_lookup_gradients_match_the_dense_product():
 
 def layer(zero_motif=False):
     motifs, mosaic = random_mosaic()
-    return MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic, bias=torch.nn.Parameter(torch.randn(24)), zero_motif=zero_motif)
+    return MoMosLinear(
+        37, 24, torch.nn.Parameter(motifs), mosaic, bias=torch.nn.Parameter(torch.randn(24)), zero_motif=zero_motif
+    )
 
 
 def test_the_selector_picks_by_device_dtype_shape_and_gradient():
@@ -49,9 +51,13 @@ def test_the_selector_picks_by_device_dtype_shape_and_gradient():
     most = LOOKUP_TABLE_RATIO * 24 // 16  # rows * k <= ratio * out
     for rows, expected in ((1, "compiled_lookup"), (most, "compiled_lookup"), (most + 1, "reconstruct")):
         assert select_product(torch.empty(rows, 37), motifs, None, 24) == expected
-    assert select_product(torch.empty(2, 3, 37), motifs, None, 24) == "compiled_lookup"  # rows count every leading dimension
+    assert (
+        select_product(torch.empty(2, 3, 37), motifs, None, 24) == "compiled_lookup"
+    )  # rows count every leading dimension
     assert select_product(torch.empty(2, 37, dtype=torch.bfloat16), motifs, None, 24) == "compiled_lookup"
-    assert select_product(torch.empty(2, 37, dtype=torch.float64), motifs, None, 24) == "lookup"  # it computes in float32
+    assert (
+        select_product(torch.empty(2, 37, dtype=torch.float64), motifs, None, 24) == "lookup"
+    )  # it computes in float32
     assert select_product(torch.empty(2, 37), trainable, None, 24) == "lookup"  # no backward in the compiled one
     assert select_product(torch.empty(2, 37), motifs, torch.ones(24, requires_grad=True), 24) == "lookup"
     with torch.no_grad():
@@ -78,8 +84,12 @@ def test_every_product_computes_the_layer(name):
     motifs, mosaic = random_mosaic()
     scale = torch.rand(24) + 0.5
     x = torch.randn(5, 37)
-    torch.testing.assert_close(PRODUCTS[name](x, motifs, mosaic, scale, 37), x @ reconstruct(motifs, mosaic, 37, scale).T,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        PRODUCTS[name](x, motifs, mosaic, scale, 37),
+        x @ reconstruct(motifs, mosaic, 37, scale).T,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_layer_uses_the_chosen_product_and_its_override(monkeypatch):
@@ -129,7 +139,9 @@ def test_model_cache_weights_switches_every_layer():
         torch.testing.assert_close(mm(**inputs).logits, reference, rtol=1e-5, atol=1e-5)
         assert all(layer._weight_cache is not None for layer in mm.momos_layers().values())
         mm.cache_weights(False)
-        assert all(layer._weight_cache is None and not layer.weight_cache_enabled for layer in mm.momos_layers().values())
+        assert all(
+            layer._weight_cache is None and not layer.weight_cache_enabled for layer in mm.momos_layers().values()
+        )
 
 
 def test_a_mosaic_index_beyond_k_is_refused_before_a_product_reads_it():

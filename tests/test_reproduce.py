@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import build, model_inputs
+
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.complexity import bdm_of_signs, histogram_entropy
-from momos_hf.tracking import ComplexityTracker, complexity_snapshot, sample_values
+from momos_hf.report.complexity import bdm_of_signs, histogram_entropy
+from momos_hf.train.tracking import ComplexityTracker, complexity_snapshot, sample_values
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
@@ -34,7 +34,9 @@ def test_snapshot_of_dense_and_momos_models():
     figures = complexity_snapshot(dense, max_values=4096)
     assert figures["values"] <= 4096 + 32
     assert figures["description_length_bits"] == 32 * sum(p.numel() for p in dense.parameters())
-    assert {"gzip_ratio", "lzma_ratio", "bdm1d_bits_per_sign", "bdm2d_bits_per_sign", "histogram_entropy"} <= set(figures)
+    assert {"gzip_ratio", "lzma_ratio", "bdm1d_bits_per_sign", "bdm2d_bits_per_sign", "histogram_entropy"} <= set(
+        figures
+    )
     mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, motif_scope="global"))
     momos = complexity_snapshot(mm, max_values=4096)
     assert momos["description_length_bits"] < 0.5 * figures["description_length_bits"]
@@ -57,7 +59,10 @@ class FakeClock:
 def test_tracker_keeps_its_budget(monkeypatch):
     clock = FakeClock()
     costs = iter([1.0, 1.0, 3.0] + [1.0] * 100)  # seconds per measurement; the third is dear
-    monkeypatch.setattr("momos_hf.tracking.complexity_snapshot", lambda model, max_values: setattr(clock, "now", clock.now + next(costs)) or {})
+    monkeypatch.setattr(
+        "momos_hf.train.tracking.complexity_snapshot",
+        lambda model, max_values: setattr(clock, "now", clock.now + next(costs)) or {},
+    )
     tracker = ComplexityTracker(every=2, max_overhead=0.1, clock=clock)
     measured, overheads = [], []
     for step in range(400):
@@ -83,8 +88,15 @@ def test_tracker_schedule_and_trainer(tmp_path):
     assert [row["step"] for row in rows if row] == [0, 2, 4, 6, 8] and rows[1] is None
     assert 0 < tracker.overhead <= 1
     data = [dict(input_ids=row, labels=row) for row in model_inputs("llama", batch=8, length=8)["input_ids"]]
-    args = TrainingArguments(str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             logging_steps=1, save_strategy="no")
+    args = TrainingArguments(
+        str(tmp_path / "trainer"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+    )
     callback = ComplexityTracker(every=2, max_values=2048, max_overhead=None)
     Trainer(model=mm.base_model, args=args, train_dataset=data, callbacks=[callback]).train()
     assert [r["step"] for r in callback.history] == [0, 2, 4]
@@ -107,7 +119,11 @@ def test_reproduce_paper_quick(tmp_path):
     for task in ("digits", "lm"):  # the baselines are held to the paper's description length at the same capacity
         paper = next(r for r in runs if r["task"] == task and r["procedure"] == "paper" and r["q"] == 32)
         for pruned in (r for r in runs if r["task"] == task and r["procedure"] in ("magnitude", "l0")):
-            assert paper["description_length_bits"] * 0.999 < pruned["description_length_bits"] <= paper["description_length_bits"]
+            assert (
+                paper["description_length_bits"] * 0.999
+                < pruned["description_length_bits"]
+                <= paper["description_length_bits"]
+            )
         q4 = next(r for r in runs if r["task"] == task and r["procedure"] == "paper" and r["q"] == 4)
         assert q4["description_length_bits"] < paper["description_length_bits"]
         assert next(r for r in runs if r["task"] == task and r["procedure"] == "dense")["bits_per_param"] == 32

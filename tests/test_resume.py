@@ -5,10 +5,10 @@ import logging
 
 import pytest
 import torch
-
 from conftest import build, model_inputs
+
 from momos_hf import MoMosConfig, get_momos_model
-from momos_hf.model import MoMosModel
+from momos_hf.convert import Converter
 
 CONFIG = MoMosConfig(k=16, s=4, scale=True, fit="data-aware")
 
@@ -18,8 +18,10 @@ def batches(seed=0):
 
 
 def state(mm):
-    return {name: (layer.motifs.detach().clone(), layer.mosaic.clone(), layer.scale.detach().clone())
-            for name, layer in mm.momos_layers().items()}
+    return {
+        name: (layer.motifs.detach().clone(), layer.mosaic.clone(), layer.scale.detach().clone())
+        for name, layer in mm.momos_layers().items()
+    }
 
 
 def assert_same(a, b):
@@ -31,7 +33,7 @@ def assert_same(a, b):
 @pytest.fixture
 def fits(monkeypatch):
     """The names of the layers each `_fit` call fitted; `fits.fail_at` makes call number n raise."""
-    calls, real = [], MoMosModel._fit
+    calls, real = [], Converter.fit
 
     def counting(self, matrices, *args, **kwargs):
         calls.append(sorted(matrices))
@@ -39,7 +41,7 @@ def fits(monkeypatch):
             raise KeyboardInterrupt  # as a user's Ctrl-C would
         return real(self, matrices, *args, **kwargs)
 
-    monkeypatch.setattr(MoMosModel, "_fit", counting)
+    monkeypatch.setattr(Converter, "fit", counting)
     counting.calls = calls
     return counting
 
@@ -80,9 +82,11 @@ def test_saved_blocks_are_used_only_when_they_match(tmp_path, fits, caplog):
     assert len(fits.calls) == 2
     reference_files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     block0 = tmp_path / "block-0.safetensors"
-    for damage in (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]),  # an edited tensor byte
-                   lambda b: b[: len(b) // 2],  # truncated
-                   lambda b: b""):  # empty
+    for damage in (
+        lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]),  # an edited tensor byte
+        lambda b: b[: len(b) // 2],  # truncated
+        lambda b: b"",
+    ):  # empty
         block0.write_bytes(damage(reference_files["block-0.safetensors"]))
         fits.calls.clear()
         with caplog.at_level(logging.WARNING):

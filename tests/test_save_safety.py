@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import momos_hf.checkpoint as checkpoint
 from momos_hf import MoMosConfig, MoMosModel, get_momos_model
-from momos_hf.data import byte_tokenizer
+from momos_hf.app.text import byte_tokenizer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,11 +82,19 @@ def test_a_save_that_fails_before_its_commit_changes_nothing(tmp_path, monkeypat
             raise PermissionError("read-only file system")
         real_replace(src, dst)
 
-    for target, fault in (("save_file", no_permission), ("write_text_synced", no_permission), ("os.replace", commit_fails)):
+    for target, fault in (
+        ("save_file", no_permission),
+        ("write_text_synced", no_permission),
+        ("os.replace", commit_fails),
+    ):
         with monkeypatch.context() as patch:
-            patch.setattr(checkpoint.os, "replace", fault) if target == "os.replace" else patch.setattr(checkpoint, target, fault)
+            patch.setattr(checkpoint.os, "replace", fault) if target == "os.replace" else patch.setattr(
+                checkpoint, target, fault
+            )
             with pytest.raises(PermissionError):
-                other_generation(converted(2), 99).save_pretrained(tmp_path, tokenizer=byte_tokenizer(), max_shard_size=8000)
+                other_generation(converted(2), 99).save_pretrained(
+                    tmp_path, tokenizer=byte_tokenizer(), max_shard_size=8000
+                )
         assert snapshot(tmp_path) == before  # generation config and tokenizer included
 
 
@@ -119,8 +127,11 @@ def test_a_folder_holding_another_model_is_refused_untouched(tmp_path):
 
 
 def test_weight_files_the_save_did_not_write_are_kept(tmp_path):
-    others = {"model.safetensors": b"a dense model of mine", "model_dense_backup.safetensors": b"backup",
-              "model.fp16.safetensors": b"half"}
+    others = {
+        "model.safetensors": b"a dense model of mine",
+        "model_dense_backup.safetensors": b"backup",
+        "model.fp16.safetensors": b"half",
+    }
     for name, data in others.items():
         (tmp_path / name).write_bytes(data)
     first, second = converted(1), converted(2)
@@ -139,8 +150,9 @@ def test_only_weight_files_of_a_previous_save_are_ever_removed(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"]["checksums"].update({"README.md": "0" * 64, "notes": "0" * 64})  # forged
     (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / ".momos-save.json").write_text(json.dumps({"staging": ".momos-save-000000000000",
-                                                           "create": ["README.md"], "remove": ["README.md"]}))
+    (tmp_path / ".momos-save.json").write_text(
+        json.dumps({"staging": ".momos-save-000000000000", "create": ["README.md"], "remove": ["README.md"]})
+    )
     converted(2).save_pretrained(tmp_path)
     assert {k: v for k, v in snapshot(tmp_path).items() if k in mine} == mine
 
@@ -158,8 +170,11 @@ def test_impossible_targets_are_named(tmp_path, case):
         (target / "config.json").mkdir(parents=True)
     else:
         tokenizer = "byte"
-    with pytest.raises(ValueError, match="link to a folder that does not exist|cannot create the folder|already holds a "
-                                         "model that is not a MoMos checkpoint|tokenizer must be a tokenizer"):
+    with pytest.raises(
+        ValueError,
+        match="link to a folder that does not exist|cannot create the folder|already holds a "
+        "model that is not a MoMos checkpoint|tokenizer must be a tokenizer",
+    ):
         converted(1).save_pretrained(target, tokenizer=tokenizer)
 
 
@@ -169,9 +184,11 @@ def test_a_state_dict_that_would_not_load_is_not_saved(tmp_path):
     before = snapshot(tmp_path)
     full = good.state_dict()
     motifs = next(k for k in full if k.endswith(".motifs"))
-    for state, message in (({k: v for k, v in full.items() if "embed_tokens" not in k}, "lacks"),
-                           ({**full, motifs: full[motifs] * float("nan")}, "has NaN or infinite values"),
-                           ({**full, "base_model.lm_head.weight": full["base_model.lm_head.weight"][:3]}, "other shapes")):
+    for state, message in (
+        ({k: v for k, v in full.items() if "embed_tokens" not in k}, "lacks"),
+        ({**full, motifs: full[motifs] * float("nan")}, "has NaN or infinite values"),
+        ({**full, "base_model.lm_head.weight": full["base_model.lm_head.weight"][:3]}, "other shapes"),
+    ):
         with pytest.raises(ValueError, match=message):
             good.save_pretrained(tmp_path, state_dict=state)
         assert snapshot(tmp_path) == before
@@ -194,7 +211,7 @@ import os, random, sys, time
 sys.path.insert(0, {tests!r})
 import momos_hf.checkpoint as checkpoint
 from momos_hf import MoMosModel
-from momos_hf.data import byte_tokenizer
+from momos_hf.app.text import byte_tokenizer
 
 random.seed(int(sys.argv[3]))
 real_replace = checkpoint.os.replace
@@ -214,9 +231,13 @@ for i in range(int(sys.argv[4])):
 
 def start_saver(source, target, seed, saves, delay=0.02):
     code = textwrap.dedent(SAVER.format(tests=TESTS, delay=delay))
-    return subprocess.Popen([sys.executable, "-c", code, str(source), str(target), str(seed), str(saves)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(source), str(target), str(seed), str(saves)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
 
 
 def wait_ready(process, timeout=120):
@@ -280,5 +301,7 @@ def test_two_processes_saving_into_one_folder_take_turns(tmp_path, two_checkpoin
     weights = [p.name for p in target.iterdir() if p.name.startswith("model") and "safetensors" in p.name]
     quantization = checkpoint.read_checkpoint_config(target)["quantization_config"]
     assert set(weights) == {quantization["weights"], *checkpoint.weight_file_names(target, quantization["weights"])}
-    assert isinstance(AutoModelForCausalLM.from_pretrained(target).model.layers[0].mlp.up_proj, type(
-        next(iter(MoMosModel.from_pretrained(target).momos_layers().values()))))
+    assert isinstance(
+        AutoModelForCausalLM.from_pretrained(target).model.layers[0].mlp.up_proj,
+        type(next(iter(MoMosModel.from_pretrained(target).momos_layers().values()))),
+    )

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
-from momos_hf.training import MoMosCallback, ProjectionSchedule, distillation_loss, momos_state_digest
+from momos_hf.train.schedule import MoMosCallback, ProjectionSchedule, distillation_loss, momos_state_digest
 
 
 def test_projected_mode_starts_dense_and_snaps_onto_the_mosaic():
@@ -52,10 +52,14 @@ def test_checkpoints_never_hold_latent_weights(tmp_path):
         assert not [k for k in f.keys() if k.endswith(".latent")]
 
 
-@pytest.mark.parametrize("every, step, epoch_end, due", [(0, 5, False, False), (0, 5, True, True), (2, 4, False, True),
-                                                         (2, 3, False, False), (2, 4, True, False)])
+@pytest.mark.parametrize(
+    "every, step, epoch_end, due",
+    [(0, 5, False, False), (0, 5, True, True), (2, 4, False, True), (2, 3, False, False), (2, 4, True, False)],
+)
 def test_projection_schedule(every, step, epoch_end, due, monkeypatch):
-    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=every))
+    mm = get_momos_model(
+        build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=every)
+    )
     steps = []
     monkeypatch.setattr(MoMosModel, "project", lambda self: steps.append(step))
     schedule = ProjectionSchedule(mm)
@@ -81,14 +85,25 @@ def test_distillation_loss():
 
 
 def test_trainer_callback_projects_on_schedule(tmp_path, monkeypatch):
-    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=2))
+    mm = get_momos_model(
+        build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=2)
+    )
     ids = model_inputs("llama", batch=8)["input_ids"]
     dataset = [{"input_ids": row, "labels": row} for row in ids]
     projections = []
     original = MoMosModel.project
     monkeypatch.setattr(MoMosModel, "project", lambda self: projections.append(1) or original(self))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     Trainer(model=mm.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train()
     assert len(projections) == 2  # steps 2 and 4; the end of training needs none after step 4's
     layer = mm.base_model.model.layers[1].self_attn.o_proj
@@ -98,9 +113,18 @@ def test_trainer_callback_projects_on_schedule(tmp_path, monkeypatch):
 def test_trainer_checkpoints_and_save_model_are_compact_momos_checkpoints(tmp_path):
     mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste", project_every=2))
     dataset = [{"input_ids": row, "labels": row} for row in model_inputs("llama", batch=8)["input_ids"]]
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
-                             disable_tqdm=True, logging_strategy="no")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     trainer = Trainer(model=mm.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()])
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
@@ -115,10 +139,13 @@ def test_trainer_checkpoints_and_save_model_are_compact_momos_checkpoints(tmp_pa
         with torch.no_grad():
             torch.testing.assert_close(loaded(**inputs).logits, reference, rtol=0, atol=1e-5)
     # Resuming restores the MoMos state from checkpoint-2 and continues to the same end.
-    resumed = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste", project_every=2))
+    resumed = get_momos_model(
+        build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste", project_every=2)
+    )
     args.output_dir = str(tmp_path / "resumed")
     Trainer(model=resumed.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train(
-        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")
+    )
     assert all(torch.isfinite(l.mosaic_weight()).all() for l in resumed.momos_layers().values())
 
 
@@ -139,7 +166,7 @@ def test_trainer_push_to_hub_is_refused_before_anything_is_uploaded(tmp_path):
         from conftest import build
         from transformers import Trainer, TrainingArguments
         from momos_hf import MoMosConfig, get_momos_model
-        from momos_hf.training import MoMosCallback
+        from momos_hf.train.schedule import MoMosCallback
 
         mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1))
         args = TrainingArguments(output_dir=r"{tmp_path}", max_steps=1, report_to=[], use_cpu=True, push_to_hub=True,
@@ -149,7 +176,14 @@ def test_trainer_push_to_hub_is_refused_before_anything_is_uploaded(tmp_path):
         print("refused")
     """
     with HubServer() as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "PYTHONPATH": os.path.dirname(__file__)}
-        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "PYTHONPATH": os.path.dirname(__file__),
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0 and "refused" in done.stdout, done.stderr[-3000:]
         assert not any(hub.state.repos.values())  # nothing was uploaded

@@ -41,6 +41,7 @@ def cpu_features() -> str:
         return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         import platform
+
         return platform.processor() + platform.machine()
 
 
@@ -54,9 +55,13 @@ def build(compiler: str) -> Path:
     record = path.with_suffix(".sha256")
     if not (path.is_file() and record.is_file() and record.read_text() == sha256_of(path)):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:  # whole files or none: concurrent builds race safely
+        with tempfile.TemporaryDirectory(
+            dir=path.parent
+        ) as scratch:  # whole files or none: concurrent builds race safely
             built = Path(scratch) / path.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True)
+            subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True
+            )
             (Path(scratch) / record.name).write_text(sha256_of(built))
             os.replace(built, path)
             os.replace(Path(scratch) / record.name, record)
@@ -76,8 +81,10 @@ def library() -> Optional[dict[torch.dtype, Callable]]:
         lib = ctypes.CDLL(str(build(compiler)))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        logger.warning(f"momos_hf: the compiled CPU lookup is unavailable ({compiler}: {detail.strip()[:300]}); "
-                       "using the torch-op lookup")
+        logger.warning(
+            f"momos_hf: the compiled CPU lookup is unavailable ({compiler}: {detail.strip()[:300]}); "
+            "using the torch-op lookup"
+        )
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     functions = {dtype: getattr(lib, name) for dtype, name in ENTRIES.items()}
@@ -87,14 +94,19 @@ def library() -> Optional[dict[torch.dtype, Callable]]:
     return functions
 
 
-def compiled_lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
-                            in_features: int) -> torch.Tensor:
+def compiled_lookup_product(
+    x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor], in_features: int
+) -> torch.Tensor:
     """`x @ W_hat^T` by the compiled lookup (float32 inside, the result in `x`'s dtype). Inference only.
     Decoding calls it once per layer and token, so it does little besides the call."""
-    if torch.is_grad_enabled() and (x.requires_grad or motifs.requires_grad or (scale is not None and scale.requires_grad)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or motifs.requires_grad or (scale is not None and scale.requires_grad)
+    ):
         raise RuntimeError("the compiled CPU lookup has no backward: use product 'lookup' or 'reconstruct' to train")
     if x.device.type != "cpu" or mosaic.dtype not in ENTRIES:
-        raise ValueError(f"the compiled lookup runs on CPU tensors with a uint8/uint16/int32 mosaic, got {x.device} {mosaic.dtype}")
+        raise ValueError(
+            f"the compiled lookup runs on CPU tensors with a uint8/uint16/int32 mosaic, got {x.device} {mosaic.dtype}"
+        )
     functions = library()
     if functions is None:
         raise RuntimeError("the compiled CPU lookup could not be built here (see the warning above)")
@@ -106,9 +118,19 @@ def compiled_lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch
     rows, motifs, mosaic = rows.contiguous(), motifs.float().contiguous(), mosaic.contiguous()
     scale = None if scale is None else scale.float().contiguous()
     y = torch.empty(rows.shape[0], out_features)
-    failed = functions[mosaic.dtype](rows.data_ptr(), rows.shape[0], motifs.data_ptr(), k, s, mosaic.data_ptr(),
-                                     out_features, nb, None if scale is None else scale.data_ptr(), y.data_ptr(),
-                                     torch.get_num_threads())
+    failed = functions[mosaic.dtype](
+        rows.data_ptr(),
+        rows.shape[0],
+        motifs.data_ptr(),
+        k,
+        s,
+        mosaic.data_ptr(),
+        out_features,
+        nb,
+        None if scale is None else scale.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
     if failed:
         raise MemoryError(f"the compiled lookup could not allocate its table ({nb} x {k} floats per 8 rows)")
     return y.to(x.dtype).view(*x.shape[:-1], out_features)

@@ -26,10 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
-LOOKUP_CONFIGS = [triton.Config({"BLOCK_O": o, "BLOCK_J": j}, num_warps=w) for o, j, w in
-                  ((64, 32, 4), (128, 32, 4), (32, 64, 2), (128, 64, 8))]
-MATMUL_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for m, n, k, w, st in
-                  ((16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 4))]
+LOOKUP_CONFIGS = [
+    triton.Config({"BLOCK_O": o, "BLOCK_J": j}, num_warps=w)
+    for o, j, w in ((64, 32, 4), (128, 32, 4), (32, 64, 2), (128, 64, 8))
+]
+MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+    for m, n, k, w, st in ((16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 4))
+]
 
 
 def tuned(configs: list[triton.Config], key: list[str], **options):
@@ -58,8 +62,18 @@ def _weight_tile(motifs_ptr, mosaic_ptr, outs, cols, out_features, in_features, 
 
 @tuned(LOOKUP_CONFIGS, key=["out_features", "nb", "k"])
 @triton.jit
-def _lookup_kernel(table_ptr, mosaic_ptr, scale_ptr, y_ptr, out_features, nb, k, HAS_SCALE: tl.constexpr,
-                   BLOCK_O: tl.constexpr, BLOCK_J: tl.constexpr):
+def _lookup_kernel(
+    table_ptr,
+    mosaic_ptr,
+    scale_ptr,
+    y_ptr,
+    out_features,
+    nb,
+    k,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
     row = tl.program_id(1)
     outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     table = table_ptr + row.to(tl.int64) * nb * k
@@ -76,50 +90,112 @@ def _lookup_kernel(table_ptr, mosaic_ptr, scale_ptr, y_ptr, out_features, nb, k,
 
 @tuned(MATMUL_CONFIGS, key=["out_features", "in_features"])
 @triton.jit
-def _matmul_kernel(x_ptr, motifs_ptr, mosaic_ptr, scale_ptr, y_ptr, rows, out_features, in_features, nb,
-                   S: tl.constexpr, HAS_SCALE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matmul_kernel(
+    x_ptr,
+    motifs_ptr,
+    mosaic_ptr,
+    scale_ptr,
+    y_ptr,
+    rows,
+    out_features,
+    in_features,
+    nb,
+    S: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, in_features, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + ms[:, None].to(tl.int64) * in_features + cols[None, :],
-                    mask=(ms[:, None] < rows) & (cols[None, :] < in_features), other=0.0)
+        x = tl.load(
+            x_ptr + ms[:, None].to(tl.int64) * in_features + cols[None, :],
+            mask=(ms[:, None] < rows) & (cols[None, :] < in_features),
+            other=0.0,
+        )
         w = _weight_tile(motifs_ptr, mosaic_ptr, outs, cols, out_features, in_features, nb, S)
         acc = tl.dot(x.to(DOT), tl.trans(w.to(DOT)), acc, input_precision=PRECISION)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + outs, mask=outs < out_features, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None].to(tl.int64) * out_features + outs[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(ms[:, None] < rows) & (outs[None, :] < out_features))
+    tl.store(
+        y_ptr + ms[:, None].to(tl.int64) * out_features + outs[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(ms[:, None] < rows) & (outs[None, :] < out_features),
+    )
 
 
 @tuned(MATMUL_CONFIGS, key=["out_features", "in_features"])
 @triton.jit
-def _input_grad_kernel(dy_ptr, motifs_ptr, mosaic_ptr, scale_ptr, dx_ptr, rows, out_features, in_features, nb,
-                       S: tl.constexpr, HAS_SCALE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _input_grad_kernel(
+    dy_ptr,
+    motifs_ptr,
+    mosaic_ptr,
+    scale_ptr,
+    dx_ptr,
+    rows,
+    out_features,
+    in_features,
+    nb,
+    S: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dx[rows, in] = (dy * scale)[rows, out] @ W[out, in]; here BLOCK_K tiles the input features."""
     ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, out_features, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        dy = tl.load(dy_ptr + ms[:, None].to(tl.int64) * out_features + outs[None, :],
-                     mask=(ms[:, None] < rows) & (outs[None, :] < out_features), other=0.0)
+        dy = tl.load(
+            dy_ptr + ms[:, None].to(tl.int64) * out_features + outs[None, :],
+            mask=(ms[:, None] < rows) & (outs[None, :] < out_features),
+            other=0.0,
+        )
         if HAS_SCALE:
-            dy = (dy.to(tl.float32) * tl.load(scale_ptr + outs, mask=outs < out_features, other=0.0).to(tl.float32)[None, :]).to(dy.dtype)
+            dy = (
+                dy.to(tl.float32)
+                * tl.load(scale_ptr + outs, mask=outs < out_features, other=0.0).to(tl.float32)[None, :]
+            ).to(dy.dtype)
         w = _weight_tile(motifs_ptr, mosaic_ptr, outs, cols, out_features, in_features, nb, S)
         acc = tl.dot(dy.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
-    tl.store(dx_ptr + ms[:, None].to(tl.int64) * in_features + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(ms[:, None] < rows) & (cols[None, :] < in_features))
+    tl.store(
+        dx_ptr + ms[:, None].to(tl.int64) * in_features + cols[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=(ms[:, None] < rows) & (cols[None, :] < in_features),
+    )
 
 
 @tuned(MATMUL_CONFIGS, key=["out_features", "in_features"], reset_to_zero=["dmotifs_ptr", "dscale_ptr"])
 @triton.jit
-def _motif_grad_kernel(dy_ptr, x_ptr, motifs_ptr, mosaic_ptr, scale_ptr, dmotifs_ptr, dscale_ptr, rows, out_features,
-                       in_features, nb, S: tl.constexpr, HAS_SCALE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _motif_grad_kernel(
+    dy_ptr,
+    x_ptr,
+    motifs_ptr,
+    mosaic_ptr,
+    scale_ptr,
+    dmotifs_ptr,
+    dscale_ptr,
+    rows,
+    out_features,
+    in_features,
+    nb,
+    S: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """The weight gradient `G = dy^T x` one [BLOCK_N, BLOCK_K] tile at a time, never whole: entry (o, c) goes to
     motif mosaic[o, c // S], position c % S (times scale[o]), and `sum_c G * W` to scale[o]'s gradient."""
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,13 +203,23 @@ def _motif_grad_kernel(dy_ptr, x_ptr, motifs_ptr, mosaic_ptr, scale_ptr, dmotifs
     grad = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, rows, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M)
-        dy = tl.load(dy_ptr + ms[:, None].to(tl.int64) * out_features + outs[None, :],
-                     mask=(ms[:, None] < rows) & (outs[None, :] < out_features), other=0.0)
-        x = tl.load(x_ptr + ms[:, None].to(tl.int64) * in_features + cols[None, :],
-                    mask=(ms[:, None] < rows) & (cols[None, :] < in_features), other=0.0)
+        dy = tl.load(
+            dy_ptr + ms[:, None].to(tl.int64) * out_features + outs[None, :],
+            mask=(ms[:, None] < rows) & (outs[None, :] < out_features),
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + ms[:, None].to(tl.int64) * in_features + cols[None, :],
+            mask=(ms[:, None] < rows) & (cols[None, :] < in_features),
+            other=0.0,
+        )
         grad = tl.dot(tl.trans(dy.to(DOT)), x.to(DOT), grad, input_precision=PRECISION)
     codes, mask = _codes(mosaic_ptr, outs, cols, out_features, in_features, nb, S)
-    scale = tl.load(scale_ptr + outs, mask=outs < out_features, other=0.0).to(tl.float32) if HAS_SCALE else tl.full((BLOCK_N,), 1.0, tl.float32)
+    scale = (
+        tl.load(scale_ptr + outs, mask=outs < out_features, other=0.0).to(tl.float32)
+        if HAS_SCALE
+        else tl.full((BLOCK_N,), 1.0, tl.float32)
+    )
     tl.atomic_add(dmotifs_ptr + codes * S + cols[None, :] % S, grad * scale[:, None], mask=mask)
     if HAS_SCALE:
         w = tl.load(motifs_ptr + codes * S + cols[None, :] % S, mask=mask, other=0.0).to(tl.float32)
@@ -146,11 +232,20 @@ def _dot(dtype: torch.dtype) -> dict:
     for bfloat16 tiles (seen with triton 3.9), so there they are multiplied in float32."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     tile = torch.float32 if interpreted and dtype == torch.bfloat16 else dtype
-    return {"DOT": getattr(tl, str(tile).removeprefix("torch.")), "PRECISION": "ieee" if tile == torch.float32 else "tf32"}
+    return {
+        "DOT": getattr(tl, str(tile).removeprefix("torch.")),
+        "PRECISION": "ieee" if tile == torch.float32 else "tf32",
+    }
 
 
-def _forward(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor], in_features: int,
-             kernel: str) -> torch.Tensor:
+def _forward(
+    x: torch.Tensor,
+    motifs: torch.Tensor,
+    mosaic: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    in_features: int,
+    kernel: str,
+) -> torch.Tensor:
     k, s = motifs.shape
     out_features, nb = mosaic.shape
     rows = x.shape[0]
@@ -163,8 +258,20 @@ def _forward(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale:
         _lookup_kernel[grid](table, mosaic, scale_arg, y, out_features, nb, k, HAS_SCALE=scale is not None)
     else:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"]))
-        _matmul_kernel[grid](x, motifs, mosaic, scale_arg, y, rows, out_features, in_features, nb, S=s,
-                             HAS_SCALE=scale is not None, **_dot(x.dtype))
+        _matmul_kernel[grid](
+            x,
+            motifs,
+            mosaic,
+            scale_arg,
+            y,
+            rows,
+            out_features,
+            in_features,
+            nb,
+            S=s,
+            HAS_SCALE=scale is not None,
+            **_dot(x.dtype),
+        )
     return y
 
 
@@ -190,21 +297,53 @@ class MosaicProduct(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
             grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(in_features, meta["BLOCK_K"]))
-            _input_grad_kernel[grid](dy, motifs, mosaic, scale if has_scale else dy, dx, rows, out_features, in_features,
-                                     nb, S=s, HAS_SCALE=has_scale, **dot)
+            _input_grad_kernel[grid](
+                dy,
+                motifs,
+                mosaic,
+                scale if has_scale else dy,
+                dx,
+                rows,
+                out_features,
+                in_features,
+                nb,
+                S=s,
+                HAS_SCALE=has_scale,
+                **dot,
+            )
         if ctx.needs_input_grad[1] or (has_scale and ctx.needs_input_grad[3]):
             dmotifs = torch.zeros(k, s, device=x.device, dtype=torch.float32)
             dscale = torch.zeros(out_features, device=x.device, dtype=torch.float32)
             grid = lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]), triton.cdiv(in_features, meta["BLOCK_K"]))
-            _motif_grad_kernel[grid](dy, x, motifs, mosaic, scale if has_scale else dy, dmotifs, dscale, rows, out_features,
-                                     in_features, nb, S=s, HAS_SCALE=has_scale, **dot)
+            _motif_grad_kernel[grid](
+                dy,
+                x,
+                motifs,
+                mosaic,
+                scale if has_scale else dy,
+                dmotifs,
+                dscale,
+                rows,
+                out_features,
+                in_features,
+                nb,
+                S=s,
+                HAS_SCALE=has_scale,
+                **dot,
+            )
             dmotifs = dmotifs.to(motifs.dtype) if ctx.needs_input_grad[1] else None
             dscale = dscale.to(scale.dtype) if has_scale and ctx.needs_input_grad[3] else None
         return dx, dmotifs, None, dscale, None, None
 
 
-def triton_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
-                   in_features: int, kernel: str) -> torch.Tensor:
+def triton_product(
+    x: torch.Tensor,
+    motifs: torch.Tensor,
+    mosaic: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    in_features: int,
+    kernel: str,
+) -> torch.Tensor:
     """`x[..., in] @ W_hat^T` by the Triton `kernel` ("lookup" or "matmul"; module docstring), differentiable."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = MosaicProduct.apply(rows, motifs.contiguous(), mosaic.contiguous(), scale, in_features, kernel)

@@ -30,8 +30,9 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     """Per example of a causal LM batch: the summed NLL of its predicted tokens (position t predicts label t+1;
     labels of -100 are skipped) and their number, the inputs of the `perplexity` metric."""
     targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                            reduction="none").view_as(targets)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view_as(targets)
     counted = targets != -100
     return (nll * counted).sum(1), counted.sum(1)
 

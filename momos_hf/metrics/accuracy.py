@@ -10,7 +10,9 @@ class Accuracy(evaluate.Metric):
             description=__doc__,
             citation="",
             inputs_description="predictions: predicted labels (int); references: true labels (int)",
-            features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references):

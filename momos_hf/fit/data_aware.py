@@ -1,8 +1,8 @@
 """Data-aware fitting: motifs and mosaic that minimise a layer's output error on calibration inputs.
 
-For inputs `X[t, in]` the output error of a weight `W_hat` is `||X (W - W_hat)^T||^2 = sum_o e_o H e_o^T`
-with `H = X^T X` (the input moment, `momos_hf.calibration`) and `e_o` row `o` of `W - W_hat`. Three steps, in the spirit of GPTQ/GPTVQ, as pure
-functions of `W` and `H`:
+For inputs `X[t, in]` the output error of a weight `W_hat` is `||X (W - W_hat)^T||^2 = sum_o e_o H e_o^T` with `H =
+X^T X` (the input moment, `momos_hf.convert.calibration`) and `e_o` row `o` of `W - W_hat`. Three steps, in the
+spirit of GPTQ/GPTVQ, as pure functions of `W` and `H`:
 
 1. Motifs start as weighted k-means of the blocks, each value weighted by how costly its error is
    once the later columns may compensate it (`1 / U_cc^2`, `U` the upper Cholesky factor of `H^-1`).
@@ -22,7 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from .fitting import FitOptions, MosaicFit, assign, check_num_motifs, index_dtype, kmeans, num_blocks_per_row, reconstruct, row_rms
+from ..mosaic import index_dtype, num_blocks_per_row, reconstruct
+from .weight_space import (
+    FitOptions,
+    MosaicFit,
+    assign,
+    check_num_motifs,
+    kmeans,
+    row_rms,
+)
 
 DAMPING = 0.03  # fraction of the mean diagonal added to H (GPTQ uses 0.01); 0.03 measured best on MiniLM
 PAD_DIAGONAL = 1e-6  # padding columns carry no input: a tiny diagonal keeps H invertible without weight
@@ -171,7 +179,9 @@ def fit_data_aware(matrices: list[torch.Tensor], moments: list[torch.Tensor], op
     padded = [_pad_columns(m.detach(), s).float() for m in matrices]
     normalised = [p / row_rms(p).unsqueeze(1) if options.scale else p for p in padded]
     blocks = torch.cat([n.reshape(-1, s) for n in normalised])
-    importance = torch.cat([column_importance(u).reshape(-1, s).repeat(n.shape[0], 1) for u, n in zip(uppers, normalised)])
+    importance = torch.cat(
+        [column_importance(u).reshape(-1, s).repeat(n.shape[0], 1) for u, n in zip(uppers, normalised)]
+    )
     motifs = kmeans(blocks, k, options.iters, generator, importance, options.zero_motif, options.max_assign_bytes)
     del blocks, importance  # two copies of the weights, needed by k-means only
     mosaics = [assign_with_feedback(n, motifs, u, options.max_assign_bytes) for n, u in zip(normalised, uppers)]

@@ -10,18 +10,23 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils.logging import tqdm
 
-from .complexity import complexity_report
-from .config import MoMosConfig
-from .data import embedded_text
-from .model import MoMosModel, get_momos_model
+from ..config import MoMosConfig
+from ..model import MoMosModel, get_momos_model
+from ..report.complexity import complexity_report
+from .text import embedded_text
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 256) -> LlamaForCausalLM:
     """A 1M-parameter Llama over byte tokens; every projection has >= 1024 blocks of 16."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
     )
     return LlamaForCausalLM(config)
 
@@ -48,7 +53,8 @@ def run_demo(
     split = int(0.9 * len(data))
     train, valid = data[:split], data[split:]
     mm: MoMosModel = get_momos_model(
-        tiny_llama(seed), MoMosConfig(k=k, s=s, motif_scope=scope, seed=seed, modules_to_save=["embed_tokens", "lm_head"])
+        tiny_llama(seed),
+        MoMosConfig(k=k, s=s, motif_scope=scope, seed=seed, modules_to_save=["embed_tokens", "lm_head"]),
     )
     mm.print_trainable_parameters()
     optimizer = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=3e-3)

@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Union
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layer import LAYER_TYPES, layer_class_for
+from ..layer import LAYER_TYPES, layer_class_for, momos_layers
 
 
 def in_repeated_block(name: str) -> bool:
@@ -20,7 +20,11 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[list[str], str
     """Full names of the modules that `target_modules` selects (see `MoMosConfig.target_modules`), in module
     order, with the modules tied to them (see `tie_groups`)."""
     head = output_embeddings(model)
-    linear = {name: module for name, module in model.named_modules() if type(module) in (nn.Linear, Conv1D) and module is not head}
+    linear = {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) in (nn.Linear, Conv1D) and module is not head
+    }
     if target_modules is None:
         targets = [name for name in linear if in_repeated_block(name)]
     elif target_modules == "all-linear":
@@ -32,12 +36,20 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[list[str], str
     else:
         targets = match_names(model, target_modules, "target_modules")
     if not targets:
-        raise ValueError(f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
-                         f"linear layers are named like {_leaf_names(linear)}")
-    unsupported = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in targets if layer_class_for(model.get_submodule(n)) is None]
+        raise ValueError(
+            f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
+            f"linear layers are named like {_leaf_names(linear)}"
+        )
+    unsupported = [
+        f"{n} ({type(model.get_submodule(n)).__name__})"
+        for n in targets
+        if layer_class_for(model.get_submodule(n)) is None
+    ]
     if unsupported:
-        raise ValueError(f"target_modules selects modules MoMos does not replace: {unsupported[:5]}; it replaces "
-                         f"{', '.join(cls.replaces.__name__ for cls in LAYER_TYPES.values())}")
+        raise ValueError(
+            f"target_modules selects modules MoMos does not replace: {unsupported[:5]}; it replaces "
+            f"{', '.join(cls.replaces.__name__ for cls in LAYER_TYPES.values())}"
+        )
     tied = {name for pair in tie_groups(model, targets).items() for name in pair}
     return [name for name, _ in model.named_modules() if name in set(targets) | tied]
 
@@ -58,7 +70,9 @@ def tie_groups(model: nn.Module, targets: Iterable[str]) -> dict[str, str]:
             module, leader = model.get_submodule(name), model.get_submodule(group[0])
             cls, leader_cls = layer_class_for(module), layer_class_for(leader)
             if cls is None or leader_cls is None or cls.matrix_of(module).shape != leader_cls.matrix_of(leader).shape:
-                raise ValueError(f"{name} shares its weight with {group[0]} (tied) and cannot follow it into MoMos form")
+                raise ValueError(
+                    f"{name} shares its weight with {group[0]} (tied) and cannot follow it into MoMos form"
+                )
             ties[name] = group[0]
     return ties
 
@@ -82,8 +96,10 @@ def match_names(model: nn.Module, entries: Iterable[str], option: str) -> list[s
     unknown = [e for e in entries if not any(n == e or n.endswith("." + e) for n in names)]
     if unknown:
         linear = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, Conv1D)}
-        raise ValueError(f"{option} {unknown} match no module of {type(model).__name__}; "
-                         f"its linear layers are named like {_leaf_names(linear)}")
+        raise ValueError(
+            f"{option} {unknown} match no module of {type(model).__name__}; "
+            f"its linear layers are named like {_leaf_names(linear)}"
+        )
     return matched
 
 
@@ -95,3 +111,14 @@ def output_embeddings(model: nn.Module) -> Optional[nn.Module]:
 
 def _leaf_names(modules: dict[str, nn.Module]) -> list[str]:
     return sorted({name.rpartition(".")[2] for name in modules})
+
+
+def drop_momos_ties(model: nn.Module) -> None:
+    """Take the weights of MoMos layers out of the model's map of tied weights: MoMos ties those layers
+    itself (one dictionary, mosaic and scale), and Transformers' tying would assign a `weight` to a MoMos
+    layer. Other ties (an LM head's bias, say) stay."""
+    weights = {f"{name}.weight" for name in momos_layers(model)}
+    keys = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in list(keys.items()):
+        if target in weights or source in weights:
+            del keys[target]

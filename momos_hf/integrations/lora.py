@@ -25,8 +25,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .fitting import relative_error
-from .layer import MoMosLayer, assign_, momos_layers
+from ..layer import MoMosLayer, assign_, momos_layers
+from ..mosaic import relative_error
 
 __all__ = ["MoMosLoraLinear", "get_lora_model", "load_lora", "merge_lora"]
 
@@ -39,12 +39,24 @@ class MoMosLoraLinear(nn.Module, LoraLayer):
 
     adapter_layer_names = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1,
-                 **kwargs: Any) -> None:
-        for option, name in ((config.use_dora, "DoRA"), (config.lora_bias, "lora_bias"),
-                             (getattr(config, "velora_config", None), "VeLoRA")):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        for option, name in (
+            (config.use_dora, "DoRA"),
+            (config.lora_bias, "lora_bias"),
+            (getattr(config, "velora_config", None), "VeLoRA"),
+        ):
             if option:
-                raise ValueError(f"{name} is not supported on MoMos layers (it needs the dense base weight every step)")
+                raise ValueError(
+                    f"{name} is not supported on MoMos layers (it needs the dense base weight every step)"
+                )
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False  # the adapter works on the [out, in] matrix whatever the base's layout
@@ -80,7 +92,9 @@ class MoMosLoraLinear(nn.Module, LoraLayer):
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Replace the MoMos base by a dense module of the replaced type holding `W_hat + sum of updates`
         (exact; `unmerge()` brings the MoMos base back). `safe_merge` checks the result is finite first."""
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
+        names = [
+            n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters
+        ]
         if not names:
             return
         if not self.merged:
@@ -93,7 +107,9 @@ class MoMosLoraLinear(nn.Module, LoraLayer):
                 matrix = matrix + self.get_delta_weight(name).float()
             if safe_merge and not torch.isfinite(matrix).all():
                 raise ValueError(f"merging adapters {names} gives non-finite weights")
-            dense.weight = nn.Parameter(momos.module_layout(matrix).to(dense.weight.dtype).contiguous(), requires_grad=False)
+            dense.weight = nn.Parameter(
+                momos.module_layout(matrix).to(dense.weight.dtype).contiguous(), requires_grad=False
+            )
         self.base_layer = dense
         self.merged_adapters.extend(names)
 
@@ -116,8 +132,11 @@ def _with_momos_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
         from transformers.pytorch_utils import Conv1D
 
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                 if module is not head and (isinstance(module, (nn.Linear, Conv1D)) or type(module) in kinds)}
+        names = {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if module is not head and (isinstance(module, (nn.Linear, Conv1D)) or type(module) in kinds)
+        }
         if not names:
             raise ValueError("target_modules='all-linear' found no linear or MoMos matrix layer in the model")
         config.target_modules = names
@@ -126,7 +145,7 @@ def _with_momos_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 def _base_of(model: nn.Module) -> nn.Module:
     """A `MoMosModel` from `get_momos_model` adapts its Transformers model; anything else adapts itself."""
-    from .model import MoMosModel
+    from ..model import MoMosModel
 
     return model.base_model if isinstance(model, MoMosModel) else model
 
@@ -140,13 +159,15 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     return get_peft_model(model, _with_momos_layers(config, model), adapter_name=adapter_name, **kwargs)
 
 
-def load_lora(model: nn.Module, adapter: Union[str, os.PathLike], adapter_name: str = "default",
-              **kwargs: Any) -> PeftModel:
+def load_lora(
+    model: nn.Module, adapter: Union[str, os.PathLike], adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
     """`PeftModel.from_pretrained` of an adapter saved from `get_lora_model` onto a freshly loaded MoMos base."""
     model = _base_of(model)
     config = LoraConfig.from_pretrained(adapter, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
-    return PeftModel.from_pretrained(model, adapter, adapter_name=adapter_name,
-                                     config=_with_momos_layers(config, model), **kwargs)
+    return PeftModel.from_pretrained(
+        model, adapter, adapter_name=adapter_name, config=_with_momos_layers(config, model), **kwargs
+    )
 
 
 def merge_lora(model: PeftModel, into: str = "dense") -> tuple[nn.Module, dict[str, float]]:
@@ -169,15 +190,24 @@ def merge_lora(model: PeftModel, into: str = "dense") -> tuple[nn.Module, dict[s
         for module in adapted.values():
             layer = module.get_base_layer()
             targets[layer] = layer.mosaic_weight(torch.float32) + sum(
-                module.get_delta_weight(n).float() for n in module.active_adapters if n in module.lora_A)
+                module.get_delta_weight(n).float() for n in module.active_adapters if n in module.lora_A
+            )
     unloaded = model.unload()
     for motifs in {id(layer.motifs): layer.motifs for layer in targets}.values():
-        sharing = [layer for layer in momos_layers(unloaded).values() if layer.motifs is motifs and layer.leader is None]
+        sharing = [
+            layer for layer in momos_layers(unloaded).values() if layer.motifs is motifs and layer.leader is None
+        ]
         assign_(motifs, solve_shared_motifs(sharing, [targets.get(layer) for layer in sharing]))
-    names = {layer: name.removeprefix("base_model.model.") for name, module in adapted.items()
-             for layer in [module.get_base_layer()]}
+    names = {
+        layer: name.removeprefix("base_model.model.")
+        for name, module in adapted.items()
+        for layer in [module.get_base_layer()]
+    }
     with torch.no_grad():
-        return unloaded, {names[layer]: relative_error(target, layer.mosaic_weight(torch.float32)) for layer, target in targets.items()}
+        return unloaded, {
+            names[layer]: relative_error(target, layer.mosaic_weight(torch.float32))
+            for layer, target in targets.items()
+        }
 
 
 def solve_shared_motifs(layers: list[MoMosLayer], targets: list[Optional[torch.Tensor]]) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .calibration import attention_mask_of, batch_on
-from .layer import momos_layers
+from ..convert.calibration import attention_mask_of, batch_on
+from ..layer import momos_layers
 
 DEFAULT_FINETUNE_LR = 1e-3  # SmolLM2 at 2 bits, 64 steps: 1.42x dense at 1e-3, 1.62x at 1e-4
 
@@ -74,7 +74,9 @@ def teacher_targets(model: nn.Module, batches: Iterable[Mapping[str, Any]], top:
     return targets
 
 
-def top_kl(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def top_kl(
+    student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Mean over positions (where `mask` is true) of `KL(teacher || student)` over the teacher's top tokens
     `ids[t, top]` (log-probabilities `logprobs[t, top]`) and one bucket holding every other token."""
     student = F.log_softmax(student_logits.float(), dim=-1).gather(-1, ids.long())
@@ -90,8 +92,10 @@ def _logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The `[t, vocab]` logits of a one-window batch."""
     logits = getattr(model(**inputs), "logits", None)
     if logits is None:
-        raise ValueError(f"{type(model).__name__} gives no logits: fine-tuning to the dense model needs a model with "
-                         "a language-model head (AutoModelForCausalLM, ...ForMaskedLM)")
+        raise ValueError(
+            f"{type(model).__name__} gives no logits: fine-tuning to the dense model needs a model with "
+            "a language-model head (AutoModelForCausalLM, ...ForMaskedLM)"
+        )
     return logits[0]
 
 
@@ -115,8 +119,13 @@ def tuned_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(params.values())
 
 
-def finetune_to_teacher(model: nn.Module, targets: TeacherTargets, steps: Optional[int] = None, lr: float = DEFAULT_FINETUNE_LR,
-                        progress: bool = True) -> list[float]:
+def finetune_to_teacher(
+    model: nn.Module,
+    targets: TeacherTargets,
+    steps: Optional[int] = None,
+    lr: float = DEFAULT_FINETUNE_LR,
+    progress: bool = True,
+) -> list[float]:
     """Train `tuned_parameters(model)` (a converted model, or its `MoMosModel`) for `steps` steps of one window
     each (default: one pass over `targets`) to minimise `top_kl` against the teacher, with AdamW and a cosine
     learning rate from `lr` to 0. Training runs in float32 (the updates are smaller than a bfloat16 step) in
@@ -124,13 +133,17 @@ def finetune_to_teacher(model: nn.Module, targets: TeacherTargets, steps: Option
     model = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     steps = len(targets) if steps is None else steps
     if steps < 1 or len(targets) == 0:
-        raise ValueError(f"fine-tuning needs at least one step and one window, got steps={steps}, {len(targets)} windows")
+        raise ValueError(
+            f"fine-tuning needs at least one step and one window, got steps={steps}, {len(targets)} windows"
+        )
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"the fine-tuning learning rate must be a positive number, got {lr}")
     latent = [name for name, layer in momos_layers(model).items() if layer.latent is not None]
     if latent:
-        raise ValueError(f"{latent[0]} trains a dense latent weight (train_mode {momos_layers(model)[latent[0]].train_mode!r}): "
-                         "fine-tuning towards the dense model trains motifs and scales, in train_mode 'motifs'")
+        raise ValueError(
+            f"{latent[0]} trains a dense latent weight (train_mode {momos_layers(model)[latent[0]].train_mode!r}): "
+            "fine-tuning towards the dense model trains motifs and scales, in train_mode 'motifs'"
+        )
     device = next(model.parameters()).device
     dtypes = _cast_floats(model, {})
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -150,13 +163,17 @@ def finetune_to_teacher(model: nn.Module, targets: TeacherTargets, steps: Option
             inputs = batch_on(targets.inputs[i], device)
             logits = _logits(model, inputs)
             mask = attention_mask_of(inputs)
-            loss = top_kl(logits, targets.ids[i].to(device), targets.logprobs[i].to(device), None if mask is None else mask[0])
+            loss = top_kl(
+                logits, targets.ids[i].to(device), targets.logprobs[i].to(device), None if mask is None else mask[0]
+            )
             if not torch.isfinite(loss):
                 with torch.no_grad():
                     for param, value in zip(params, start):
                         param.copy_(value)
-                raise ValueError(f"fine-tuning diverged (loss {float(loss.detach())} at step {step}); the model is as it was "
-                                 f"before it: use a smaller learning rate than {lr}")
+                raise ValueError(
+                    f"fine-tuning diverged (loss {float(loss.detach())} at step {step}); the model is as it was "
+                    f"before it: use a smaller learning rate than {lr}"
+                )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

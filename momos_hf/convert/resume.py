@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
-from .fitting import index_dtype, num_blocks_per_row
+from ..mosaic import index_dtype, num_blocks_per_row
 
 logger = logging.get_logger(__name__)
 
@@ -47,8 +47,12 @@ def conversion_key(settings: Mapping[str, Any], model: nn.Module, batches: list[
     name) and the calibration batches (every tensor by name)."""
     config = getattr(getattr(model, "config", None), "to_dict", dict)()
     state = sorted((name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if t is not None)
-    inputs = [(f"batch {i} {key}", value) for i, batch in enumerate(batches) for key, value in sorted(batch.items())
-              if torch.is_tensor(value)]
+    inputs = [
+        (f"batch {i} {key}", value)
+        for i, batch in enumerate(batches)
+        for key, value in sorted(batch.items())
+        if torch.is_tensor(value)
+    ]
     names = [name for name, _ in state + inputs]
     seed = json.dumps({"settings": settings, "config": config, "tensors": names}, sort_keys=True, default=str)
     return tensor_digest([t for _, t in state + inputs], seed)
@@ -94,14 +98,30 @@ class BlockResults:
             return None
 
     @staticmethod
-    def _layer(name: str, tensors: dict[str, torch.Tensor], error: Any, out_features: int, in_features: int, k: int,
-               s: int, scale: bool) -> tuple:
+    def _layer(
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        error: Any,
+        out_features: int,
+        in_features: int,
+        k: int,
+        s: int,
+        scale: bool,
+    ) -> tuple:
         motifs, mosaic, scales = tensors[f"{name}.motifs"], tensors[f"{name}.mosaic"], tensors.get(f"{name}.scale")
-        if (not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error)
-                or tuple(motifs.shape) != (k, s) or tuple(mosaic.shape) != (out_features, num_blocks_per_row(in_features, s))
-                or mosaic.dtype != index_dtype(k) or (mosaic.numel() and int(mosaic.max()) >= k)
-                or (scales is None) == scale or (scales is not None and tuple(scales.shape) != (out_features,))
-                or not torch.isfinite(motifs).all() or (scales is not None and not torch.isfinite(scales).all())):
+        if (
+            not isinstance(error, (int, float))
+            or isinstance(error, bool)
+            or not math.isfinite(error)
+            or tuple(motifs.shape) != (k, s)
+            or tuple(mosaic.shape) != (out_features, num_blocks_per_row(in_features, s))
+            or mosaic.dtype != index_dtype(k)
+            or (mosaic.numel() and int(mosaic.max()) >= k)
+            or (scales is None) == scale
+            or (scales is not None and tuple(scales.shape) != (out_features,))
+            or not torch.isfinite(motifs).all()
+            or (scales is not None and not torch.isfinite(scales).all())
+        ):
             raise ValueError(f"{name}'s tensors do not fit a {out_features}x{in_features} layer with k={k}, s={s}")
         return (nn.Parameter(motifs), mosaic, None if scales is None else nn.Parameter(scales), float(error))
 

@@ -21,9 +21,9 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-from .checkpoint import layer_specs
-from .fitting import dictionary_bits, index_bits
-from .layer import MoMosLayer, momos_layers
+from ..checkpoint.schema import layer_specs
+from ..layer import MoMosLayer, momos_layers
+from ..mosaic import dictionary_bits, index_bits
 
 DEFAULT_MAX_BYTES = 4 * 2**20
 
@@ -94,7 +94,10 @@ class ComplexityReport:
             "total_params": self.converted_params + self.other_params,
             "total_description_length_bits": self.total_bits,
         }
-        layers = [dict(asdict(l), description_length_bits=l.description_length_bits, bits_per_weight=l.bits_per_weight) for l in self.layers]
+        layers = [
+            dict(asdict(l), description_length_bits=l.description_length_bits, bits_per_weight=l.bits_per_weight)
+            for l in self.layers
+        ]
         return {**asdict(self), "layers": layers, "totals": totals}
 
     def to_json(self) -> str:
@@ -104,29 +107,41 @@ class ComplexityReport:
         """A plain-text table for the console."""
         lines = []
         if per_layer:
-            head = f"{'layer':<44} {'shape':>11} {'k':>6} {'s':>3} {'bits/w':>7} {'DL KiB':>9} {'x fp32':>7} {'x fp16':>7} {'rel.err':>7} {'use H':>6}"
+            head = (
+                f"{'layer':<44} {'shape':>11} {'k':>6} {'s':>3} {'bits/w':>7} {'DL KiB':>9} {'x fp32':>7} "
+                f"{'x fp16':>7} {'rel.err':>7} {'use H':>6}"
+            )
             lines += [head, "-" * len(head)]
             for l in self.layers:
                 err = "-" if l.rel_error is None else f"{l.rel_error:.3f}"
                 lines.append(
                     f"{l.name[-44:]:<44} {l.shape[0]:>5}x{l.shape[1]:<5} {l.k:>6} {l.s:>3} {l.bits_per_weight:>7.3f} "
-                    f"{l.description_length_bits / 8192:>9.1f} {32 / l.bits_per_weight:>7.1f} {16 / l.bits_per_weight:>7.1f} "
+                    f"{l.description_length_bits / 8192:>9.1f} {32 / l.bits_per_weight:>7.1f} "
+                    f"{16 / l.bits_per_weight:>7.1f} "
                     f"{err:>7} {l.usage_entropy:>6.2f}"
                 )
             lines.append("")
         mib = 8 * 2**20
         total_params = self.converted_params + self.other_params
         lines += [
-            f"converted layers     {len(self.layers)} ({self.converted_params:,d} weights, {self.converted_params / total_params:.1%} of parameters)",
+            f"converted layers     {len(self.layers)} ({self.converted_params:,d} weights, "
+            f"{self.converted_params / total_params:.1%} of parameters)",
             f"bits per weight      {self.bits_per_weight:.4f} (mosaic, dictionaries and scales)",
-            f"converted size       {self.converted_bits / mib:.3f} MiB = {32 / self.bits_per_weight:.1f}x smaller than fp32, {16 / self.bits_per_weight:.1f}x than fp16",
-            f"whole model          {self.total_bits / mib:.3f} MiB vs {32 * total_params / mib:.3f} MiB fp32 ({32 * total_params / self.total_bits:.2f}x)",
+            f"converted size       {self.converted_bits / mib:.3f} MiB = {32 / self.bits_per_weight:.1f}x smaller "
+            f"than fp32, {16 / self.bits_per_weight:.1f}x than fp16",
+            f"whole model          {self.total_bits / mib:.3f} MiB vs {32 * total_params / mib:.3f} MiB fp32 "
+            f"({32 * total_params / self.total_bits:.2f}x)",
         ]
         if self.compression_ratios:
             ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in self.compression_ratios.items())
-            lines.append(f"lossless compression {ratios} (on {self.measured_bytes / 2**20:.2f} MiB of float32 weights)")
+            lines.append(
+                f"lossless compression {ratios} (on {self.measured_bytes / 2**20:.2f} MiB of float32 weights)"
+            )
         if self.bdm_bits is not None:
-            lines.append(f"BDM of sign bits     {self.bdm_bits:,.0f} bits over {self.bdm_sign_bits:,d} signs ({self.bdm_bits / self.bdm_sign_bits:.4f} bits/sign)")
+            lines.append(
+                f"BDM of sign bits     {self.bdm_bits:,.0f} bits over {self.bdm_sign_bits:,d} signs "
+                f"({self.bdm_bits / self.bdm_sign_bits:.4f} bits/sign)"
+            )
         return "\n".join(lines)
 
 
@@ -208,27 +223,51 @@ def complexity_report(
     layers = []
     for name, layer in leaders.items():
         spec = specs[name]
-        mosaic_bits, dictionary_bits, scale_bits = spec.description_bits(name, layer.motifs.element_size() * 8,
-                                                                          0 if layer.scale is None else _bits(layer.scale) // layer.out_features,
-                                                                          layer.motif_bits)
-        layers.append(LayerStats(
-            name=name, shape=(spec.out_features, spec.in_features), params=spec.out_features * spec.in_features,
-            blocks=spec.num_blocks, k=spec.k, s=spec.s, mosaic_bits=mosaic_bits,
-            dictionary_bits=0 if users[spec.motifs] > 1 else dictionary_bits, scale_bits=scale_bits,
-            rel_error=(fit_errors if fit_errors is not None else {}).get(name, layer.fit_error),
-            usage_entropy=usage_entropy(layer.mosaic, layer.k),
-        ))
+        mosaic_bits, dictionary_bits, scale_bits = spec.description_bits(
+            name,
+            layer.motifs.element_size() * 8,
+            0 if layer.scale is None else _bits(layer.scale) // layer.out_features,
+            layer.motif_bits,
+        )
+        layers.append(
+            LayerStats(
+                name=name,
+                shape=(spec.out_features, spec.in_features),
+                params=spec.out_features * spec.in_features,
+                blocks=spec.num_blocks,
+                k=spec.k,
+                s=spec.s,
+                mosaic_bits=mosaic_bits,
+                dictionary_bits=0 if users[spec.motifs] > 1 else dictionary_bits,
+                scale_bits=scale_bits,
+                rel_error=(fit_errors if fit_errors is not None else {}).get(name, layer.fit_error),
+                usage_entropy=usage_entropy(layer.mosaic, layer.k),
+            )
+        )
     shared_bits = sum(_dictionary_bits(momos[owner]) for owner, count in users.items() if count > 1)
     dictionary = next(iter(leaders.values()))  # constrain_vectors has one dictionary
     vectors = {name: model.get_parameter(name) for name in vector_mosaics}
     for name, mosaic in vector_mosaics.items():
-        layers.append(LayerStats(
-            name=name, shape=(1, vectors[name].numel()), params=vectors[name].numel(), blocks=mosaic.numel(),
-            k=dictionary.k, s=dictionary.s, mosaic_bits=mosaic.numel() * index_bits(dictionary.k), dictionary_bits=0,
-            scale_bits=0, rel_error=None, usage_entropy=usage_entropy(mosaic, dictionary.k)))
+        layers.append(
+            LayerStats(
+                name=name,
+                shape=(1, vectors[name].numel()),
+                params=vectors[name].numel(),
+                blocks=mosaic.numel(),
+                k=dictionary.k,
+                s=dictionary.s,
+                mosaic_bits=mosaic.numel() * index_bits(dictionary.k),
+                dictionary_bits=0,
+                scale_bits=0,
+                rel_error=None,
+                usage_entropy=usage_entropy(mosaic, dictionary.k),
+            )
+        )
     # Motifs and scales are in the layers' DL, latent weights are never saved; biases count as other parameters
     # unless constrained (their mosaics are then counted above).
-    momos_params = {id(p) for layer in momos.values() for p in (layer.motifs, layer.scale, layer.latent) if p is not None}
+    momos_params = {
+        id(p) for layer in momos.values() for p in (layer.motifs, layer.scale, layer.latent) if p is not None
+    }
     momos_params |= {id(p) for p in vectors.values()}
     others = [p for p in model.parameters() if id(p) not in momos_params]
     report = ComplexityReport(layers, shared_bits, sum(p.numel() for p in others), sum(_bits(p) for p in others))

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
-from .layer import assign_, full_tensor, momos_layers
-from .model import MoMosModel
+from ..layer import assign_, full_tensor, momos_layers
+from ..model import MoMosModel
 
 
 def unwrap(model: Any) -> MoMosModel:
@@ -104,8 +104,12 @@ def trainable_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """KL(teacher || student) of the softened token distributions, times `temperature**2` (Hinton et al.),
     averaged over the positions where `mask` is true (all when `None`)."""
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -116,7 +120,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return per_position.mean() * temperature**2
 
 
-def hidden_state_loss(student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def hidden_state_loss(
+    student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
     """Mean squared error between student and teacher hidden states, averaged over layers."""
     losses = [F.mse_loss(s.float(), t.float()) for s, t in zip(student_hidden, teacher_hidden)]
     return torch.stack(losses).mean()
@@ -137,12 +143,16 @@ class MoMosCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if isinstance(model, MoMosModel):
-            raise ValueError("give Trainer the converted model, mm.base_model, not the MoMosModel wrapper: Trainer "
-                             "would save the wrapper as a bare state dict that no from_pretrained can load")
+            raise ValueError(
+                "give Trainer the converted model, mm.base_model, not the MoMosModel wrapper: Trainer "
+                "would save the wrapper as a bare state dict that no from_pretrained can load"
+            )
         if args.push_to_hub:
-            raise ValueError("Trainer's push_to_hub uploads its whole output folder (training_args.bin holds the hub "
-                             "token), public unless hub_private_repo: push the model with model.push_to_hub or "
-                             "`momos-hf push` instead, which upload the checkpoint privately")
+            raise ValueError(
+                "Trainer's push_to_hub uploads its whole output folder (training_args.bin holds the hub "
+                "token), public unless hub_private_repo: push the model with model.push_to_hub or "
+                "`momos-hf push` instead, which upload the checkpoint privately"
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.schedule = ProjectionSchedule(model)

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .fitting import reconstruct
-from .kernels.cpu import compiled_lookup_product, library
+from ..mosaic import reconstruct
+from .cpu import compiled_lookup_product, library
 
 Product = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int], torch.Tensor]
 
@@ -34,16 +34,18 @@ LOOKUP_TABLE_RATIO = 8
 MIN_TABLE_WIDTH = 4  # embedding_bag is slow on one-value rows: pad the table to at least 4 columns
 
 
-def reconstruct_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
-                        in_features: int) -> torch.Tensor:
+def reconstruct_product(
+    x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor], in_features: int
+) -> torch.Tensor:
     """`x @ W_hat^T` through the reconstructed weight (computed in the wider of the two dtypes, rounded once)."""
     wide = torch.promote_types(motifs.dtype, x.dtype)
     weight = reconstruct(motifs.to(wide), mosaic, in_features, None if scale is None else scale.to(wide))
     return F.linear(x, weight.to(x.dtype))
 
 
-def lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor],
-                   in_features: int) -> torch.Tensor:
+def lookup_product(
+    x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor], in_features: int
+) -> torch.Tensor:
     """`x @ W_hat^T` from a table of input chunks times motifs, summed by the mosaic (no dense `W_hat`)."""
     k, s = motifs.shape
     out_features, nb = mosaic.shape
@@ -63,16 +65,23 @@ def lookup_product(x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, 
 def triton_kernel(kernel: str) -> Product:
     """The Triton kernel `kernel` ("lookup" or "matmul"), imported at first call: triton is optional and slow
     to import."""
+
     def product(x, motifs, mosaic, scale, in_features):
-        from .kernels.triton_mosaic import triton_product
+        from .triton_mosaic import triton_product
+
         return triton_product(x, motifs, mosaic, scale, in_features, kernel)
+
     product.__doc__ = f"`x @ W_hat^T` by the Triton `{kernel}` kernel (`momos_hf.kernels.triton_mosaic`)."
     return product
 
 
-PRODUCTS: dict[str, Product] = {"reconstruct": reconstruct_product, "lookup": lookup_product,
-                                "compiled_lookup": compiled_lookup_product,
-                                "triton_lookup": triton_kernel("lookup"), "triton_matmul": triton_kernel("matmul")}
+PRODUCTS: dict[str, Product] = {
+    "reconstruct": reconstruct_product,
+    "lookup": lookup_product,
+    "compiled_lookup": compiled_lookup_product,
+    "triton_lookup": triton_kernel("lookup"),
+    "triton_matmul": triton_kernel("matmul"),
+}
 
 
 def select_product(x: torch.Tensor, motifs: torch.Tensor, scale: Optional[torch.Tensor], out_features: int) -> str:

@@ -16,8 +16,14 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .complexity import BDM_2D_WIDTH, bdm_of_signs, complexity_report, compression_ratios, histogram_entropy
-from .layer import MoMosLayer, full_tensor
+from ..layer import MoMosLayer, full_tensor
+from ..report.complexity import (
+    BDM_2D_WIDTH,
+    bdm_of_signs,
+    complexity_report,
+    compression_ratios,
+    histogram_entropy,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -32,7 +38,9 @@ def effective_weights(model: nn.Module) -> list[torch.Tensor]:
     for module in model.modules():
         if isinstance(module, MoMosLayer):  # a tied layer's matrix is its leader's: counted once
             matrix = [module.mosaic_weight()] if module.leader is None else []
-            tensors += matrix + [p for name, p in module.named_parameters(recurse=False) if name not in ("motifs", "scale", "latent")]
+            tensors += matrix + [
+                p for name, p in module.named_parameters(recurse=False) if name not in ("motifs", "scale", "latent")
+            ]
         else:
             tensors += list(module.parameters(recurse=False))
     return [full_tensor(t).detach() for t in tensors]
@@ -85,8 +93,13 @@ class ComplexityTracker(TrainerCallback):
     injectable, so the schedule can be tested without depending on how fast the machine is.
     """
 
-    def __init__(self, every: int = 100, max_values: int = DEFAULT_MAX_VALUES, max_overhead: Optional[float] = 0.1,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        every: int = 100,
+        max_values: int = DEFAULT_MAX_VALUES,
+        max_overhead: Optional[float] = 0.1,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1 step, got {every}")
         self.every = every

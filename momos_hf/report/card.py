@@ -1,4 +1,4 @@
-"""Model cards for MoMos checkpoints, rendered from the template `model_cards/momos.md`."""
+"""Model cards for MoMos checkpoints, rendered from the template `model_card.md` beside this file."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCardData
 
-from .checkpoint import checkpoint_info, read_leading_weights
+from ..checkpoint.info import checkpoint_info, read_leading_weights
 from .complexity import DEFAULT_MAX_BYTES, bdm_of_signs, compression_ratios
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -31,8 +31,9 @@ def load_class_for(architecture: str) -> str:
     return "AutoModelForCausalLM" if architecture.endswith("ForCausalLM") else architecture
 
 
-def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = None,
-                results: Optional[dict[str, Any]] = None) -> str:
+def render_card(
+    directory: Union[str, os.PathLike], repo_id: Optional[str] = None, results: Optional[dict[str, Any]] = None
+) -> str:
     """The model card (README.md) of the MoMos checkpoint in `directory`, with valid Hub metadata
     (`library_name`, `base_model` when it is a Hub id, tags), the sizes and complexity figures, and the
     evaluation `results` when given (name -> number). Read from the checkpoint's files: no model is built."""
@@ -55,12 +56,15 @@ def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = Non
         rows.append(f"| mean relative weight error at fit time | {sum(errors) / len(errors):.4f} |")
     mib = 2**20
     settings = info["momos_config"]
-    template = resources.files("momos_hf").joinpath("model_cards/momos.md").read_text(encoding="utf-8")
+    template = resources.files("momos_hf.report").joinpath("model_card.md").read_text(encoding="utf-8")
     return string.Template(template).substitute(
         metadata=metadata.to_yaml(),
-        title=f"{repo_id.split('/')[-1] if repo_id else info['architecture']} (MoMos, {info['bits_per_weight']:.2f} bits/weight)",
+        title=f"{repo_id.split('/')[-1] if repo_id else info['architecture']} "
+        f"(MoMos, {info['bits_per_weight']:.2f} bits/weight)",
         marker=CARD_MARKER,
-        base_model_text=f"[{base}](https://huggingface.co/{base})" if base_is_hub_id else (f"`{base}`" if base else "a model"),
+        base_model_text=f"[{base}](https://huggingface.co/{base})"
+        if base_is_hub_id
+        else (f"`{base}`" if base else "a model"),
         layers=info["layers"],
         s=settings["s"],
         k=settings["k"] if settings.get("k") is not None else f"capacity {settings['capacity']} of the blocks as",
@@ -85,6 +89,8 @@ def render_card(directory: Union[str, os.PathLike], repo_id: Optional[str] = Non
 def _evaluation_section(results: Optional[dict[str, Any]]) -> str:
     if not results:
         return ""
-    rows = "\n".join(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
-                     for name, value in results.items())
+    rows = "\n".join(
+        f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
+        for name, value in results.items()
+    )
     return f"## Evaluation\n\n| metric | value |\n|---|---|\n{rows}\n\n"

@@ -13,13 +13,12 @@ from datasets import Dataset, DatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-
 EOS = "<|endoftext|>"
 
 
 def embedded_text() -> str:
     """About 39 KB of Shakespeare's sonnets (public domain), shipped in `momos_hf/data/`."""
-    return resources.files("momos_hf").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
+    return resources.files("momos_hf.app").joinpath("data/sonnets.txt").read_text(encoding="utf-8")
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -58,7 +57,12 @@ def load_text_datasets(
         raw = DatasetDict({"train": Dataset.from_dict({"text": embedded_text().splitlines(keepends=True)})})
     if "validation" not in raw:
         cut = len(raw["train"]) * (100 - validation_split_percentage) // 100
-        raw = DatasetDict({"train": raw["train"].select(range(cut)), "validation": raw["train"].select(range(cut, len(raw["train"])))})
+        raw = DatasetDict(
+            {
+                "train": raw["train"].select(range(cut)),
+                "validation": raw["train"].select(range(cut, len(raw["train"]))),
+            }
+        )
     return raw
 
 
@@ -78,8 +82,9 @@ def check_text_file(path: str) -> None:
             raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): is it a binary file?") from None
 
 
-def tokenize_and_group(raw: DatasetDict, tokenizer, block_size: int, text_column: Optional[str] = None,
-                       num_proc: Optional[int] = None) -> DatasetDict:
+def tokenize_and_group(
+    raw: DatasetDict, tokenizer, block_size: int, text_column: Optional[str] = None, num_proc: Optional[int] = None
+) -> DatasetDict:
     """Tokenize every split, concatenate the token streams and cut them into `block_size` blocks with
     `labels` (the remainder is dropped). `datasets` caches both steps for file-backed data."""
     column = text_column or ("text" if "text" in raw["train"].column_names else raw["train"].column_names[0])
@@ -95,18 +100,25 @@ def tokenize_and_group(raw: DatasetDict, tokenizer, block_size: int, text_column
         blocks = [ids[i : i + block_size] for i in range(0, total, block_size)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
-    tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=raw["train"].column_names,
-                        desc="tokenize")
-    grouped = tokenized.map(group, batched=True, num_proc=num_proc, remove_columns=tokenized["train"].column_names,
-                            desc=f"group into blocks of {block_size}")
+    tokenized = raw.map(
+        tokenize, batched=True, num_proc=num_proc, remove_columns=raw["train"].column_names, desc="tokenize"
+    )
+    grouped = tokenized.map(
+        group,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=tokenized["train"].column_names,
+        desc=f"group into blocks of {block_size}",
+    )
     for split, data in grouped.items():
         if len(data) == 0:
             raise ValueError(f"the {split} split has fewer than block_size={block_size} tokens; lower --block_size")
     return grouped
 
 
-def calibration_batches(tokenizer, text_file: str, num_samples: int = 128, seq_len: int = 128,
-                        batch_size: int = 8) -> list[dict]:
+def calibration_batches(
+    tokenizer, text_file: str, num_samples: int = 128, seq_len: int = 128, batch_size: int = 8
+) -> list[dict]:
     """`num_samples` windows of `seq_len` tokens, evenly spaced over a text file (loaded with `datasets`),
     in batches of model inputs for `get_momos_model(..., calibration_data=...)`. Deterministic."""
     check_text_file(text_file)

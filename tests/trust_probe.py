@@ -1,7 +1,7 @@
 """Hostile-user probe of momos-hf: saving, loading, pushing, converting and resuming, attacked as a careless or
 malicious user would, with one count table over every case at the end.
 
-    python benchmarks/trust_probe.py [--quick] [--json FILE] [--only REGEX] [--keep] [--strict]
+    python tests/trust_probe.py [--quick] [--json FILE] [--only REGEX] [--keep] [--strict]
 
 --quick runs a fixed subset of 21 cases (about 30 s); --strict exits 1 when any case is neither correct nor
 a clear error (without it the exit status is 0 whatever the probe finds).
@@ -22,7 +22,7 @@ Families (tiny Llama / GPT-2 / BERT / T5 built from configs, converted with smal
   push    to a local Hub stand-in (tests/hub_server.py, clients in subprocesses with HF_ENDPOINT): hidden folders
           with secrets, links out of the folder, .git, corrupted weights, non-checkpoints, default privacy of
           every way to push; what was uploaded, whether any request preceded a refusal, the token anywhere.
-  cli     `python -m momos_hf.cli` misuse (missing paths, files for folders, bad numbers, --output_dir ., compress
+  cli     `python -m momos_hf.app.cli` misuse (missing paths, files for folders, bad numbers, --output_dir ., compress
           of a MoMos checkpoint with other or the same settings, calibration options).
   recipe  `python recipes/finetune.py` misuse on a tiny run (--max_steps 0, --block_size 0, empty/binary/missing
           data, resuming from corrupted/incomplete/finished/foreign step_N, --hub_token with tensorboard and a
@@ -70,21 +70,26 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
-                  TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+    HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    TOKENIZERS_PARALLELISM="false",
+    TRANSFORMERS_VERBOSITY="error",
+)
 os.environ.pop("HF_TOKEN", None)
 OWN_HF_HOME = "HF_HOME" not in os.environ  # children inherit the parent's; the parent removes it at the end
 if OWN_HF_HOME:
     os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="probe-hf-home-")
 
 import torch  # noqa: E402
+import transformers as T  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-import transformers as T  # noqa: E402
 
 import momos_hf.checkpoint as ckpt  # noqa: E402
 from momos_hf import MoMosConfig, MoMosModel, get_momos_model  # noqa: E402
-from momos_hf.data import byte_tokenizer  # noqa: E402
+from momos_hf.app.text import byte_tokenizer  # noqa: E402
 
 T.utils.logging.set_verbosity_error()
 T.utils.logging.disable_progress_bar()
@@ -94,11 +99,11 @@ SECRET = "hf_PROBE_SECRET_5eb1"
 CATEGORIES = ("correct", "clear", "raw", "hang", "wrong", "leak", "lost")
 LABELS = ("correct", "clear error", "raw error", "hang", "silent wrong", "leak", "data lost")
 SEVERITY = ("correct", "clear", "raw", "wrong", "lost", "leak", "hang")
-TIMEOUT = 120          # seconds for one case (alarm in process, or subprocess timeout)
+TIMEOUT = 120  # seconds for one case (alarm in process, or subprocess timeout)
 RECIPE_TIMEOUT = 300
 PY = sys.executable
-WORK: Path = Path()    # set by main(): scratch root, bases under WORK / "base"
-ENV: dict = {}         # environment of every subprocess: this tree first on the path
+WORK: Path = Path()  # set by main(): scratch root, bases under WORK / "base"
+ENV: dict = {}  # environment of every subprocess: this tree first on the path
 
 
 class Hang(BaseException):
@@ -117,6 +122,7 @@ Verdict = tuple  # (category, message)
 
 
 # -- judging ----------------------------------------------------------------------------------------------
+
 
 def after(_: object, value):
     """`value`, once the side effect in the first argument has happened (for one-line case tables)."""
@@ -164,7 +170,12 @@ def cli_verdict(done, prefix: str, expect: Optional[str]) -> Optional[Verdict]:
         return None
     lines = [l for l in done.stderr.splitlines() if l.strip() and not PROGRESS.search(l)]
     last = lines[-1] if lines else "(no stderr)"
-    if done.returncode == 2 and len(lines) == 1 and last.startswith(prefix) and (expect is None or re.search(expect, last, re.I)):
+    if (
+        done.returncode == 2
+        and len(lines) == 1
+        and last.startswith(prefix)
+        and (expect is None or re.search(expect, last, re.I))
+    ):
         return "clear", line(last)
     return "raw", f"exit {done.returncode}, {len(lines)} stderr lines, last: {line(last)}"
 
@@ -172,8 +183,9 @@ def cli_verdict(done, prefix: str, expect: Optional[str]) -> Optional[Verdict]:
 def run(argv: list, cwd: Path, timeout: int = TIMEOUT, env: Optional[dict] = None):
     """A subprocess's CompletedProcess, or None when it ran past `timeout` (then it is killed)."""
     try:
-        return subprocess.run([str(a) for a in argv], cwd=cwd, env=env or ENV, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(a) for a in argv], cwd=cwd, env=env or ENV, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return None
 
@@ -181,7 +193,7 @@ def run(argv: list, cwd: Path, timeout: int = TIMEOUT, env: Optional[dict] = Non
 def cli_inprocess(argv: list) -> tuple[int, str, str]:
     """`momos-hf ARGV` in this process: (exit status, stdout, stderr); an escaping exception prints its
     traceback to stderr with status 1, as the real entry point would."""
-    from momos_hf.cli import main as cli_main
+    from momos_hf.app.cli import main as cli_main
 
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -197,25 +209,63 @@ def cli_inprocess(argv: list) -> tuple[int, str, str]:
 
 # -- models, bases and files ------------------------------------------------------------------------------
 
+
 def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+        return T.LlamaForCausalLM(
+            T.LlamaConfig(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            )
+        ).eval()
     if arch == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                              bos_token_id=0, eos_token_id=0)).eval()
+        return T.GPT2LMHeadModel(
+            T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+        ).eval()
     if arch == "bert":
-        return T.BertModel(T.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=64)).eval()
-    return T.T5ForConditionalGeneration(T.T5Config(vocab_size=96, d_model=32, d_ff=48, d_kv=8, num_layers=2,
-                                                   num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
-                                                   pad_token_id=0)).eval()
+        return T.BertModel(
+            T.BertConfig(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
+        ).eval()
+    return T.T5ForConditionalGeneration(
+        T.T5Config(
+            vocab_size=96,
+            d_model=32,
+            d_ff=48,
+            d_kv=8,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+    ).eval()
 
 
-AUTO = {"llama": T.AutoModelForCausalLM, "gpt2": T.AutoModelForCausalLM, "bert": T.AutoModel, "t5": T.AutoModelForSeq2SeqLM}
-SETTINGS = {"llama": dict(k=12, s=4, scale=True), "gpt2": dict(k=16, s=4, motif_scope="global"),
-            "bert": dict(k=16, s=4), "t5": dict(k=16, s=4, scale=True)}
+AUTO = {
+    "llama": T.AutoModelForCausalLM,
+    "gpt2": T.AutoModelForCausalLM,
+    "bert": T.AutoModel,
+    "t5": T.AutoModelForSeq2SeqLM,
+}
+SETTINGS = {
+    "llama": dict(k=12, s=4, scale=True),
+    "gpt2": dict(k=16, s=4, motif_scope="global"),
+    "bert": dict(k=16, s=4),
+    "t5": dict(k=16, s=4, scale=True),
+}
 
 
 def converted(arch: str = "llama", seed: int = 0, **settings) -> MoMosModel:
@@ -243,7 +293,15 @@ def base(name: str) -> Path:
     return WORK / "base" / name
 
 
-BASE_ARCH = {"llama": "llama", "sharded": "llama", "gpt2": "gpt2", "bert": "bert", "t5": "t5", "A": "llama", "B": "llama"}
+BASE_ARCH = {
+    "llama": "llama",
+    "sharded": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert",
+    "t5": "t5",
+    "A": "llama",
+    "B": "llama",
+}
 
 
 def tokenizer_for(name: str):
@@ -265,18 +323,34 @@ def build_bases() -> None:
         mm = converted(arch, seed)
         if name in ("A", "B"):
             mm.base_model.generation_config.max_length = {"A": 21, "B": 99}[name]
-        mm.save_pretrained(base(name), tokenizer=tokenizer_for(name) if name in ("A", "B") else None,
-                           max_shard_size=6000 if name == "sharded" else "5GB")
+        mm.save_pretrained(
+            base(name),
+            tokenizer=tokenizer_for(name) if name in ("A", "B") else None,
+            max_shard_size=6000 if name == "sharded" else "5GB",
+        )
         save_file({"out": outputs(mm, arch).contiguous()}, WORK / "base" / "refs" / f"{name}.safetensors")
         (WORK / "base" / "refs" / f"{name}.info").write_text(cli_inprocess(["info", base(name)])[1])
     dense = base("dense")
     tiny("llama").save_pretrained(dense)
     byte_tokenizer().save_pretrained(dense)
     (WORK / "base" / "calib.txt").write_text("Shall I compare thee to a summer's day?\n" * 200)
-    (WORK / "base" / "tiny_llama.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 257, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}))
-    (WORK / "base" / "train.txt").write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
+    (WORK / "base" / "tiny_llama.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 257,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 64,
+            }
+        )
+    )
+    (WORK / "base" / "train.txt").write_text(
+        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
+    )
     done.write_text("ok")
 
 
@@ -295,8 +369,13 @@ def copy_base(name: str, tmp: Path, to: str = "ckpt") -> Path:
     return target
 
 
-MINE = {"README.md": b"my own card\n", "notes/todo.txt": b"keep me\n", "model_backup.safetensors": b"my dense backup",
-        "model-00001-of-00002.safetensors": b"my shard", "model.safetensors.index.json": b'{"mine": true}'}
+MINE = {
+    "README.md": b"my own card\n",
+    "notes/todo.txt": b"keep me\n",
+    "model_backup.safetensors": b"my dense backup",
+    "model-00001-of-00002.safetensors": b"my shard",
+    "model.safetensors.index.json": b'{"mine": true}',
+}
 
 
 def plant(folder: Path, files: dict = MINE) -> dict:
@@ -340,11 +419,17 @@ def whole_checkpoint(folder: Path, names=("A", "B")) -> Verdict:
         return "lost", "the folder loads, but as neither checkpoint"
     expected = {"A": (21, 111), "B": (99, 222)}.get(match[0])
     if expected:
-        found = (read_json(folder / "generation_config.json").get("max_length"),
-                 read_json(folder / "tokenizer_config.json").get("model_max_length") if (folder / "tokenizer_config.json").exists() else None)
+        found = (
+            read_json(folder / "generation_config.json").get("max_length"),
+            read_json(folder / "tokenizer_config.json").get("model_max_length")
+            if (folder / "tokenizer_config.json").exists()
+            else None,
+        )
         if found != expected:
-            return "lost", (f"mixed checkpoint: weights of {match[0]}, but (generation max_length, tokenizer "
-                            f"model_max_length) = {found}, expected {expected}")
+            return "lost", (
+                f"mixed checkpoint: weights of {match[0]}, but (generation max_length, tokenizer "
+                f"model_max_length) = {found}, expected {expected}"
+            )
     return "correct", f"holds checkpoint {match[0]}"
 
 
@@ -354,7 +439,7 @@ def pad8(header: bytes) -> bytes:
 
 def split_file(data: bytes) -> tuple[dict, bytes]:
     n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def weights_path(folder: Path) -> Path:
@@ -388,13 +473,14 @@ def fix_checksum(folder: Path, name: str) -> None:
 
 # -- the case table ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     name: str
     family: str
     fn: Callable[[Path], Verdict]
     quick: bool = False
-    isolate: bool = False    # run in a fresh subprocess (it may block in a system call)
+    isolate: bool = False  # run in a fresh subprocess (it may block in a system call)
     timeout: int = TIMEOUT
 
 
@@ -407,14 +493,23 @@ def add(family: str, name: str, fn: Callable[[Path], Verdict], **options) -> Non
 
 # 1. configs ----------------------------------------------------------------------------------------------
 
+
 def untouched(model) -> bool:
     """No module of momos-hf inside and no quantization config: a refused conversion changed nothing."""
-    return not any(type(m).__module__.startswith("momos_hf") for m in model.modules()) and \
-        getattr(model.config, "quantization_config", None) is None
+    return (
+        not any(type(m).__module__.startswith("momos_hf") for m in model.modules())
+        and getattr(model.config, "quantization_config", None) is None
+    )
 
 
-def convert_save_load(tmp: Path, make_config: Callable, expect: Optional[str], arch: str = "llama",
-                      mutate: Optional[Callable] = None, **convert_kwargs) -> Verdict:
+def convert_save_load(
+    tmp: Path,
+    make_config: Callable,
+    expect: Optional[str],
+    arch: str = "llama",
+    mutate: Optional[Callable] = None,
+    **convert_kwargs,
+) -> Verdict:
     """Build a config (it may refuse), convert a tiny model with it (it may refuse, leaving the model
     untouched), then the converted model must run finitely and save and load back identically."""
     v, config = attempt(make_config, expect)
@@ -425,7 +520,9 @@ def convert_save_load(tmp: Path, make_config: Callable, expect: Optional[str], a
     model = tiny(arch)
     v, mm = attempt(lambda: get_momos_model(model, config, **convert_kwargs), expect)
     if v:
-        return v if untouched(model) else worst(v, ("wrong", f"refused ({v[1]}) but left the model converted or marked"))
+        return (
+            v if untouched(model) else worst(v, ("wrong", f"refused ({v[1]}) but left the model converted or marked"))
+        )
     got = outputs(mm, arch)
     if not torch.isfinite(got).all():
         return "wrong", "converted model gives NaN/inf outputs"
@@ -437,75 +534,179 @@ def convert_save_load(tmp: Path, make_config: Callable, expect: Optional[str], a
         return "wrong", f"conversion and save succeeded, the checkpoint does not load: {v[1]}"
     if not torch.equal(outputs(loaded, arch), got):
         return "wrong", "the saved checkpoint loads with other outputs"
-    return "correct", "converted, saved and reloaded identically" + (" (no refusal expected)" if expect is None else
-                                                                     f" although {expect!r} was expected to be refused")
+    return "correct", "converted, saved and reloaded identically" + (
+        " (no refusal expected)" if expect is None else f" although {expect!r} was expected to be refused"
+    )
 
 
 BIG = 2**63
 CONFIG_CASES = [  # (name, MoMosConfig kwargs, regex the refusal must match; None: must work)
-    ("k-0", dict(k=0), r"\bk\b"), ("k-negative", dict(k=-3), r"\bk\b"), ("k-float", dict(k=12.0), r"\bk\b"),
-    ("k-string", dict(k="12"), r"\bk\b"), ("k-bool", dict(k=True), r"\bk\b"), ("k-nan", dict(k=float("nan")), r"\bk\b"),
-    ("k-huge", dict(k=2**40), r"k=.*do not fit"), ("k-default-too-big", dict(k=None, s=4), r"k=256|more than"),
-    ("k-1", dict(k=1), None), ("k-2-s-1", dict(k=2, s=1), None),
-    ("s-0", dict(s=0), r"\bs\b"), ("s-negative", dict(s=-4), r"\bs\b"), ("s-string", dict(s="4"), r"\bs\b"),
-    ("s-float", dict(s=4.0), r"\bs\b"), ("s-bool", dict(s=True), r"\bs\b"), ("s-3-padding", dict(s=3), None),
-    ("s-33-wider-than-rows", dict(k=4, s=33), None), ("s-1e6", dict(k=4, s=10**6), r"more than|dense bytes"),
-    ("capacity-and-k", dict(k=12, capacity=0.5), r"capacity"), ("capacity-0", dict(k=None, capacity=0), r"capacity"),
-    ("capacity-1.5", dict(k=None, capacity=1.5), r"capacity"), ("capacity-string", dict(k=None, capacity="0.1"), r"capacity"),
-    ("capacity-nan", dict(k=None, capacity=float("nan")), r"capacity"), ("capacity-bool", dict(k=None, capacity=True), r"capacity"),
+    ("k-0", dict(k=0), r"\bk\b"),
+    ("k-negative", dict(k=-3), r"\bk\b"),
+    ("k-float", dict(k=12.0), r"\bk\b"),
+    ("k-string", dict(k="12"), r"\bk\b"),
+    ("k-bool", dict(k=True), r"\bk\b"),
+    ("k-nan", dict(k=float("nan")), r"\bk\b"),
+    ("k-huge", dict(k=2**40), r"k=.*do not fit"),
+    ("k-default-too-big", dict(k=None, s=4), r"k=256|more than"),
+    ("k-1", dict(k=1), None),
+    ("k-2-s-1", dict(k=2, s=1), None),
+    ("s-0", dict(s=0), r"\bs\b"),
+    ("s-negative", dict(s=-4), r"\bs\b"),
+    ("s-string", dict(s="4"), r"\bs\b"),
+    ("s-float", dict(s=4.0), r"\bs\b"),
+    ("s-bool", dict(s=True), r"\bs\b"),
+    ("s-3-padding", dict(s=3), None),
+    ("s-33-wider-than-rows", dict(k=4, s=33), None),
+    ("s-1e6", dict(k=4, s=10**6), r"more than|dense bytes"),
+    ("capacity-and-k", dict(k=12, capacity=0.5), r"capacity"),
+    ("capacity-0", dict(k=None, capacity=0), r"capacity"),
+    ("capacity-1.5", dict(k=None, capacity=1.5), r"capacity"),
+    ("capacity-string", dict(k=None, capacity="0.1"), r"capacity"),
+    ("capacity-nan", dict(k=None, capacity=float("nan")), r"capacity"),
+    ("capacity-bool", dict(k=None, capacity=True), r"capacity"),
     ("capacity-tiny", dict(k=None, capacity=1e-9), None),
-    ("scope-capitalised", dict(motif_scope="Global"), r"motif_scope"), ("scope-none", dict(motif_scope=None), r"motif_scope"),
-    ("fit-unknown", {"fit": "kmeans++"}, "fit"), ("fit-data-aware-no-data", {"fit": "data-aware"}, r"calibration"),
-    ("kmeans-iters-negative", dict(kmeans_iters=-1), r"kmeans_iters"), ("kmeans-iters-string", dict(kmeans_iters="3"), r"kmeans_iters"),
+    ("scope-capitalised", dict(motif_scope="Global"), r"motif_scope"),
+    ("scope-none", dict(motif_scope=None), r"motif_scope"),
+    ("fit-unknown", {"fit": "kmeans++"}, "fit"),
+    ("fit-data-aware-no-data", {"fit": "data-aware"}, r"calibration"),
+    ("kmeans-iters-negative", dict(kmeans_iters=-1), r"kmeans_iters"),
+    ("kmeans-iters-string", dict(kmeans_iters="3"), r"kmeans_iters"),
     ("kmeans-iters-0", dict(kmeans_iters=0), None),
-    ("zero-motif-string", dict(zero_motif="False"), r"zero_motif"), ("zero-motif-int", dict(zero_motif=1), r"zero_motif"),
-    ("zero-motif-k1", dict(k=1, zero_motif=True), r"zero_motif"), ("zero-motif-k2", dict(k=2, zero_motif=True), None),
-    ("scale-string", dict(scale="yes"), r"scale"), ("scale-int", dict(scale=0), r"scale"),
-    ("motif-dtype-alias", dict(motif_dtype="fp16"), r"motif_dtype"), ("motif-dtype-torch", dict(motif_dtype=torch.float16), r"motif_dtype"),
-    ("motif-dtype-float64", dict(motif_dtype="float64"), r"motif_dtype"), ("motif-dtype-bf16", dict(motif_dtype="bfloat16"), None),
-    ("seed-negative", dict(seed=-1), r"seed"), ("seed-2^63", dict(seed=BIG), r"seed"), ("seed-max", dict(seed=BIG - 1), None),
-    ("seed-string", dict(seed="0"), r"seed"), ("seed-float", dict(seed=1.0), r"seed"), ("seed-bool", dict(seed=True), r"seed"),
+    ("zero-motif-string", dict(zero_motif="False"), r"zero_motif"),
+    ("zero-motif-int", dict(zero_motif=1), r"zero_motif"),
+    ("zero-motif-k1", dict(k=1, zero_motif=True), r"zero_motif"),
+    ("zero-motif-k2", dict(k=2, zero_motif=True), None),
+    ("scale-string", dict(scale="yes"), r"scale"),
+    ("scale-int", dict(scale=0), r"scale"),
+    ("motif-dtype-alias", dict(motif_dtype="fp16"), r"motif_dtype"),
+    ("motif-dtype-torch", dict(motif_dtype=torch.float16), r"motif_dtype"),
+    ("motif-dtype-float64", dict(motif_dtype="float64"), r"motif_dtype"),
+    ("motif-dtype-bf16", dict(motif_dtype="bfloat16"), None),
+    ("seed-negative", dict(seed=-1), r"seed"),
+    ("seed-2^63", dict(seed=BIG), r"seed"),
+    ("seed-max", dict(seed=BIG - 1), None),
+    ("seed-string", dict(seed="0"), r"seed"),
+    ("seed-float", dict(seed=1.0), r"seed"),
+    ("seed-bool", dict(seed=True), r"seed"),
     ("modules-to-save-string", dict(modules_to_save="lm_head"), None),
     ("modules-to-save-unknown", dict(modules_to_save="nope"), r"modules_to_save"),
     ("modules-to-save-overlap", dict(modules_to_save=["q_proj"]), r"modules_to_save|both"),
     ("modules-to-save-int", dict(modules_to_save=[1]), r"modules_to_save"),
-    ("targets-empty-list", dict(target_modules=[]), r"target_modules"), ("targets-empty-string", dict(target_modules=""), r"target_modules|not nn.Linear"),
-    ("targets-bad-regex", dict(target_modules="("), r"target_modules|regex"), ("targets-int", dict(target_modules=5), r"target_modules"),
+    ("targets-empty-list", dict(target_modules=[]), r"target_modules"),
+    ("targets-empty-string", dict(target_modules=""), r"target_modules|not nn.Linear"),
+    ("targets-bad-regex", dict(target_modules="("), r"target_modules|regex"),
+    ("targets-int", dict(target_modules=5), r"target_modules"),
     ("targets-embedding", dict(target_modules=["embed_tokens"]), r"not nn.Linear"),
-    ("targets-dot-star", dict(target_modules=".*"), r"not nn.Linear|does not replace"), ("targets-set", dict(target_modules={"q_proj", "v_proj"}), None),
-    ("train-mode-upper", dict(train_mode="STE"), r"train_mode"), ("project-every-negative", dict(project_every=-1), r"project_every"),
-    ("project-every-float", dict(project_every=1.5), r"project_every"), ("max-assign-bytes-0", dict(max_assign_bytes=0), r"max_assign_bytes"),
-    ("max-assign-bytes-1", dict(max_assign_bytes=1), None), ("unknown-field", dict(colour="red"), r"colour"),
+    ("targets-dot-star", dict(target_modules=".*"), r"not nn.Linear|does not replace"),
+    ("targets-set", dict(target_modules={"q_proj", "v_proj"}), None),
+    ("train-mode-upper", dict(train_mode="STE"), r"train_mode"),
+    ("project-every-negative", dict(project_every=-1), r"project_every"),
+    ("project-every-float", dict(project_every=1.5), r"project_every"),
+    ("max-assign-bytes-0", dict(max_assign_bytes=0), r"max_assign_bytes"),
+    ("max-assign-bytes-1", dict(max_assign_bytes=1), None),
+    ("unknown-field", dict(colour="red"), r"colour"),
 ]
 
 
 def add_config_cases() -> None:
     quick = {"k-string", "zero-motif-k1", "s-3-padding", "modules-to-save-string", "seed-2^63"}
     for name, values, expect in CONFIG_CASES:
-        kwargs = {"kmeans_iters": 1, **({"k": 12, "s": 4} if "k" not in values and "capacity" not in values else {"s": 4}), **values}
-        add("config", name, functools.partial(lambda tmp, kw, e: convert_save_load(tmp, lambda: MoMosConfig(**kw), e), kw=kwargs, e=expect),
-            quick=name in quick)
+        kwargs = {
+            "kmeans_iters": 1,
+            **({"k": 12, "s": 4} if "k" not in values and "capacity" not in values else {"s": 4}),
+            **values,
+        }
+        add(
+            "config",
+            name,
+            functools.partial(
+                lambda tmp, kw, e: convert_save_load(tmp, lambda: MoMosConfig(**kw), e), kw=kwargs, e=expect
+            ),
+            quick=name in quick,
+        )
     ok = dict(k=12, s=4, kmeans_iters=1)
     for name, field, value, expect in [  # a validated config changed afterwards (dataclasses are mutable)
-            ("mutated-k-0", "k", 0, r"\bk\b"), ("mutated-s-0", "s", 0, r"\bs\b"), ("mutated-scale-string", "scale", "no", r"scale"),
-            ("mutated-k-string", "k", "12", r"\bk\b"), ("mutated-fit", "fit", "magic", "fit")]:
-        add("config", name, functools.partial(lambda tmp, f, val, e: convert_save_load(
-            tmp, lambda: MoMosConfig(**ok), e, mutate=lambda c: setattr(c, f, val)), f=field, val=value, e=expect))
-    add("config", "from-dict-not-a-dict", lambda tmp: convert_save_load(tmp, lambda: MoMosConfig.from_dict("k"), r"mapping|object|dict"))
-    add("config", "from-json-garbage", lambda tmp: convert_save_load(tmp, lambda: MoMosConfig.from_json_string("{k: 1"), r"JSON|Expecting"))
-    add("config", "from-pretrained-missing", lambda tmp: convert_save_load(tmp, lambda: MoMosConfig.from_pretrained(tmp / "nope"), r"momos_config.json"))
-    add("config", "dtype-as-string", lambda tmp: convert_save_load(tmp, lambda: MoMosConfig(**ok), r"dtype", dtype="bfloat16"))
-    add("config", "calibration-with-kmeans", lambda tmp: convert_save_load(
-        tmp, lambda: MoMosConfig(**ok), r"calibration", calibration_data=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}]))
-    add("config", "calibration-empty", lambda tmp: convert_save_load(
-        tmp, lambda: MoMosConfig(**ok, fit="data-aware"), r"calibration", calibration_data=[]))
+        ("mutated-k-0", "k", 0, r"\bk\b"),
+        ("mutated-s-0", "s", 0, r"\bs\b"),
+        ("mutated-scale-string", "scale", "no", r"scale"),
+        ("mutated-k-string", "k", "12", r"\bk\b"),
+        ("mutated-fit", "fit", "magic", "fit"),
+    ]:
+        add(
+            "config",
+            name,
+            functools.partial(
+                lambda tmp, f, val, e: convert_save_load(
+                    tmp, lambda: MoMosConfig(**ok), e, mutate=lambda c: setattr(c, f, val)
+                ),
+                f=field,
+                val=value,
+                e=expect,
+            ),
+        )
+    add(
+        "config",
+        "from-dict-not-a-dict",
+        lambda tmp: convert_save_load(tmp, lambda: MoMosConfig.from_dict("k"), r"mapping|object|dict"),
+    )
+    add(
+        "config",
+        "from-json-garbage",
+        lambda tmp: convert_save_load(tmp, lambda: MoMosConfig.from_json_string("{k: 1"), r"JSON|Expecting"),
+    )
+    add(
+        "config",
+        "from-pretrained-missing",
+        lambda tmp: convert_save_load(tmp, lambda: MoMosConfig.from_pretrained(tmp / "nope"), r"momos_config.json"),
+    )
+    add(
+        "config",
+        "dtype-as-string",
+        lambda tmp: convert_save_load(tmp, lambda: MoMosConfig(**ok), r"dtype", dtype="bfloat16"),
+    )
+    add(
+        "config",
+        "calibration-with-kmeans",
+        lambda tmp: convert_save_load(
+            tmp,
+            lambda: MoMosConfig(**ok),
+            r"calibration",
+            calibration_data=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}],
+        ),
+    )
+    add(
+        "config",
+        "calibration-empty",
+        lambda tmp: convert_save_load(
+            tmp, lambda: MoMosConfig(**ok, fit="data-aware"), r"calibration", calibration_data=[]
+        ),
+    )
     add("config", "nan-weights", nan_weights_case)
-    add("config", "gpt2-tied-head", lambda tmp: convert_save_load(tmp, lambda: MoMosConfig(k=16, s=4, kmeans_iters=1, target_modules=["lm_head"]), r"tied", arch="gpt2"))
+    add(
+        "config",
+        "gpt2-tied-head",
+        lambda tmp: convert_save_load(
+            tmp, lambda: MoMosConfig(k=16, s=4, kmeans_iters=1, target_modules=["lm_head"]), r"tied", arch="gpt2"
+        ),
+    )
     add("config", "overflowing-fp16-motifs", overflow_case)
-    add("config", "model-is-not-a-module", lambda tmp: attempt(lambda: get_momos_model(None, MoMosConfig(**ok)), r"model|Module")[0] or ("wrong", "accepted None"))
+    add(
+        "config",
+        "model-is-not-a-module",
+        lambda tmp: (
+            attempt(lambda: get_momos_model(None, MoMosConfig(**ok)), r"model|Module")[0] or ("wrong", "accepted None")
+        ),
+    )
     add("config", "convert-twice-other-settings", lambda tmp: twice_case(dict(k=8)))
     add("config", "convert-twice-same-settings", lambda tmp: twice_case({}))
-    add("config", "wrap-a-momos-model", lambda tmp: attempt(lambda: get_momos_model(converted(), MoMosConfig(**ok)), r"already")[0] or ("wrong", "accepted"))
+    add(
+        "config",
+        "wrap-a-momos-model",
+        lambda tmp: (
+            attempt(lambda: get_momos_model(converted(), MoMosConfig(**ok)), r"already")[0] or ("wrong", "accepted")
+        ),
+    )
 
 
 def nan_weights_case(tmp: Path) -> Verdict:
@@ -513,7 +714,11 @@ def nan_weights_case(tmp: Path) -> Verdict:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     v, _ = attempt(lambda: get_momos_model(model, MoMosConfig(k=12, s=4, kmeans_iters=1)), r"NaN")
-    return (v if untouched(model) else worst(v, ("wrong", "left the model converted"))) if v else ("wrong", "NaN weights converted")
+    return (
+        (v if untouched(model) else worst(v, ("wrong", "left the model converted")))
+        if v
+        else ("wrong", "NaN weights converted")
+    )
 
 
 def overflow_case(tmp: Path) -> Verdict:
@@ -521,7 +726,9 @@ def overflow_case(tmp: Path) -> Verdict:
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1e8)
-    v, mm = attempt(lambda: get_momos_model(model, MoMosConfig(k=12, s=4, kmeans_iters=1, motif_dtype="float16")), r"overflow")
+    v, mm = attempt(
+        lambda: get_momos_model(model, MoMosConfig(k=12, s=4, kmeans_iters=1, motif_dtype="float16")), r"overflow"
+    )
     if v:
         return v if untouched(model) else worst(v, ("wrong", "left the model converted"))
     return ("correct", "fitted") if torch.isfinite(outputs(mm)).all() else ("wrong", "inf motifs accepted")
@@ -541,6 +748,7 @@ def twice_case(change: dict) -> Verdict:
 
 # 2. loads ------------------------------------------------------------------------------------------------
 
+
 def load_case(tmp: Path, base_name: str, mutate: Callable[[Path], None], expect: Optional[str], kind: str) -> Verdict:
     """Mutate a copy of a base checkpoint, load it one way; a load must refuse naming the problem or give
     exactly the saved model's outputs and settings (`momos-hf info`: exactly the base's text)."""
@@ -556,7 +764,11 @@ def load_case(tmp: Path, base_name: str, mutate: Callable[[Path], None], expect:
         if not diff:
             return "correct", "info printed the saved checkpoint's settings and layers"
         return "wrong", f"info reported settings that are not the saved checkpoint's: {line(diff, 200)}"
-    load = (lambda: AUTO[arch].from_pretrained(folder)) if kind == "auto" else (lambda: MoMosModel.from_pretrained(folder))
+    load = (
+        (lambda: AUTO[arch].from_pretrained(folder))
+        if kind == "auto"
+        else (lambda: MoMosModel.from_pretrained(folder))
+    )
     v, model = attempt(load, expect)
     if v:
         return v
@@ -564,11 +776,19 @@ def load_case(tmp: Path, base_name: str, mutate: Callable[[Path], None], expect:
     if not torch.isfinite(got).all():
         return "wrong", "loaded without complaint; outputs hold NaN/inf"
     if not torch.equal(got, reference(base_name)):
-        return "wrong", f"loaded without complaint; outputs differ from the saved model's by {float((got - reference(base_name)).abs().max()):.3g}"
+        return (
+            "wrong",
+            "loaded without complaint; outputs differ from the saved model's by "
+            f"{float((got - reference(base_name)).abs().max()):.3g}",
+        )
     recorded = read_json(base(base_name) / "config.json")["quantization_config"]["momos_config"]
     loaded = model.config.quantization_config.momos_config
     if loaded != recorded:
-        diff = {k: (recorded.get(k), loaded.get(k)) for k in recorded.keys() | loaded.keys() if recorded.get(k) != loaded.get(k)}
+        diff = {
+            k: (recorded.get(k), loaded.get(k))
+            for k in recorded.keys() | loaded.keys()
+            if recorded.get(k) != loaded.get(k)
+        }
         return "wrong", f"loaded with a mislabelled momos_config (fitted, claimed): {diff}"
     return "correct", "loaded with the saved model's outputs"
 
@@ -599,7 +819,8 @@ def trunc(at: Callable[[int, int], int]) -> Callable:
     def mutate(folder: Path) -> None:
         path = weights_path(folder)
         data = path.read_bytes()
-        path.write_bytes(data[:at(len(data), 8 + struct.unpack("<Q", data[:8])[0])])
+        path.write_bytes(data[: at(len(data), 8 + struct.unpack("<Q", data[:8])[0])])
+
     return mutate
 
 
@@ -609,17 +830,20 @@ def flip(at: Callable[[int, int], int], mask: int = 0xFF) -> Callable:
         data = bytearray(path.read_bytes())
         data[at(len(data), 8 + struct.unpack("<Q", data[:8])[0])] ^= mask
         path.write_bytes(bytes(data))
+
     return mutate
 
 
 def qedit(edit: Callable[[dict], object], forge: bool = False) -> Callable:
     """Edit quantization_config (and re-sign the checkpoint when `forge`)."""
+
     def mutate(folder: Path) -> None:
         config = read_json(folder / "config.json")
         edit(config["quantization_config"])
         write_json(folder / "config.json", config)
         if forge:
             resign(folder)
+
     return mutate
 
 
@@ -628,11 +852,13 @@ def cedit(edit: Callable[[dict], object]) -> Callable:
         config = read_json(folder / "config.json")
         edit(config)
         write_json(folder / "config.json", config)
+
     return mutate
 
 
 def replace(name: str, content=None, kind: str = "bytes") -> Callable:
     """Replace file `name` (or the weight file, `name=None`): bytes, a folder, a FIFO, a link, or nothing."""
+
     def mutate(folder: Path) -> None:
         path = folder / name if name else weights_path(folder)
         original = path.read_bytes() if path.is_file() else b""
@@ -649,11 +875,13 @@ def replace(name: str, content=None, kind: str = "bytes") -> Callable:
             path.symlink_to(outside)
         elif kind == "rename":
             (folder / content).write_bytes(original)
+
     return mutate
 
 
 def tedit(edit: Callable[[dict], object]) -> Callable:
     """Rewrite the tensors of the (single) weight file, then re-sign."""
+
     def mutate(folder: Path) -> None:
         path = weights_path(folder)
         with safe_open(path, "pt") as f:
@@ -662,11 +890,13 @@ def tedit(edit: Callable[[dict], object]) -> Callable:
         edit(tensors)
         save_file(tensors, path, metadata=metadata)
         resign(folder)
+
     return mutate
 
 
 def hedit(edit: Callable[[dict], object], checksum: bool) -> Callable:
     """Hand-edit the safetensors header JSON (data kept); `checksum`: record the new sha256 in config.json."""
+
     def mutate(folder: Path) -> None:
         path = weights_path(folder)
         header, data = split_file(path.read_bytes())
@@ -675,11 +905,13 @@ def hedit(edit: Callable[[dict], object], checksum: bool) -> Callable:
         path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
         if checksum:
             fix_checksum(folder, path.name)
+
     return mutate
 
 
 def iedit(edit: Callable[[dict, Path], object], forge: bool = False) -> Callable:
     """Edit the shard index of the sharded base (its weight_map), optionally re-signing."""
+
     def mutate(folder: Path) -> None:
         index_path = weights_path(folder)
         index = read_json(index_path)
@@ -687,6 +919,7 @@ def iedit(edit: Callable[[dict, Path], object], forge: bool = False) -> Callable
         write_json(index_path, index)
         if forge:
             resign(folder)
+
     return mutate
 
 
@@ -717,21 +950,49 @@ WF = r"model\.safetensors"
 EDITED = r"not the one .* was saved with|sha256|checksum|layer spec|lacks|does not list|contradicts momos_config"
 
 LOAD_CASES = [  # (name, base, mutation, regex a refusal must match)
-    *[(f"truncate-{n}", "llama", trunc(at), WF + r".*(truncated|corrupt)") for n, at in [
-        ("0", lambda s, h: 0), ("4", lambda s, h: 4), ("8", lambda s, h: 8), ("header-mid", lambda s, h: h // 2),
-        ("header-end", lambda s, h: h), ("data-mid", lambda s, h: (s + h) // 2), ("last-byte", lambda s, h: s - 1)]],
-    *[(f"flip-{n}", "llama", flip(at, m), WF + r".*(truncated|corrupt)") for n, at, m in [
-        ("header-length-low", lambda s, h: 0, 0x01), ("header-length-high", lambda s, h: 7, 0x80),
-        ("header-json", lambda s, h: h // 2, 0x01), ("header-padding", lambda s, h: h - 1, 0x01),
-        ("data-first", lambda s, h: h, 0xFF), ("data-mid", lambda s, h: (s + h) // 2, 0x01), ("data-last", lambda s, h: s - 1, 0x80)]],
-    *[(f"{arch}-{n}", arch, mutation, WF + r".*(truncated|corrupt)") for arch in ("gpt2", "bert", "t5") for n, mutation in [
-        ("truncate-mid", trunc(lambda s, h: (s + h) // 2)), ("flip-last", flip(lambda s, h: s - 1))]],
+    *[
+        (f"truncate-{n}", "llama", trunc(at), WF + r".*(truncated|corrupt)")
+        for n, at in [
+            ("0", lambda s, h: 0),
+            ("4", lambda s, h: 4),
+            ("8", lambda s, h: 8),
+            ("header-mid", lambda s, h: h // 2),
+            ("header-end", lambda s, h: h),
+            ("data-mid", lambda s, h: (s + h) // 2),
+            ("last-byte", lambda s, h: s - 1),
+        ]
+    ],
+    *[
+        (f"flip-{n}", "llama", flip(at, m), WF + r".*(truncated|corrupt)")
+        for n, at, m in [
+            ("header-length-low", lambda s, h: 0, 0x01),
+            ("header-length-high", lambda s, h: 7, 0x80),
+            ("header-json", lambda s, h: h // 2, 0x01),
+            ("header-padding", lambda s, h: h - 1, 0x01),
+            ("data-first", lambda s, h: h, 0xFF),
+            ("data-mid", lambda s, h: (s + h) // 2, 0x01),
+            ("data-last", lambda s, h: s - 1, 0x80),
+        ]
+    ],
+    *[
+        (f"{arch}-{n}", arch, mutation, WF + r".*(truncated|corrupt)")
+        for arch in ("gpt2", "bert", "t5")
+        for n, mutation in [
+            ("truncate-mid", trunc(lambda s, h: (s + h) // 2)),
+            ("flip-last", flip(lambda s, h: s - 1)),
+        ]
+    ],
     ("weights-deleted", "llama", replace(None, kind="none"), r"missing weight file model\.safetensors"),
     ("weights-renamed", "llama", replace(None, "model.bak", kind="rename"), r"missing weight file model\.safetensors"),
     ("weights-empty", "llama", replace(None, b""), WF + r".*truncated"),
     ("weights-directory", "llama", replace(None, kind="dir"), WF + r".*not a regular file"),
     ("weights-link-out-same-bytes", "llama", replace(None, kind="link-out"), None),
-    ("weights-from-dense-model", "llama", lambda d: shutil.copy(base("dense") / "model.safetensors", weights_path(d)), EDITED),
+    (
+        "weights-from-dense-model",
+        "llama",
+        lambda d: shutil.copy(base("dense") / "model.safetensors", weights_path(d)),
+        EDITED,
+    ),
     ("generation-config-deleted", "llama", replace("generation_config.json", kind="none"), None),
     ("config-deleted", "llama", replace("config.json", kind="none"), r"config\.json"),
     ("config-empty", "llama", replace("config.json", b""), r"config\.json.*(JSON|empty)|JSON"),
@@ -742,8 +1003,18 @@ LOAD_CASES = [  # (name, base, mutation, regex a refusal must match)
     ("config-directory", "llama", replace("config.json", kind="dir"), r"config\.json"),
     ("config-dtype-edited", "llama", cedit(lambda c: c.update(dtype="float16")), r"dtype|edited|digest"),
     ("config-hidden-act-edited", "llama", cedit(lambda c: c.update(hidden_act="relu")), r"edited|digest|hidden_act"),
-    ("config-architectures-edited", "llama", cedit(lambda c: c.update(architectures=["AutoTokenizer"])), r"architectures|AutoTokenizer"),
-    ("config-load-marker-edited", "llama", cedit(lambda c: c.update(transformers_weights="../../etc/passwd")), r"transformers_weights"),
+    (
+        "config-architectures-edited",
+        "llama",
+        cedit(lambda c: c.update(architectures=["AutoTokenizer"])),
+        r"architectures|AutoTokenizer",
+    ),
+    (
+        "config-load-marker-edited",
+        "llama",
+        cedit(lambda c: c.update(transformers_weights="../../etc/passwd")),
+        r"transformers_weights",
+    ),
     ("qc-removed", "llama", cedit(lambda c: c.pop("quantization_config")), r"quantization_config"),
     ("qc-string", "llama", cedit(lambda c: c.update(quantization_config="momos")), r"quantization_config"),
     ("qc-list", "llama", cedit(lambda c: c.update(quantization_config=[1, 2])), r"quantization_config"),
@@ -760,89 +1031,304 @@ LOAD_CASES = [  # (name, base, mutation, regex a refusal must match)
     ("qc-momos-config-removed", "llama", qedit(lambda q: q.pop("momos_config")), r"momos_config"),
     ("qc-momos-config-k", "llama", qedit(lambda q: q["momos_config"].update(k=64)), EDITED),
     ("qc-momos-config-scale", "llama", qedit(lambda q: q["momos_config"].update(scale=False)), EDITED),
-    ("qc-momos-config-zero-motif-string", "llama", qedit(lambda q: q["momos_config"].update(zero_motif="no")), r"zero_motif"),
+    (
+        "qc-momos-config-zero-motif-string",
+        "llama",
+        qedit(lambda q: q["momos_config"].update(zero_motif="no")),
+        r"zero_motif",
+    ),
     ("qc-momos-config-unknown", "llama", qedit(lambda q: q["momos_config"].update(colour=1)), r"colour"),
     ("qc-layers-empty", "llama", qedit(lambda q: q.update(layers={})), r"layers"),
     ("qc-layer-dropped", "llama", qedit(lambda q: q["layers"].pop(L1)), EDITED + "|" + L1),
     ("qc-layer-owner", "llama", qedit(lambda q: q["layers"][L1].update(motifs=L0)), EDITED + r"|motifs|dictionary"),
-    ("qc-layer-owner-unknown", "llama", qedit(lambda q: q["layers"][L1].update(motifs="model.nowhere")), r"motifs|dictionary"),
+    (
+        "qc-layer-owner-unknown",
+        "llama",
+        qedit(lambda q: q["layers"][L1].update(motifs="model.nowhere")),
+        r"motifs|dictionary",
+    ),
     ("qc-layer-k-edited", "llama", qedit(lambda q: q["layers"][L1].update(k=13)), EDITED + r"|\bk\b"),
     ("qc-layer-k-string", "llama", qedit(lambda q: q["layers"][L1].update(k="12")), r"\.k must"),
     ("qc-layer-s-0", "llama", qedit(lambda q: q["layers"][L1].update(s=0)), r"\.s must"),
     ("qc-layer-scale-string", "llama", qedit(lambda q: q["layers"][L1].update(scale="yes")), r"\.scale must"),
-    ("qc-layer-in-features", "llama", qedit(lambda q: q["layers"][L1].update(in_features=64)), EDITED + r"|in_features"),
+    (
+        "qc-layer-in-features",
+        "llama",
+        qedit(lambda q: q["layers"][L1].update(in_features=64)),
+        EDITED + r"|in_features",
+    ),
     ("qc-layer-unknown-field", "llama", qedit(lambda q: q["layers"][L1].update(colour=1)), r"colour"),
-    ("qc-layer-name-traversal", "llama", qedit(lambda q: q["layers"].update({"../../x": q["layers"][L1]})), r"module name"),
+    (
+        "qc-layer-name-traversal",
+        "llama",
+        qedit(lambda q: q["layers"].update({"../../x": q["layers"][L1]})),
+        r"module name",
+    ),
     ("qc-layer-fit-error-nan", "llama", qedit(lambda q: q["layers"][L1].update(fit_error=float("nan"))), r"fit_error"),
     ("qc-weights-traversal", "llama", qedit(lambda q: q.update(weights="../model.safetensors")), r"weights"),
-    ("qc-weights-absolute", "llama", lambda d: qedit(lambda q: q.update(weights=str(d / "model.safetensors")))(d), r"weights"),
+    (
+        "qc-weights-absolute",
+        "llama",
+        lambda d: qedit(lambda q: q.update(weights=str(d / "model.safetensors")))(d),
+        r"weights",
+    ),
     ("qc-weights-hidden", "llama", qedit(lambda q: q.update(weights=".model.safetensors")), r"weights"),
     ("qc-weights-tokenizer", "llama", qedit(lambda q: q.update(weights="tokenizer.json")), r"weights"),
-    ("qc-weights-removed", "llama", qedit(lambda q: q.pop("weights")), r"names no weight|quantization_config\.weights"),
-    ("qc-weights-null", "llama", qedit(lambda q: q.update(weights=None)), r"names no weight|quantization_config\.weights"),
-    ("qc-weights-other-file", "llama", lambda d: (shutil.copy(base("dense") / "model.safetensors", d / "model_dense.safetensors"),
-                                                 qedit(lambda q: q.update(weights="model_dense.safetensors"))(d)), EDITED + "|model_dense"),
+    (
+        "qc-weights-removed",
+        "llama",
+        qedit(lambda q: q.pop("weights")),
+        r"names no weight|quantization_config\.weights",
+    ),
+    (
+        "qc-weights-null",
+        "llama",
+        qedit(lambda q: q.update(weights=None)),
+        r"names no weight|quantization_config\.weights",
+    ),
+    (
+        "qc-weights-other-file",
+        "llama",
+        lambda d: (
+            shutil.copy(base("dense") / "model.safetensors", d / "model_dense.safetensors"),
+            qedit(lambda q: q.update(weights="model_dense.safetensors"))(d),
+        ),
+        EDITED + "|model_dense",
+    ),
     ("qc-checksums-removed", "llama", qedit(lambda q: q.pop("checksums")), r"checksum"),
     ("qc-checksums-empty", "llama", qedit(lambda q: q.update(checksums={})), r"checksum"),
-    ("qc-checksum-edited", "llama", qedit(lambda q: q["checksums"].update({"model.safetensors": "0" * 64})), r"sha256"),
-    ("qc-checksum-uppercase", "llama", qedit(lambda q: q["checksums"].update({"model.safetensors": q["checksums"]["model.safetensors"].upper()})), r"checksum"),
+    (
+        "qc-checksum-edited",
+        "llama",
+        qedit(lambda q: q["checksums"].update({"model.safetensors": "0" * 64})),
+        r"sha256",
+    ),
+    (
+        "qc-checksum-uppercase",
+        "llama",
+        qedit(lambda q: q["checksums"].update({"model.safetensors": q["checksums"]["model.safetensors"].upper()})),
+        r"checksum",
+    ),
     ("qc-checksum-int", "llama", qedit(lambda q: q["checksums"].update({"model.safetensors": 5})), r"checksum"),
     ("qc-checksum-traversal", "llama", qedit(lambda q: q["checksums"].update({"../x": "0" * 64})), r"checksum"),
     # a forger re-signs: digest and checksums recomputed, so only the structural checks remain
     ("forged-layer-k", "llama", qedit(lambda q: q["layers"][L1].update(k=13), forge=True), r"\[13, 4\]|\bk\b"),
-    ("forged-layer-in-features", "llama", qedit(lambda q: q["layers"][L1].update(in_features=64), forge=True), r"mosaic_packed|in_features|64"),
+    (
+        "forged-layer-in-features",
+        "llama",
+        qedit(lambda q: q["layers"][L1].update(in_features=64), forge=True),
+        r"mosaic_packed|in_features|64",
+    ),
     ("forged-layer-scale-off", "llama", qedit(lambda q: q["layers"][L1].update(scale=False), forge=True), r"scale"),
-    ("forged-layer-conv1d", "llama", qedit(lambda q: q["layers"][L0].update(conv1d=True), forge=True), r"conv1d|Conv1D"),
+    (
+        "forged-layer-conv1d",
+        "llama",
+        qedit(lambda q: q["layers"][L0].update(conv1d=True), forge=True),
+        r"conv1d|Conv1D",
+    ),
     ("forged-layer-dropped", "llama", qedit(lambda q: q["layers"].pop(L1), forge=True), L1),
     ("forged-momos-config-k", "llama", qedit(lambda q: q["momos_config"].update(k=64), forge=True), r"\bk\b"),
     ("forged-momos-config-s", "llama", qedit(lambda q: q["momos_config"].update(s=8), forge=True), r"\bs\b"),
-    ("forged-momos-config-scale", "llama", qedit(lambda q: q["momos_config"].update(scale=False), forge=True), r"scale"),
-    ("forged-momos-config-zero-motif", "llama", qedit(lambda q: q["momos_config"].update(zero_motif=True), forge=True), r"zero_motif"),
-    ("forged-momos-config-targets", "llama", qedit(lambda q: q["momos_config"].update(target_modules=["nowhere"]), forge=True), r"target_modules"),
+    (
+        "forged-momos-config-scale",
+        "llama",
+        qedit(lambda q: q["momos_config"].update(scale=False), forge=True),
+        r"scale",
+    ),
+    (
+        "forged-momos-config-zero-motif",
+        "llama",
+        qedit(lambda q: q["momos_config"].update(zero_motif=True), forge=True),
+        r"zero_motif",
+    ),
+    (
+        "forged-momos-config-targets",
+        "llama",
+        qedit(lambda q: q["momos_config"].update(target_modules=["nowhere"]), forge=True),
+        r"target_modules",
+    ),
     ("forged-drop-motifs", "llama", tedit(lambda t: t.pop(f"{L0}.motifs")), rf"{L0}\.motifs"),
     ("forged-drop-mosaic", "llama", tedit(lambda t: t.pop(f"{L0}.mosaic_packed")), rf"{L0}\.mosaic_packed"),
     ("forged-drop-scale", "llama", tedit(lambda t: t.pop(f"{L0}.scale")), rf"{L0}\.scale"),
-    ("forged-motifs-int64", "llama", tedit(lambda t: t.update({f"{L0}.motifs": t[f"{L0}.motifs"].long()})), r"motifs is I64"),
-    ("forged-motifs-shape", "llama", tedit(lambda t: t.update({f"{L0}.motifs": torch.zeros(13, 4)})), r"motifs is F32 \[13, 4\]"),
+    (
+        "forged-motifs-int64",
+        "llama",
+        tedit(lambda t: t.update({f"{L0}.motifs": t[f"{L0}.motifs"].long()})),
+        r"motifs is I64",
+    ),
+    (
+        "forged-motifs-shape",
+        "llama",
+        tedit(lambda t: t.update({f"{L0}.motifs": torch.zeros(13, 4)})),
+        r"motifs is F32 \[13, 4\]",
+    ),
     ("forged-motifs-nan", "llama", tedit(nan_at(f"{L0}.motifs")), r"NaN"),
     ("forged-scale-inf", "llama", tedit(nan_at(f"{L0}.scale", float("inf"))), r"NaN or infinite"),
-    ("forged-scale-float64", "llama", tedit(lambda t: t.update({f"{L0}.scale": t[f"{L0}.scale"].double()})), r"scale is F64"),
-    ("forged-mosaic-index-beyond-k", "llama", tedit(lambda t: t[f"{L0}.mosaic_packed"].__setitem__(0, 255)), r"index 15 .*k=12"),
-    ("forged-mosaic-int8", "llama", tedit(lambda t: t.update({f"{L0}.mosaic_packed": t[f"{L0}.mosaic_packed"].to(torch.int8)})), r"mosaic_packed is I8"),
-    ("forged-extra-mosaic", "llama", tedit(lambda t: t.update({"lm_head.mosaic_packed": torch.zeros(4, dtype=torch.uint8)})), r"lm_head"),
+    (
+        "forged-scale-float64",
+        "llama",
+        tedit(lambda t: t.update({f"{L0}.scale": t[f"{L0}.scale"].double()})),
+        r"scale is F64",
+    ),
+    (
+        "forged-mosaic-index-beyond-k",
+        "llama",
+        tedit(lambda t: t[f"{L0}.mosaic_packed"].__setitem__(0, 255)),
+        r"index 15 .*k=12",
+    ),
+    (
+        "forged-mosaic-int8",
+        "llama",
+        tedit(lambda t: t.update({f"{L0}.mosaic_packed": t[f"{L0}.mosaic_packed"].to(torch.int8)})),
+        r"mosaic_packed is I8",
+    ),
+    (
+        "forged-extra-mosaic",
+        "llama",
+        tedit(lambda t: t.update({"lm_head.mosaic_packed": torch.zeros(4, dtype=torch.uint8)})),
+        r"lm_head",
+    ),
     ("forged-embedding-nan", "llama", tedit(nan_at("model.embed_tokens.weight")), r"NaN|embed_tokens"),
     ("forged-embedding-dropped", "llama", tedit(lambda t: t.pop("model.embed_tokens.weight")), r"embed_tokens"),
     ("forged-norm-shape", "llama", tedit(lambda t: t.update({"model.norm.weight": torch.ones(31)})), r"norm"),
-    ("forged-no-digest", "llama", lambda d: (save_file(load_file(weights_path(d)), weights_path(d)), fix_checksum(d, "model.safetensors")), EDITED),
-    ("header-offsets-strings", "llama", hedit(lambda h: [v.update(data_offsets=[str(x) for x in v["data_offsets"]]) for k, v in h.items() if k != "__metadata__"], False), WF + r".*(header|corrupt)"),
-    ("header-metadata-string", "llama", hedit(lambda h: h.update(__metadata__="x"), True), WF + r".*(header|metadata|corrupt)"),
+    (
+        "forged-no-digest",
+        "llama",
+        lambda d: (save_file(load_file(weights_path(d)), weights_path(d)), fix_checksum(d, "model.safetensors")),
+        EDITED,
+    ),
+    (
+        "header-offsets-strings",
+        "llama",
+        hedit(
+            lambda h: [
+                v.update(data_offsets=[str(x) for x in v["data_offsets"]]) for k, v in h.items() if k != "__metadata__"
+            ],
+            False,
+        ),
+        WF + r".*(header|corrupt)",
+    ),
+    (
+        "header-metadata-string",
+        "llama",
+        hedit(lambda h: h.update(__metadata__="x"), True),
+        WF + r".*(header|metadata|corrupt)",
+    ),
     ("header-metadata-removed", "llama", hedit(lambda h: h.pop("__metadata__"), True), EDITED),
-    ("header-shape-lies", "llama", hedit(lambda h: h[f"{L0}.motifs"].update(shape=[12, 8]), True), r"motifs|shape|corrupt"),
-    ("header-offsets-overlap", "llama", hedit(lambda h: h[f"{L0}.motifs"].update(data_offsets=[0, h[f"{L0}.motifs"]["data_offsets"][1] - h[f"{L0}.motifs"]["data_offsets"][0]]), True), WF + r".*(corrupt|overlap|offset)"),
+    (
+        "header-shape-lies",
+        "llama",
+        hedit(lambda h: h[f"{L0}.motifs"].update(shape=[12, 8]), True),
+        r"motifs|shape|corrupt",
+    ),
+    (
+        "header-offsets-overlap",
+        "llama",
+        hedit(
+            lambda h: h[f"{L0}.motifs"].update(
+                data_offsets=[0, h[f"{L0}.motifs"]["data_offsets"][1] - h[f"{L0}.motifs"]["data_offsets"][0]]
+            ),
+            True,
+        ),
+        WF + r".*(corrupt|overlap|offset)",
+    ),
     ("shard-deleted", "sharded", lambda d: (d / shard(d, 1)).unlink(), r"missing weight file model-0000"),
-    ("shard-truncated", "sharded", lambda d: (d / shard(d, 1)).write_bytes((d / shard(d, 1)).read_bytes()[:-7]), r"model-0000.*(truncated|corrupt)"),
-    ("shard-flipped", "sharded", lambda d: (d / shard(d, 0)).write_bytes((d / shard(d, 0)).read_bytes()[:-1] + b"\x01"), r"model-0000.*(corrupt|sha256)"),
+    (
+        "shard-truncated",
+        "sharded",
+        lambda d: (d / shard(d, 1)).write_bytes((d / shard(d, 1)).read_bytes()[:-7]),
+        r"model-0000.*(truncated|corrupt)",
+    ),
+    (
+        "shard-flipped",
+        "sharded",
+        lambda d: (d / shard(d, 0)).write_bytes((d / shard(d, 0)).read_bytes()[:-1] + b"\x01"),
+        r"model-0000.*(corrupt|sha256)",
+    ),
     ("index-deleted", "sharded", lambda d: weights_path(d).unlink(), r"index\.json"),
     ("index-not-json", "sharded", lambda d: weights_path(d).write_text("{nope"), r"index\.json"),
     ("index-list", "sharded", lambda d: weights_path(d).write_text("[]"), r"index\.json"),
-    ("index-no-weight-map", "sharded", iedit(lambda i, d: i.pop("weight_map")), r"index\.json.*weight_map|index\.json"),
-    ("index-traversal", "sharded", iedit(lambda i, d: (shutil.copy(d / shard(d, 0), d.parent / "outside.safetensors"), remap(i, d, "../outside.safetensors"))), r"not a safetensors file inside|not all in its folder|points outside"),
-    ("index-absolute", "sharded", iedit(lambda i, d: remap(i, d, str(d / shard(d, 0)))), r"not a safetensors file inside|not all in its folder|points outside"),
-    ("index-directory", "sharded", iedit(lambda i, d: ((d / "dir.safetensors").mkdir(), remap(i, d, "dir.safetensors"))), r"checksum|not a regular file"),
-    ("index-entry-dropped", "sharded", iedit(lambda i, d: i["weight_map"].pop(next(iter(i["weight_map"])))), r"sha256|index"),
+    (
+        "index-no-weight-map",
+        "sharded",
+        iedit(lambda i, d: i.pop("weight_map")),
+        r"index\.json.*weight_map|index\.json",
+    ),
+    (
+        "index-traversal",
+        "sharded",
+        iedit(
+            lambda i, d: (
+                shutil.copy(d / shard(d, 0), d.parent / "outside.safetensors"),
+                remap(i, d, "../outside.safetensors"),
+            )
+        ),
+        r"not a safetensors file inside|not all in its folder|points outside",
+    ),
+    (
+        "index-absolute",
+        "sharded",
+        iedit(lambda i, d: remap(i, d, str(d / shard(d, 0)))),
+        r"not a safetensors file inside|not all in its folder|points outside",
+    ),
+    (
+        "index-directory",
+        "sharded",
+        iedit(lambda i, d: ((d / "dir.safetensors").mkdir(), remap(i, d, "dir.safetensors"))),
+        r"checksum|not a regular file",
+    ),
+    (
+        "index-entry-dropped",
+        "sharded",
+        iedit(lambda i, d: i["weight_map"].pop(next(iter(i["weight_map"])))),
+        r"sha256|index",
+    ),
     ("forged-index-directory", "sharded", lambda d: forged_index_entry(d, "dir"), r"not a regular file"),
-    ("index-escape-to-sibling-relative", "sharded", lambda d: escape_index(d, absolute=False), r"not a safetensors file inside|not all in its folder|points outside|sha256"),
-    ("index-escape-to-sibling-absolute", "sharded", lambda d: escape_index(d, absolute=True), r"not a safetensors file inside|not all in its folder|points outside|sha256"),
-    ("forged-index-wrong-shard", "sharded", iedit(lambda i, d: i["weight_map"].update({k: shard(d, 1) for k in list(i["weight_map"])[:1] if i["weight_map"][k] != shard(d, 1)}), forge=True), r"shard|missing|lacks|not found"),
+    (
+        "index-escape-to-sibling-relative",
+        "sharded",
+        lambda d: escape_index(d, absolute=False),
+        r"not a safetensors file inside|not all in its folder|points outside|sha256",
+    ),
+    (
+        "index-escape-to-sibling-absolute",
+        "sharded",
+        lambda d: escape_index(d, absolute=True),
+        r"not a safetensors file inside|not all in its folder|points outside|sha256",
+    ),
+    (
+        "forged-index-wrong-shard",
+        "sharded",
+        iedit(
+            lambda i, d: i["weight_map"].update(
+                {k: shard(d, 1) for k in list(i["weight_map"])[:1] if i["weight_map"][k] != shard(d, 1)}
+            ),
+            forge=True,
+        ),
+        r"shard|missing|lacks|not found",
+    ),
 ]
 ISOLATED_LOAD_CASES = [  # may block in open(): run in a subprocess
-    ("index-fifo", "sharded", iedit(lambda i, d: (os.mkfifo(d / "fifo.safetensors"), remap(i, d, "fifo.safetensors"))), r"checksum|not a regular file"),
+    (
+        "index-fifo",
+        "sharded",
+        iedit(lambda i, d: (os.mkfifo(d / "fifo.safetensors"), remap(i, d, "fifo.safetensors"))),
+        r"checksum|not a regular file",
+    ),
     ("forged-index-fifo", "sharded", lambda d: forged_index_entry(d, "fifo"), r"not a regular file"),
     ("weights-fifo", "llama", replace(None, kind="fifo"), r"not a regular file"),
     ("config-fifo", "llama", replace("config.json", kind="fifo"), r"config\.json"),
 ]
-QUICK_LOADS = {"truncate-header-mid/auto", "flip-data-mid/momos", "qc-checksums-removed/info", "forged-motifs-nan/auto",
-               "index-traversal/momos", "qc-string/momos", "forged-momos-config-k/info", "qc-momos-config-k/info"}
+QUICK_LOADS = {
+    "truncate-header-mid/auto",
+    "flip-data-mid/momos",
+    "qc-checksums-removed/info",
+    "forged-motifs-nan/auto",
+    "index-traversal/momos",
+    "qc-string/momos",
+    "forged-momos-config-k/info",
+    "qc-momos-config-k/info",
+}
 
 
 def add_load_cases() -> None:
@@ -851,11 +1337,17 @@ def add_load_cases() -> None:
             for kind in ("auto", "momos", "info"):
                 if name == "config-fifo" and kind != "info":
                     continue  # Transformers' own config reader would block on it: not momos-hf's to guard
-                add("load", f"{name}/{kind}", functools.partial(load_case, base_name=base_name, mutate=mutation, expect=expect, kind=kind),
-                    isolate=isolate, quick=f"{name}/{kind}" in QUICK_LOADS)
+                add(
+                    "load",
+                    f"{name}/{kind}",
+                    functools.partial(load_case, base_name=base_name, mutate=mutation, expect=expect, kind=kind),
+                    isolate=isolate,
+                    quick=f"{name}/{kind}" in QUICK_LOADS,
+                )
 
 
 # 3. saves ------------------------------------------------------------------------------------------------
+
 
 def saved_as(folder: Path, model, files: dict) -> Verdict:
     """After a save that returned: the user's files intact, no leftovers, and the folder loads as `model`."""
@@ -867,11 +1359,14 @@ def saved_as(folder: Path, model, files: dict) -> Verdict:
         return "wrong", f"the save returned but the folder does not load: {v[1]}"
     if not torch.equal(outputs(loaded), outputs(model)):
         return "wrong", "the folder loads with other outputs than the saved model"
-    return ("wrong", f"save left {leftovers(folder)}") if leftovers(folder) else ("correct", "saved, user files intact")
+    return (
+        ("wrong", f"save left {leftovers(folder)}") if leftovers(folder) else ("correct", "saved, user files intact")
+    )
 
 
-def refused_intact(folder: Path, call: Callable, expect: str, before: Optional[dict] = None,
-                   accept: tuple = (ValueError, TypeError)) -> Verdict:
+def refused_intact(
+    folder: Path, call: Callable, expect: str, before: Optional[dict] = None, accept: tuple = (ValueError, TypeError)
+) -> Verdict:
     """A save that must refuse (or fail on an injected fault) and leave the folder exactly as it was."""
     before = snapshot(folder) if before is None and folder.is_dir() else (before or {})
     v, _ = attempt(call, expect, accept)
@@ -904,7 +1399,9 @@ def save_dot(tmp: Path, sub: bool) -> Verdict:
     mine = plant(work)
     first, second = converted(seed=1), converted(seed=2)
     with chdir(work / "sub" if sub else work):
-        v = attempt(lambda: (first.save_pretrained(".." if sub else "."), second.save_pretrained(".." if sub else ".")))[0]
+        v = attempt(
+            lambda: (first.save_pretrained(".." if sub else "."), second.save_pretrained(".." if sub else "."))
+        )[0]
     return v or saved_as(work, second, mine)
 
 
@@ -942,16 +1439,23 @@ def save_next_to_user_weights(tmp: Path) -> Verdict:
     folder.mkdir()
     mine = plant(folder, {**MINE, "model.safetensors": b"my dense model"})
     a, b = converted(seed=1), converted(seed=2)
-    v = attempt(lambda: (a.save_pretrained(folder), b.save_pretrained(folder, max_shard_size=6000), a.save_pretrained(folder)))[0]
+    v = attempt(
+        lambda: (a.save_pretrained(folder), b.save_pretrained(folder, max_shard_size=6000), a.save_pretrained(folder))
+    )[0]
     if v:
         return v
     owned = {p.name for p in folder.iterdir() if "safetensors" in p.name} - set(mine)
     q = read_json(folder / "config.json")["quantization_config"]
     expected = {q["weights"], *ckpt.weight_file_names(folder, q["weights"])}
-    return worst(saved_as(folder, a, mine), None if owned == expected else ("wrong", f"stale weight files {sorted(owned - expected)}"))
+    return worst(
+        saved_as(folder, a, mine),
+        None if owned == expected else ("wrong", f"stale weight files {sorted(owned - expected)}"),
+    )
 
 
-def save_fault(tmp: Path, target: str, when: Callable[[tuple], bool], exc=Injected("injected fault: disk full")) -> Verdict:
+def save_fault(
+    tmp: Path, target: str, when: Callable[[tuple], bool], exc=Injected("injected fault: disk full")
+) -> Verdict:
     """A save over a good checkpoint (with tokenizer and user files) that fails in `checkpoint.<target>`
     when `when(args)`: the folder must be exactly as before."""
     folder = copy_base("A", tmp)
@@ -967,13 +1471,20 @@ def save_fault(tmp: Path, target: str, when: Callable[[tuple], bool], exc=Inject
         return real(*args, **kwargs)
 
     with patched(owner, target, faulty):
-        return refused_intact(folder, lambda: other.save_pretrained(folder, tokenizer=tokenizer_for("B"), max_shard_size=6000),
-                              "injected|power cut", before, accept=(Injected, PowerCut))
+        return refused_intact(
+            folder,
+            lambda: other.save_pretrained(folder, tokenizer=tokenizer_for("B"), max_shard_size=6000),
+            "injected|power cut",
+            before,
+            accept=(Injected, PowerCut),
+        )
 
 
 def save_bad_tokenizer(tmp: Path) -> Verdict:
     folder = copy_base("A", tmp)
-    return refused_intact(folder, lambda: MoMosModel.from_pretrained(base("B")).save_pretrained(folder, tokenizer="byte"), r"tokenizer")
+    return refused_intact(
+        folder, lambda: MoMosModel.from_pretrained(base("B")).save_pretrained(folder, tokenizer="byte"), r"tokenizer"
+    )
 
 
 def save_over_forged_checksums(tmp: Path) -> Verdict:
@@ -1046,8 +1557,13 @@ def saver_main(sources: list, target: str, seed: int, saves: int, delay: float) 
 
 
 def start_saver(sources: str, target: Path, seed: int, saves: int, delay: float = 0.03) -> subprocess.Popen:
-    return subprocess.Popen([PY, __file__, SAVER, sources, str(target), str(seed), str(saves), str(delay), "--work", str(WORK)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [PY, __file__, SAVER, sources, str(target), str(seed), str(saves), str(delay), "--work", str(WORK)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
 def kill_trial(tmp: Path, trial: int) -> Verdict:
@@ -1068,9 +1584,16 @@ def kill_trial(tmp: Path, trial: int) -> Verdict:
     v = worst(damaged(target, mine), whole_checkpoint(target))
     if v[0] != "correct":
         return v
-    v2 = attempt(lambda: MoMosModel.from_pretrained(base("A")).save_pretrained(target, tokenizer=tokenizer_for("A")))[0]
-    return worst(("correct", f"{'interrupted mid-save; ' if interrupted else ''}whole afterwards"), v2, damaged(target, mine),
-                 whole_checkpoint(target, ("A",)), ("wrong", f"the next save left {leftovers(target)}") if leftovers(target) else None)
+    v2 = attempt(lambda: MoMosModel.from_pretrained(base("A")).save_pretrained(target, tokenizer=tokenizer_for("A")))[
+        0
+    ]
+    return worst(
+        ("correct", f"{'interrupted mid-save; ' if interrupted else ''}whole afterwards"),
+        v2,
+        damaged(target, mine),
+        whole_checkpoint(target, ("A",)),
+        ("wrong", f"the next save left {leftovers(target)}") if leftovers(target) else None,
+    )
 
 
 def concurrent_savers(tmp: Path) -> Verdict:
@@ -1092,8 +1615,11 @@ def concurrent_savers(tmp: Path) -> Verdict:
     q = read_json(target / "config.json")["quantization_config"]
     weights = {p.name for p in target.iterdir() if "safetensors" in p.name} - set(mine)
     extra = weights - {q["weights"], *ckpt.weight_file_names(target, q["weights"])}
-    return worst(damaged(target, mine), whole_checkpoint(target),
-                 ("wrong", f"left {leftovers(target)} {sorted(extra)}") if leftovers(target) or extra else None)
+    return worst(
+        damaged(target, mine),
+        whole_checkpoint(target),
+        ("wrong", f"left {leftovers(target)} {sorted(extra)}") if leftovers(target) or extra else None,
+    )
 
 
 def add_save_cases() -> None:
@@ -1107,33 +1633,119 @@ def add_save_cases() -> None:
     add("save", "next-to-user-model-files", save_next_to_user_weights)
     add("save", "back-into-its-source", save_back_into_source)
     for name, target, when in [
-            ("fault-writing-weights", "save_file", lambda a: True),
-            ("fault-writing-second-shard", "save_file", lambda a: "00002" in str(a[1])),
-            ("fault-writing-config", "write_text_synced", lambda a: Path(a[0]).name == "config.json"),
-            ("fault-moving-tokenizer", "replace", lambda a: Path(a[1]).name == "tokenizer.json"),
-            ("fault-at-commit-rename", "replace", lambda a: Path(a[1]).name == "config.json"),
-            ("fault-fsync", "sha256_of", lambda a: True)]:
-        add("save", name, functools.partial(lambda tmp, t, w: save_fault(tmp, t, w), t=target, w=when), quick=name == "fault-at-commit-rename")
-    add("save", "power-cut-after-first-shard", lambda tmp: save_fault(tmp, "save_file", lambda a: "00001" not in str(a[1]), PowerCut("power cut")))
+        ("fault-writing-weights", "save_file", lambda a: True),
+        ("fault-writing-second-shard", "save_file", lambda a: "00002" in str(a[1])),
+        ("fault-writing-config", "write_text_synced", lambda a: Path(a[0]).name == "config.json"),
+        ("fault-moving-tokenizer", "replace", lambda a: Path(a[1]).name == "tokenizer.json"),
+        ("fault-at-commit-rename", "replace", lambda a: Path(a[1]).name == "config.json"),
+        ("fault-fsync", "sha256_of", lambda a: True),
+    ]:
+        add(
+            "save",
+            name,
+            functools.partial(lambda tmp, t, w: save_fault(tmp, t, w), t=target, w=when),
+            quick=name == "fault-at-commit-rename",
+        )
+    add(
+        "save",
+        "power-cut-after-first-shard",
+        lambda tmp: save_fault(tmp, "save_file", lambda a: "00001" not in str(a[1]), PowerCut("power cut")),
+    )
     add("save", "tokenizer-not-a-tokenizer", save_bad_tokenizer)
     add("save", "over-forged-checksum-list", save_over_forged_checksums)
     add("save", "garbage-journal", lambda tmp: save_with_bad_journal(tmp, b"{garbage", r"journal|interrupted save"))
-    add("save", "journal-claims-user-files", lambda tmp: save_with_bad_journal(
-        tmp, json.dumps({"staging": ".momos-save-000000000000", "create": ["README.md", "notes"], "remove": ["model-00001-of-00002.safetensors"]}).encode(), r"journal"))
-    add("save", "config-json-is-a-folder", lambda tmp: (lambda f: refused_intact(f, lambda: converted().save_pretrained(f), r"config\.json"))(
-        (tmp / "f" / "config.json").mkdir(parents=True) or tmp / "f"))
-    add("save", "config-json-garbage", lambda tmp: (lambda f: refused_intact(f, lambda: converted().save_pretrained(f), r"config\.json|not a MoMos"))(
-        ((tmp / "f").mkdir(), (tmp / "f" / "config.json").write_text("{half a conf"), plant(tmp / "f")) and tmp / "f"))
-    add("save", "unsafe-serialization", lambda tmp: refused_intact(tmp, lambda: converted().save_pretrained(tmp / "o", safe_serialization=False), r"safetensors"))
-    add("save", "variant", lambda tmp: refused_intact(tmp, lambda: converted().save_pretrained(tmp / "o", variant="fp16"), r"variant"))
-    add("save", "unknown-keyword", lambda tmp: refused_intact(tmp, lambda: converted().save_pretrained(tmp / "o", colour=1), r"colour"))
-    add("save", "max-shard-size-garbage", lambda tmp: refused_intact(tmp, lambda: converted().save_pretrained(tmp / "o", max_shard_size="lots"), r"size|lots"))
-    add("save", "max-shard-size-0", lambda tmp: (lambda mm: attempt(lambda: mm.save_pretrained(tmp / "o", max_shard_size=0), r"shard")[0]
-                                                 or saved_as(tmp / "o", mm, {}))(converted()))
-    add("save", "state-dict-without-motifs", lambda tmp: save_state_dict(tmp, lambda s: s.pop(f"base_model.{L0}.motifs")))
-    add("save", "state-dict-without-embedding", lambda tmp: save_state_dict(tmp, lambda s: s.pop("base_model.model.embed_tokens.weight")))
-    add("save", "state-dict-nan-motifs", lambda tmp: save_state_dict(tmp, lambda s: s.update({f"base_model.{L0}.motifs": torch.full_like(s[f"base_model.{L0}.motifs"], float("nan"))})))
-    add("save", "no-momos-layers", lambda tmp: attempt(lambda: ckpt.save_checkpoint(tiny("llama"), tmp / "o", {}), r"no MoMos layers")[0] or ("wrong", "saved"))
+    add(
+        "save",
+        "journal-claims-user-files",
+        lambda tmp: save_with_bad_journal(
+            tmp,
+            json.dumps(
+                {
+                    "staging": ".momos-save-000000000000",
+                    "create": ["README.md", "notes"],
+                    "remove": ["model-00001-of-00002.safetensors"],
+                }
+            ).encode(),
+            r"journal",
+        ),
+    )
+    add(
+        "save",
+        "config-json-is-a-folder",
+        lambda tmp: (lambda f: refused_intact(f, lambda: converted().save_pretrained(f), r"config\.json"))(
+            (tmp / "f" / "config.json").mkdir(parents=True) or tmp / "f"
+        ),
+    )
+    add(
+        "save",
+        "config-json-garbage",
+        lambda tmp: (lambda f: refused_intact(f, lambda: converted().save_pretrained(f), r"config\.json|not a MoMos"))(
+            ((tmp / "f").mkdir(), (tmp / "f" / "config.json").write_text("{half a conf"), plant(tmp / "f"))
+            and tmp / "f"
+        ),
+    )
+    add(
+        "save",
+        "unsafe-serialization",
+        lambda tmp: refused_intact(
+            tmp, lambda: converted().save_pretrained(tmp / "o", safe_serialization=False), r"safetensors"
+        ),
+    )
+    add(
+        "save",
+        "variant",
+        lambda tmp: refused_intact(tmp, lambda: converted().save_pretrained(tmp / "o", variant="fp16"), r"variant"),
+    )
+    add(
+        "save",
+        "unknown-keyword",
+        lambda tmp: refused_intact(tmp, lambda: converted().save_pretrained(tmp / "o", colour=1), r"colour"),
+    )
+    add(
+        "save",
+        "max-shard-size-garbage",
+        lambda tmp: refused_intact(
+            tmp, lambda: converted().save_pretrained(tmp / "o", max_shard_size="lots"), r"size|lots"
+        ),
+    )
+    add(
+        "save",
+        "max-shard-size-0",
+        lambda tmp: (
+            lambda mm: (
+                attempt(lambda: mm.save_pretrained(tmp / "o", max_shard_size=0), r"shard")[0]
+                or saved_as(tmp / "o", mm, {})
+            )
+        )(converted()),
+    )
+    add(
+        "save",
+        "state-dict-without-motifs",
+        lambda tmp: save_state_dict(tmp, lambda s: s.pop(f"base_model.{L0}.motifs")),
+    )
+    add(
+        "save",
+        "state-dict-without-embedding",
+        lambda tmp: save_state_dict(tmp, lambda s: s.pop("base_model.model.embed_tokens.weight")),
+    )
+    add(
+        "save",
+        "state-dict-nan-motifs",
+        lambda tmp: save_state_dict(
+            tmp,
+            lambda s: s.update(
+                {f"base_model.{L0}.motifs": torch.full_like(s[f"base_model.{L0}.motifs"], float("nan"))}
+            ),
+        ),
+    )
+    add(
+        "save",
+        "no-momos-layers",
+        lambda tmp: (
+            attempt(lambda: ckpt.save_checkpoint(tiny("llama"), tmp / "o", {}), r"no MoMos layers")[0]
+            or ("wrong", "saved")
+        ),
+    )
     for trial in range(8):
         add("save", f"kill-9-trial-{trial}", functools.partial(kill_trial, trial=trial), quick=trial == 0, timeout=180)
     add("save", "two-concurrent-savers", concurrent_savers, timeout=300)
@@ -1141,15 +1753,35 @@ def add_save_cases() -> None:
 
 # 4. pushes -----------------------------------------------------------------------------------------------
 
-ALLOWED = {"config.json", "generation_config.json", "README.md", "eval_results.json", "tokenizer.json",
-           "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
-           "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json"}
+ALLOWED = {
+    "config.json",
+    "generation_config.json",
+    "README.md",
+    "eval_results.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+}
 
 
 def plant_secrets(folder: Path) -> None:
-    for name, text in {".secrets/api_key.txt": SECRET, ".env": f"HF_TOKEN={SECRET}", ".git/config": f"token={SECRET}",
-                       "notes.txt": f"private {SECRET}", "step_4/optimizer.bin": "pickle", "runs/events.out": SECRET,
-                       "hparams.yml": f"hub_token: {SECRET}", "model_backup.safetensors": SECRET}.items():
+    for name, text in {
+        ".secrets/api_key.txt": SECRET,
+        ".env": f"HF_TOKEN={SECRET}",
+        ".git/config": f"token={SECRET}",
+        "notes.txt": f"private {SECRET}",
+        "step_4/optimizer.bin": "pickle",
+        "runs/events.out": SECRET,
+        "hparams.yml": f"hub_token: {SECRET}",
+        "model_backup.safetensors": SECRET,
+    }.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
 
@@ -1175,7 +1807,9 @@ def hub_leaks(hub, done) -> list:
     return problems
 
 
-def push_case(tmp: Path, prepare: Callable[[Path], Path], code: str, expect: Optional[str], public: bool = False) -> Verdict:
+def push_case(
+    tmp: Path, prepare: Callable[[Path], Path], code: str, expect: Optional[str], public: bool = False
+) -> Verdict:
     """Run `code` (a client; `{folder}`, `{secret}`, `{base}` filled in) against a fresh Hub stand-in; a
     refusal must come before any request, a success must upload only the allow-list, privately unless
     `public`, and the secret must appear nowhere."""
@@ -1184,7 +1818,9 @@ def push_case(tmp: Path, prepare: Callable[[Path], Path], code: str, expect: Opt
     folder = prepare(tmp)
     with HubServer() as hub:
         env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp / "hf-home")}
-        done = run([PY, "-c", textwrap.dedent(code).format(folder=folder, secret=SECRET, base=base("llama"))], tmp, env=env)
+        done = run(
+            [PY, "-c", textwrap.dedent(code).format(folder=folder, secret=SECRET, base=base("llama"))], tmp, env=env
+        )
         leaks = hub_leaks(hub, done)
         v = cli_verdict(done, "momos-hf: error:", expect) if done is None or done.returncode else None
         if v:
@@ -1196,14 +1832,22 @@ def push_case(tmp: Path, prepare: Callable[[Path], Path], code: str, expect: Opt
             return "wrong", "exited 0 without uploading anything"
         wrong = [f"{r} created {'private' if p else 'public'}" for r, p in hub.state.private.items() if p == public]
         if wrong:
-            return "leak", f"{'; '.join(wrong)} ({'--public' if public else 'no public'} was asked), uploaded {sorted(f for fs in hub.state.repos.values() for f in fs)}"
+            return (
+                "leak",
+                f"{'; '.join(wrong)} ({'--public' if public else 'no public'} was asked), uploaded "
+                f"{sorted(f for fs in hub.state.repos.values() for f in fs)}",
+            )
         if expect is not None:
             return "wrong", f"pushed although a refusal matching {expect!r} was expected"
-        return "correct", f"uploaded {sorted(f for files in hub.state.repos.values() for f in files)}, {'public' if public else 'private'}"
+        return (
+            "correct",
+            f"uploaded {sorted(f for files in hub.state.repos.values() for f in files)}, "
+            f"{'public' if public else 'private'}",
+        )
 
 
 CLI_PUSH = """
-from momos_hf.cli import main
+from momos_hf.app.cli import main
 main(["push", r"{folder}", "me/probe", "--token", "{secret}"%s])
 """
 
@@ -1213,6 +1857,7 @@ def checkpoint_with(extra: Callable[[Path], object]) -> Callable[[Path], Path]:
         folder = copy_base("llama", tmp)
         extra(folder)
         return folder
+
     return prepare
 
 
@@ -1224,44 +1869,83 @@ def link_out(folder: Path, name: str, text: str = SECRET) -> None:
 def add_push_cases() -> None:
     cli, public = CLI_PUSH % "", CLI_PUSH % ', "--public"'
     for name, prepare, code, expect, *pub in [
-            ("secrets-beside-checkpoint", checkpoint_with(plant_secrets), cli, None, False),
-            ("public-flag", checkpoint_with(plant_secrets), public, None, True),
-            ("tokenizer-link-out", checkpoint_with(lambda f: link_out(f, "tokenizer.json")), cli, r"tokenizer\.json"),
-            ("readme-link-out", checkpoint_with(lambda f: link_out(f, "README.md")), cli, r"README\.md"),
-            ("readme-is-a-folder", checkpoint_with(lambda f: (f / "README.md").mkdir()), cli, r"README\.md"),
-            ("weights-link-out", checkpoint_with(replace(None, kind="link-out")), cli, r"model\.safetensors"),
-            ("corrupted-weights", checkpoint_with(flip(lambda s, h: s - 3, 0x01)), cli, r"sha256|corrupt"),
-            ("edited-config", checkpoint_with(qedit(lambda q: q["momos_config"].update(k=64))), cli, EDITED),
-            ("dense-folder", dense_copy, cli, r"not a MoMos"),
-            ("missing-folder", lambda tmp: tmp / "nope", cli, r"nope"),
-            ("checksums-list-private-file", checkpoint_with(lambda f: (plant_secrets(f), qedit(lambda q: q["checksums"].update(
-                {"notes.txt": ckpt.sha256_of(f / "notes.txt")}))(f))), cli, None),
-            ("bad-repo-id", checkpoint_with(lambda f: None), CLI_PUSH.replace("me/probe", "a/b/c") % "", r"repo"),
-            ("api-push-to-hub-default", lambda tmp: tmp, """
+        ("secrets-beside-checkpoint", checkpoint_with(plant_secrets), cli, None, False),
+        ("public-flag", checkpoint_with(plant_secrets), public, None, True),
+        ("tokenizer-link-out", checkpoint_with(lambda f: link_out(f, "tokenizer.json")), cli, r"tokenizer\.json"),
+        ("readme-link-out", checkpoint_with(lambda f: link_out(f, "README.md")), cli, r"README\.md"),
+        ("readme-is-a-folder", checkpoint_with(lambda f: (f / "README.md").mkdir()), cli, r"README\.md"),
+        ("weights-link-out", checkpoint_with(replace(None, kind="link-out")), cli, r"model\.safetensors"),
+        ("corrupted-weights", checkpoint_with(flip(lambda s, h: s - 3, 0x01)), cli, r"sha256|corrupt"),
+        ("edited-config", checkpoint_with(qedit(lambda q: q["momos_config"].update(k=64))), cli, EDITED),
+        ("dense-folder", dense_copy, cli, r"not a MoMos"),
+        ("missing-folder", lambda tmp: tmp / "nope", cli, r"nope"),
+        (
+            "checksums-list-private-file",
+            checkpoint_with(
+                lambda f: (
+                    plant_secrets(f),
+                    qedit(lambda q: q["checksums"].update({"notes.txt": ckpt.sha256_of(f / "notes.txt")}))(f),
+                )
+            ),
+            cli,
+            None,
+        ),
+        ("bad-repo-id", checkpoint_with(lambda f: None), CLI_PUSH.replace("me/probe", "a/b/c") % "", r"repo"),
+        (
+            "api-push-to-hub-default",
+            lambda tmp: tmp,
+            """
                 from momos_hf import MoMosModel
-                MoMosModel.from_pretrained(r"{base}").push_to_hub("org/api", token="{secret}")""", None, False),
-            ("transformers-push-to-hub-default", lambda tmp: tmp, """
+                MoMosModel.from_pretrained(r"{base}").push_to_hub("org/api", token="{secret}")""",
+            None,
+            False,
+        ),
+        (
+            "transformers-push-to-hub-default",
+            lambda tmp: tmp,
+            """
                 from momos_hf import MoMosModel
-                MoMosModel.from_pretrained(r"{base}").base_model.push_to_hub("org/transformers", token="{secret}")""", None, False),
-            ("save-pretrained-push-default", lambda tmp: tmp, """
+                MoMosModel.from_pretrained(r"{base}").base_model.push_to_hub("org/transformers", token="{secret}")""",
+            None,
+            False,
+        ),
+        (
+            "save-pretrained-push-default",
+            lambda tmp: tmp,
+            """
                 from momos_hf import MoMosModel
-                MoMosModel.from_pretrained(r"{base}").save_pretrained(r"{folder}/out", push_to_hub=True, repo_id="org/save", token="{secret}")""", None, False),
-            ("trainer-push-to-hub-default", lambda tmp: tmp, """
+                MoMosModel.from_pretrained(r"{base}").save_pretrained(r"{folder}/out", push_to_hub=True, repo_id="org/save", token="{secret}")""",  # noqa: E501
+            None,
+            False,
+        ),
+        (
+            "trainer-push-to-hub-default",
+            lambda tmp: tmp,
+            """
                 from transformers import Trainer, TrainingArguments
                 from momos_hf import MoMosModel
                 mm = MoMosModel.from_pretrained(r"{base}")
-                args = TrainingArguments(r"{folder}/trainer", push_to_hub=True, hub_model_id="org/trainer", hub_token="{secret}",
-                                         report_to=[], use_cpu=True, save_strategy="no")
-                Trainer(model=mm.base_model, args=args).push_to_hub()""", None, False)]:
-        add("push", name, functools.partial(push_case, prepare=prepare, code=code, expect=expect, public=bool(pub and pub[0])),
-            quick=name == "secrets-beside-checkpoint", timeout=180)
+                args = TrainingArguments(r"{folder}/trainer", push_to_hub=True, hub_model_id="org/trainer",
+                                         hub_token="{secret}", report_to=[], use_cpu=True, save_strategy="no")
+                Trainer(model=mm.base_model, args=args).push_to_hub()""",
+            None,
+            False,
+        ),
+    ]:
+        add(
+            "push",
+            name,
+            functools.partial(push_case, prepare=prepare, code=code, expect=expect, public=bool(pub and pub[0])),
+            quick=name == "secrets-beside-checkpoint",
+            timeout=180,
+        )
     add("push", "unreachable-endpoint", push_unreachable)
 
 
 def push_unreachable(tmp: Path) -> Verdict:
     folder = copy_base("llama", tmp)
     env = {**ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp / "hf-home")}
-    done = run([PY, "-m", "momos_hf.cli", "push", folder, "me/x", "--token", SECRET], tmp, env=env)
+    done = run([PY, "-m", "momos_hf.app.cli", "push", folder, "me/x", "--token", SECRET], tmp, env=env)
     v = cli_verdict(done, "momos-hf: error:", r"connect|reach|network|127\.0\.0\.1")
     leak = ("leak", "the secret is in the output") if done and SECRET in done.stdout + done.stderr else None
     return worst(v or ("wrong", "exited 0"), leak)
@@ -1269,12 +1953,18 @@ def push_unreachable(tmp: Path) -> Verdict:
 
 # 5. CLI --------------------------------------------------------------------------------------------------
 
-def cli_case(tmp: Path, argv: Callable[[Path], list], expect: Optional[str], check: Optional[Callable] = None,
-             cwd: Optional[Callable[[Path], tuple]] = None) -> Verdict:
-    """`python -m momos_hf.cli ARGV` in a subprocess; a refusal must be one clear line; a success is judged
+
+def cli_case(
+    tmp: Path,
+    argv: Callable[[Path], list],
+    expect: Optional[str],
+    check: Optional[Callable] = None,
+    cwd: Optional[Callable[[Path], tuple]] = None,
+) -> Verdict:
+    """`python -m momos_hf.app.cli ARGV` in a subprocess; a refusal must be one clear line; a success is judged
     by `check(tmp, done)`; `cwd` prepares the working folder and says which of its files must survive."""
     work, keep = cwd(tmp) if cwd else (tmp, {})
-    done = run([PY, "-m", "momos_hf.cli", *argv(tmp)], work)
+    done = run([PY, "-m", "momos_hf.app.cli", *argv(tmp)], work)
     v = cli_verdict(done, "momos-hf: error:", expect)
     lost_v = damaged(work, keep)
     if v:
@@ -1295,6 +1985,7 @@ def loads_like(folder_of: Callable[[Path], Path], ref: str = "llama", same: bool
         if same and not torch.equal(got, reference(ref)):
             return "wrong", "the output loads with other outputs than the model it came from"
         return "correct", "compressed; loads"
+
     return check
 
 
@@ -1314,56 +2005,182 @@ def with_notes(tmp: Path) -> tuple:
 
 
 def calibration(*extra: str) -> Callable[[Path], list]:
-    return lambda tmp: ["compress", base("dense"), "--output_dir", tmp / "o", "--k", "12", "--s", "4", "--kmeans_iters", "1",
-                        "--fit", "data-aware", "--calibration_file", WORK / "base" / "calib.txt", *extra]
+    return lambda tmp: [
+        "compress",
+        base("dense"),
+        "--output_dir",
+        tmp / "o",
+        "--k",
+        "12",
+        "--s",
+        "4",
+        "--kmeans_iters",
+        "1",
+        "--fit",
+        "data-aware",
+        "--calibration_file",
+        WORK / "base" / "calib.txt",
+        *extra,
+    ]
 
 
 def add_cli_cases() -> None:
     fit = ["--k", "12", "--s", "4", "--kmeans_iters", "1", "--scale"]
-    D = lambda *a: (lambda tmp: ["compress", base("dense"), "--output_dir", tmp / "o", *a])  # noqa: E731
+    D = lambda *a: lambda tmp: ["compress", base("dense"), "--output_dir", tmp / "o", *a]  # noqa: E731
     for name, argv, expect, check, cwd in [
-            ("info-no-argument", lambda tmp: ["info"], r"directory", None, None),
-            ("info-missing-folder", lambda tmp: ["info", tmp / "nope"], r"nope.*not a folder", None, None),
-            ("info-a-file", lambda tmp: ["info", WORK / "base" / "calib.txt"], r"not a folder", None, None),
-            ("info-dense-model", lambda tmp: ["info", base("dense")], r"not a MoMos", None, None),
-            ("compress-missing-model", lambda tmp: ["compress", tmp / "nope", "--output_dir", tmp / "o"], r"not a local model folder", None, None),
-            ("compress-file-as-model", lambda tmp: ["compress", WORK / "base" / "calib.txt", "--output_dir", tmp / "o"], r"not a local model folder", None, None),
-            ("compress-no-output-dir", lambda tmp: ["compress", base("dense")], r"output_dir", None, None),
-            ("compress-k-0", D("--k", "0"), r"\bk\b", None, None),
-            ("compress-k-not-a-number", D("--k", "abc"), r"--k", None, None),
-            ("compress-s-negative", D("--s", "-4"), r"\bs\b", None, None),
-            ("compress-k-too-large", D("--k", "100000", "--s", "4"), r"do not fit", None, None),
-            ("compress-seed-negative", D("--seed", "-1", *fit), r"seed", None, None),
-            ("compress-bad-regex", D("--target_regex", "(", *fit), r"regex", None, None),
-            ("compress-embedding-target", D("--target_modules", "embed_tokens", *fit), r"not nn.Linear",  # newer trees convert embeddings
-             loads_like(lambda tmp: tmp / "o", same=False), None),
-            ("compress-output-is-a-file", lambda tmp: ["compress", base("dense"), "--output_dir", WORK / "base" / "calib.txt", *fit], r"is a file", None, None),
-            ("compress-into-dot-of-dense-folder", lambda tmp: ["compress", tmp / "dense", "--output_dir", ".", *fit], r"not a MoMos checkpoint", None, in_dense),
-            ("compress-into-dot-with-notes", lambda tmp: ["compress", base("dense"), "--output_dir", ".", *fit], None,
-             loads_like(lambda tmp: tmp / "work", same=False), with_notes),
-            ("compress-fp16", D("--torch_dtype", "float16", *fit), None, loads_like(lambda tmp: tmp / "o", same=False), None),
-            ("compress-momos-other-settings", lambda tmp: ["compress", base("llama"), "--output_dir", tmp / "o", "--k", "8", "--s", "4"], r"other settings", None, None),
-            ("compress-momos-same-settings", lambda tmp: ["compress", base("llama"), "--output_dir", tmp / "o", *fit], None, loads_like(lambda tmp: tmp / "o"), None),
-            ("compress-momos-in-place", lambda tmp: ["compress", tmp / "momos", "--output_dir", tmp / "momos", *fit], None,
-             loads_like(lambda tmp: tmp / "momos"), lambda tmp: (copy_base("llama", tmp, "momos").parent, {})),
-            ("data-aware-without-file", D("--fit", "data-aware", *fit), r"calibration_file", None, None),
-            ("calibration-file-without-data-aware", D("--calibration_file", WORK / "base" / "calib.txt", *fit), r"calibration_file", None, None),
-            ("calibration-file-missing", lambda tmp: calibration()(tmp)[:-1] + [tmp / "missing.txt"], r"missing\.txt", None, None),
-            ("calibration-samples-0", calibration("--calibration_samples", "0"), r"calibration_samples", None, None),
-            ("calibration-seq-len-0", calibration("--calibration_seq_len", "0"), r"calibration_seq_len", None, None),
-            ("calibration-samples-negative", calibration("--calibration_samples", "-3"), r"calibration_samples", None, None),
-            ("report-json-unwritable", lambda tmp: ["report", base("dense"), *fit, "--max_bytes", "0", "--json", tmp / "no" / "r.json"], r"r\.json", None, None),
-            ("report-max-bytes-negative", lambda tmp: ["report", base("dense"), *fit, "--max_bytes", "-5"], r"max_bytes", None, None),
-            ("demo-k-0", lambda tmp: ["demo", "--k", "0", "--steps", "1"], r"\bk\b", None, None)]:
-        add("cli", name, functools.partial(cli_case, argv=argv, expect=expect, check=check, cwd=cwd),
-            quick=name in ("compress-k-0",), timeout=180)
+        ("info-no-argument", lambda tmp: ["info"], r"directory", None, None),
+        ("info-missing-folder", lambda tmp: ["info", tmp / "nope"], r"nope.*not a folder", None, None),
+        ("info-a-file", lambda tmp: ["info", WORK / "base" / "calib.txt"], r"not a folder", None, None),
+        ("info-dense-model", lambda tmp: ["info", base("dense")], r"not a MoMos", None, None),
+        (
+            "compress-missing-model",
+            lambda tmp: ["compress", tmp / "nope", "--output_dir", tmp / "o"],
+            r"not a local model folder",
+            None,
+            None,
+        ),
+        (
+            "compress-file-as-model",
+            lambda tmp: ["compress", WORK / "base" / "calib.txt", "--output_dir", tmp / "o"],
+            r"not a local model folder",
+            None,
+            None,
+        ),
+        ("compress-no-output-dir", lambda tmp: ["compress", base("dense")], r"output_dir", None, None),
+        ("compress-k-0", D("--k", "0"), r"\bk\b", None, None),
+        ("compress-k-not-a-number", D("--k", "abc"), r"--k", None, None),
+        ("compress-s-negative", D("--s", "-4"), r"\bs\b", None, None),
+        ("compress-k-too-large", D("--k", "100000", "--s", "4"), r"do not fit", None, None),
+        ("compress-seed-negative", D("--seed", "-1", *fit), r"seed", None, None),
+        ("compress-bad-regex", D("--target_regex", "(", *fit), r"regex", None, None),
+        (
+            "compress-embedding-target",
+            D("--target_modules", "embed_tokens", *fit),
+            r"not nn.Linear",  # newer trees convert embeddings
+            loads_like(lambda tmp: tmp / "o", same=False),
+            None,
+        ),
+        (
+            "compress-output-is-a-file",
+            lambda tmp: ["compress", base("dense"), "--output_dir", WORK / "base" / "calib.txt", *fit],
+            r"is a file",
+            None,
+            None,
+        ),
+        (
+            "compress-into-dot-of-dense-folder",
+            lambda tmp: ["compress", tmp / "dense", "--output_dir", ".", *fit],
+            r"not a MoMos checkpoint",
+            None,
+            in_dense,
+        ),
+        (
+            "compress-into-dot-with-notes",
+            lambda tmp: ["compress", base("dense"), "--output_dir", ".", *fit],
+            None,
+            loads_like(lambda tmp: tmp / "work", same=False),
+            with_notes,
+        ),
+        (
+            "compress-fp16",
+            D("--torch_dtype", "float16", *fit),
+            None,
+            loads_like(lambda tmp: tmp / "o", same=False),
+            None,
+        ),
+        (
+            "compress-momos-other-settings",
+            lambda tmp: ["compress", base("llama"), "--output_dir", tmp / "o", "--k", "8", "--s", "4"],
+            r"other settings",
+            None,
+            None,
+        ),
+        (
+            "compress-momos-same-settings",
+            lambda tmp: ["compress", base("llama"), "--output_dir", tmp / "o", *fit],
+            None,
+            loads_like(lambda tmp: tmp / "o"),
+            None,
+        ),
+        (
+            "compress-momos-in-place",
+            lambda tmp: ["compress", tmp / "momos", "--output_dir", tmp / "momos", *fit],
+            None,
+            loads_like(lambda tmp: tmp / "momos"),
+            lambda tmp: (copy_base("llama", tmp, "momos").parent, {}),
+        ),
+        ("data-aware-without-file", D("--fit", "data-aware", *fit), r"calibration_file", None, None),
+        (
+            "calibration-file-without-data-aware",
+            D("--calibration_file", WORK / "base" / "calib.txt", *fit),
+            r"calibration_file",
+            None,
+            None,
+        ),
+        (
+            "calibration-file-missing",
+            lambda tmp: calibration()(tmp)[:-1] + [tmp / "missing.txt"],
+            r"missing\.txt",
+            None,
+            None,
+        ),
+        ("calibration-samples-0", calibration("--calibration_samples", "0"), r"calibration_samples", None, None),
+        ("calibration-seq-len-0", calibration("--calibration_seq_len", "0"), r"calibration_seq_len", None, None),
+        (
+            "calibration-samples-negative",
+            calibration("--calibration_samples", "-3"),
+            r"calibration_samples",
+            None,
+            None,
+        ),
+        (
+            "report-json-unwritable",
+            lambda tmp: ["report", base("dense"), *fit, "--max_bytes", "0", "--json", tmp / "no" / "r.json"],
+            r"r\.json",
+            None,
+            None,
+        ),
+        (
+            "report-max-bytes-negative",
+            lambda tmp: ["report", base("dense"), *fit, "--max_bytes", "-5"],
+            r"max_bytes",
+            None,
+            None,
+        ),
+        ("demo-k-0", lambda tmp: ["demo", "--k", "0", "--steps", "1"], r"\bk\b", None, None),
+    ]:
+        add(
+            "cli",
+            name,
+            functools.partial(cli_case, argv=argv, expect=expect, check=check, cwd=cwd),
+            quick=name in ("compress-k-0",),
+            timeout=180,
+        )
 
 
 # 6. recipe -----------------------------------------------------------------------------------------------
 
 RECIPE = ROOT / "recipes" / "finetune.py"
-TINY_RUN = ["--fit", "sample", "--k", "16", "--s", "4", "--block_size", "32", "--per_device_train_batch_size", "2",
-            "--max_eval_samples", "4", "--logging_steps", "1", "--lr_scheduler_type", "constant", "--learning_rate", "1e-2"]
+TINY_RUN = [
+    "--fit",
+    "sample",
+    "--k",
+    "16",
+    "--s",
+    "4",
+    "--block_size",
+    "32",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_eval_samples",
+    "4",
+    "--logging_steps",
+    "1",
+    "--lr_scheduler_type",
+    "constant",
+    "--learning_rate",
+    "1e-2",
+]
 
 
 def recipe(tmp: Path, *args, cwd: Optional[Path] = None, env: Optional[dict] = None):
@@ -1381,8 +2198,13 @@ def base_run() -> Path:
     return folder
 
 
-def recipe_case(tmp: Path, args: Callable[[Path], list], expect: Optional[str], check: Optional[Callable] = None,
-                cwd: Optional[Callable[[Path], Path]] = None) -> Verdict:
+def recipe_case(
+    tmp: Path,
+    args: Callable[[Path], list],
+    expect: Optional[str],
+    check: Optional[Callable] = None,
+    cwd: Optional[Callable[[Path], Path]] = None,
+) -> Verdict:
     work = cwd(tmp) if cwd else tmp
     done = recipe(tmp, *args(tmp), cwd=work)
     v = cli_verdict(done, "finetune.py: error:", expect)
@@ -1404,22 +2226,34 @@ def step_copy(tmp: Path, step: int = 2, edit: Optional[Callable[[Path], object]]
 def same_as_base_run(tmp: Path, done) -> Verdict:
     got, want = read_json(tmp / "out" / "eval_results.json"), read_json(base_run() / "eval_results.json")
     if (got["steps"], got["eval_loss"]) != (want["steps"], want["eval_loss"]):
-        return "wrong", (f"resumed run ends at step {got['steps']} with eval loss {got['eval_loss']:.6f}; the "
-                         f"uninterrupted run: step {want['steps']}, {want['eval_loss']:.6f}")
+        return "wrong", (
+            f"resumed run ends at step {got['steps']} with eval loss {got['eval_loss']:.6f}; the "
+            f"uninterrupted run: step {want['steps']}, {want['eval_loss']:.6f}"
+        )
     return "correct", "resumed run equals the uninterrupted one"
 
 
 def no_secret_written(tmp: Path, done) -> Verdict:
-    found = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    found = [
+        p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()
+    ]
     if SECRET in done.stdout + done.stderr:
         found.append("(stdout/stderr)")
     events = sum(1 for p in tmp.rglob("*tfevents*"))
     written = sum(1 for p in tmp.rglob("*") if p.is_file())
-    return ("leak", f"the token is in {found}") if found else ("correct", f"token in none of {written} files ({events} tensorboard event files)")
+    return (
+        ("leak", f"the token is in {found}")
+        if found
+        else ("correct", f"token in none of {written} files ({events} tensorboard event files)")
+    )
 
 
 def trained(tmp: Path, done) -> Verdict:
-    return ("correct", "trained and saved") if (tmp / "out" / "eval_results.json").exists() else ("wrong", "exited 0 without results")
+    return (
+        ("correct", "trained and saved")
+        if (tmp / "out" / "eval_results.json").exists()
+        else ("wrong", "exited 0 without results")
+    )
 
 
 def user_files_kept(tmp: Path, done) -> Verdict:
@@ -1435,58 +2269,211 @@ def recipe_push(tmp: Path) -> Verdict:
 
     with HubServer() as hub:
         env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp / "hf-home")}
-        done = recipe(tmp, "--max_steps", "2", "--output_dir", tmp / "out", "--report_to", "tensorboard", "--push_to_hub",
-                      "--hub_model_id", "me/run", "--hub_token", SECRET, env=env)
+        done = recipe(
+            tmp,
+            "--max_steps",
+            "2",
+            "--output_dir",
+            tmp / "out",
+            "--report_to",
+            "tensorboard",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/run",
+            "--hub_token",
+            SECRET,
+            env=env,
+        )
         v = cli_verdict(done, "finetune.py: error:", None)
         if v:
             return v
         leaks = hub_leaks(hub, done) + ([] if hub.state.private.get("me/run") else ["repository created public"])
-        return ("leak", "; ".join(leaks)) if leaks else worst((
-            "correct", f"uploaded {sorted(hub.state.repos.get('me/run', {}))}, privately"), no_secret_written(tmp, done))
+        return (
+            ("leak", "; ".join(leaks))
+            if leaks
+            else worst(
+                ("correct", f"uploaded {sorted(hub.state.repos.get('me/run', {}))}, privately"),
+                no_secret_written(tmp, done),
+            )
+        )
 
 
 def add_recipe_cases() -> None:
-    text = lambda data: (lambda tmp: after((tmp / "train.txt").write_bytes(data), ["--train_file", tmp / "train.txt", "--max_steps", "1", "--output_dir", tmp / "out"]))  # noqa: E731
-    resume = lambda step, max_steps, edit=None, *extra: (lambda tmp: [  # noqa: E731
-        "--max_steps", str(max_steps), "--resume_from_checkpoint", step_copy(tmp, step, edit), "--output_dir", tmp / "out", *extra])
+    text = lambda data: (
+        lambda tmp: after(
+            (tmp / "train.txt").write_bytes(data),
+            ["--train_file", tmp / "train.txt", "--max_steps", "1", "--output_dir", tmp / "out"],
+        )
+    )  # noqa: E731
+    resume = lambda step, max_steps, edit=None, *extra: (
+        lambda tmp: [  # noqa: E731
+            "--max_steps",
+            str(max_steps),
+            "--resume_from_checkpoint",
+            step_copy(tmp, step, edit),
+            "--output_dir",
+            tmp / "out",
+            *extra,
+        ]
+    )
     for name, args, expect, check, cwd in [
-            ("max-steps-0", lambda tmp: ["--max_steps", "0"], r"max_steps", None, None),
-            ("block-size-0", lambda tmp: ["--block_size", "0", "--max_steps", "1"], r"block_size", None, None),
-            ("block-size-huge", lambda tmp: ["--block_size", "100000", "--max_steps", "1"], r"block_size", None, None),
-            ("empty-train-file", text(b""), r"train\.txt.*empty", None, None),
-            ("whitespace-train-file", text(b"  \n\n \t\n"), r"train\.txt.*empty", None, None),
-            ("binary-train-file", text(bytes(range(256)) * 64), r"train\.txt.*(binary|UTF-8)", None, None),
-            ("missing-train-file", lambda tmp: ["--train_file", tmp / "missing.txt", "--max_steps", "1"], r"missing\.txt", None, None),
-            ("train-file-is-a-folder", lambda tmp: after((tmp / "d.txt").mkdir(), ["--train_file", tmp / "d.txt", "--max_steps", "1"]), r"d\.txt", None, None),
-            ("train-file-unknown-extension", lambda tmp: after((tmp / "t.parquet").write_text("x"), ["--train_file", tmp / "t.parquet", "--max_steps", "1"]),
-             r"t\.parquet", None, None),
-            ("train-file-too-short", text(b"tiny\n"), r"block_size", None, None),
-            ("json-without-text-column", lambda tmp: after((tmp / "t.json").write_text("".join(f'{{"id": {i}, "label": {i % 2}}}\n' for i in range(300))),
-             ["--train_file", tmp / "t.json", "--max_steps", "1", "--output_dir", tmp / "out"]), r"text|column", None, None),
-            ("csv-with-empty-cells", lambda tmp: after((tmp / "t.csv").write_text("text\n" + "".join(("" if i % 3 else f"line {i} of text here") + "\n" for i in range(300))),
-             ["--train_file", tmp / "t.csv", "--max_steps", "1", "--output_dir", tmp / "out"]), r"t\.csv|empty|None|text", trained, None),
-            ("text-column-unknown", lambda tmp: ["--train_file", WORK / "base" / "train.txt", "--text_column", "nope", "--max_steps", "1"], r"nope", None, None),
-            ("resume-missing", lambda tmp: ["--max_steps", "3", "--resume_from_checkpoint", tmp / "step_9"], r"step_9", None, None),
-            ("resume-corrupted", resume(2, 3, lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-1] + b"\x00")), r"corrupted", None, None),
-            ("resume-file-deleted", resume(2, 3, lambda f: (f / "optimizer.bin").unlink()), r"corrupted|incomplete", None, None),
-            ("resume-extra-file", resume(2, 3, lambda f: (f / "evil.pkl").write_bytes(b"cos\nsystem\n")), r"corrupted|differ", None, None),
-            ("resume-step-record-missing", resume(2, 3, lambda f: (f / "momos_step.json").unlink()), r"not a complete", None, None),
-            ("resume-past-max-steps", resume(3, 2), r"beyond --max_steps", None, None),
-            ("resume-finished", resume(3, 3), r"max_steps|nothing", same_as_base_run, None),
-            ("resume-exact", resume(2, 3), None, same_as_base_run, None),
-            ("resume-other-settings", resume(2, 3, None, "--k", "8"), r"step_2|k|settings|checkpoint", None, None),
-            ("resume-dense-mode", resume(2, 3, None, "--train_mode", "dense"), r"step_2|dense|checkpoint", None, None),
-            ("resume-from-final-checkpoint", lambda tmp: ["--max_steps", "3", "--resume_from_checkpoint", base_run()], r"not a complete", None, None),
-            ("hub-token-tensorboard", lambda tmp: ["--max_steps", "2", "--output_dir", tmp / "out", "--report_to", "tensorboard", "--hub_token", SECRET,
-                                                   "--checkpointing_steps", "1", "--eval_steps", "1"], None, no_secret_written, None),
-            ("output-dir-dot-with-user-files", lambda tmp: ["--max_steps", "1", "--output_dir", "."], None, user_files_kept, recipe_cwd),
-            ("output-dir-holds-dense-model", lambda tmp: ["--max_steps", "1", "--output_dir", dense_copy(tmp)], r"not a MoMos", None, None)]:
-        add("recipe", name, functools.partial(recipe_case, args=args, expect=expect, check=check, cwd=cwd),
-            quick=name == "max-steps-0", timeout=RECIPE_TIMEOUT + 30)
+        ("max-steps-0", lambda tmp: ["--max_steps", "0"], r"max_steps", None, None),
+        ("block-size-0", lambda tmp: ["--block_size", "0", "--max_steps", "1"], r"block_size", None, None),
+        ("block-size-huge", lambda tmp: ["--block_size", "100000", "--max_steps", "1"], r"block_size", None, None),
+        ("empty-train-file", text(b""), r"train\.txt.*empty", None, None),
+        ("whitespace-train-file", text(b"  \n\n \t\n"), r"train\.txt.*empty", None, None),
+        ("binary-train-file", text(bytes(range(256)) * 64), r"train\.txt.*(binary|UTF-8)", None, None),
+        (
+            "missing-train-file",
+            lambda tmp: ["--train_file", tmp / "missing.txt", "--max_steps", "1"],
+            r"missing\.txt",
+            None,
+            None,
+        ),
+        (
+            "train-file-is-a-folder",
+            lambda tmp: after((tmp / "d.txt").mkdir(), ["--train_file", tmp / "d.txt", "--max_steps", "1"]),
+            r"d\.txt",
+            None,
+            None,
+        ),
+        (
+            "train-file-unknown-extension",
+            lambda tmp: after(
+                (tmp / "t.parquet").write_text("x"), ["--train_file", tmp / "t.parquet", "--max_steps", "1"]
+            ),
+            r"t\.parquet",
+            None,
+            None,
+        ),
+        ("train-file-too-short", text(b"tiny\n"), r"block_size", None, None),
+        (
+            "json-without-text-column",
+            lambda tmp: after(
+                (tmp / "t.json").write_text("".join(f'{{"id": {i}, "label": {i % 2}}}\n' for i in range(300))),
+                ["--train_file", tmp / "t.json", "--max_steps", "1", "--output_dir", tmp / "out"],
+            ),
+            r"text|column",
+            None,
+            None,
+        ),
+        (
+            "csv-with-empty-cells",
+            lambda tmp: after(
+                (tmp / "t.csv").write_text(
+                    "text\n" + "".join(("" if i % 3 else f"line {i} of text here") + "\n" for i in range(300))
+                ),
+                ["--train_file", tmp / "t.csv", "--max_steps", "1", "--output_dir", tmp / "out"],
+            ),
+            r"t\.csv|empty|None|text",
+            trained,
+            None,
+        ),
+        (
+            "text-column-unknown",
+            lambda tmp: ["--train_file", WORK / "base" / "train.txt", "--text_column", "nope", "--max_steps", "1"],
+            r"nope",
+            None,
+            None,
+        ),
+        (
+            "resume-missing",
+            lambda tmp: ["--max_steps", "3", "--resume_from_checkpoint", tmp / "step_9"],
+            r"step_9",
+            None,
+            None,
+        ),
+        (
+            "resume-corrupted",
+            resume(
+                2,
+                3,
+                lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-1] + b"\x00"),
+            ),
+            r"corrupted",
+            None,
+            None,
+        ),
+        (
+            "resume-file-deleted",
+            resume(2, 3, lambda f: (f / "optimizer.bin").unlink()),
+            r"corrupted|incomplete",
+            None,
+            None,
+        ),
+        (
+            "resume-extra-file",
+            resume(2, 3, lambda f: (f / "evil.pkl").write_bytes(b"cos\nsystem\n")),
+            r"corrupted|differ",
+            None,
+            None,
+        ),
+        (
+            "resume-step-record-missing",
+            resume(2, 3, lambda f: (f / "momos_step.json").unlink()),
+            r"not a complete",
+            None,
+            None,
+        ),
+        ("resume-past-max-steps", resume(3, 2), r"beyond --max_steps", None, None),
+        ("resume-finished", resume(3, 3), r"max_steps|nothing", same_as_base_run, None),
+        ("resume-exact", resume(2, 3), None, same_as_base_run, None),
+        ("resume-other-settings", resume(2, 3, None, "--k", "8"), r"step_2|k|settings|checkpoint", None, None),
+        ("resume-dense-mode", resume(2, 3, None, "--train_mode", "dense"), r"step_2|dense|checkpoint", None, None),
+        (
+            "resume-from-final-checkpoint",
+            lambda tmp: ["--max_steps", "3", "--resume_from_checkpoint", base_run()],
+            r"not a complete",
+            None,
+            None,
+        ),
+        (
+            "hub-token-tensorboard",
+            lambda tmp: [
+                "--max_steps",
+                "2",
+                "--output_dir",
+                tmp / "out",
+                "--report_to",
+                "tensorboard",
+                "--hub_token",
+                SECRET,
+                "--checkpointing_steps",
+                "1",
+                "--eval_steps",
+                "1",
+            ],
+            None,
+            no_secret_written,
+            None,
+        ),
+        (
+            "output-dir-dot-with-user-files",
+            lambda tmp: ["--max_steps", "1", "--output_dir", "."],
+            None,
+            user_files_kept,
+            recipe_cwd,
+        ),
+        (
+            "output-dir-holds-dense-model",
+            lambda tmp: ["--max_steps", "1", "--output_dir", dense_copy(tmp)],
+            r"not a MoMos",
+            None,
+            None,
+        ),
+    ]:
+        add(
+            "recipe",
+            name,
+            functools.partial(recipe_case, args=args, expect=expect, check=check, cwd=cwd),
+            quick=name == "max-steps-0",
+            timeout=RECIPE_TIMEOUT + 30,
+        )
     add("recipe", "push-with-token", recipe_push, timeout=RECIPE_TIMEOUT + 30)
 
 
 # -- running -----------------------------------------------------------------------------------------------
+
 
 def _alarm(signum, frame):
     raise Hang()
@@ -1516,11 +2503,20 @@ def run_case(case: Case) -> dict:
             verdict = ("hang", f"no result within {case.timeout} s")
         else:
             found = [l for l in done.stdout.splitlines() if l.startswith("PROBE-RESULT ")]
-            verdict = tuple(json.loads(found[-1][13:])) if found else ("raw", f"case process died: {line(done.stderr[-400:])}")
+            verdict = (
+                tuple(json.loads(found[-1][13:]))
+                if found
+                else ("raw", f"case process died: {line(done.stderr[-400:])}")
+            )
     else:
         verdict = run_in_process(case, tmp)
-    return {"name": case.name, "family": case.family, "category": verdict[0], "message": verdict[1],
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "name": case.name,
+        "family": case.family,
+        "category": verdict[0],
+        "message": verdict[1],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def table(results: list) -> str:
@@ -1530,7 +2526,9 @@ def table(results: list) -> str:
     lines = [head, "-" * len(head)]
     for family, rs in rows:
         counts = [sum(r["category"] == c for r in rs) for c in CATEGORIES]
-        lines.append(f"{family:<8} {len(rs):>5} " + " ".join(f"{n:>{max(len(label), 5)}}" for n, label in zip(counts, LABELS)))
+        lines.append(
+            f"{family:<8} {len(rs):>5} " + " ".join(f"{n:>{max(len(label), 5)}}" for n, label in zip(counts, LABELS))
+        )
         if family == families[-1]:
             lines.append("-" * len(head))
     return "\n".join(lines)
@@ -1538,13 +2536,22 @@ def table(results: list) -> str:
 
 def build_cases() -> None:
     if not CASES:
-        for adder in (add_config_cases, add_load_cases, add_save_cases, add_push_cases, add_cli_cases, add_recipe_cases):
+        for adder in (
+            add_config_cases,
+            add_load_cases,
+            add_save_cases,
+            add_push_cases,
+            add_cli_cases,
+            add_recipe_cases,
+        ):
             adder()
 
 
 def main(argv: Optional[list] = None) -> int:
     global WORK, ENV
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a fixed subset of about 20 fast cases")
     p.add_argument("--json", help="write per-case results (name, family, category, message) to this file")
     p.add_argument("--only", help="run only the cases whose name matches this regex")
@@ -1556,7 +2563,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument(SAVER, nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     WORK = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="probe-trust-"))
-    ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    ENV = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     if args.saver:
         sources, target, seed, saves, delay = args.saver
         saver_main(sources.split(","), target, int(seed), int(saves), float(delay))

@@ -21,6 +21,7 @@ from types import MethodType
 from typing import Any, Optional, Union
 
 import torch
+import transformers
 from torch import nn
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -32,24 +33,25 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import (
+from ..checkpoint.save import finish_interrupted_save, save_checkpoint
+from ..checkpoint.schema import (
     FORMAT_VERSION,
     QUANT_METHOD,
     SAFETENSORS_DTYPES,
-    checkpoint_folder,
-    finish_interrupted_save,
     layer_specs,
     parse_quantization,
     q_bit_dictionary,
+)
+from ..checkpoint.verify import (
+    checkpoint_folder,
     read_checkpoint_config,
-    save_checkpoint,
     verify_checkpoint,
 )
-from .config import MoMosConfig
-from .fitting import num_blocks_per_row
-from .packing import packed_size
-from .hub import push_folder
-from .layer import LAYER_TYPES, LayerSpec, momos_layers, replace_with_momos
+from ..config import MoMosConfig
+from ..convert.targets import drop_momos_ties
+from ..layer import LAYER_TYPES, LayerSpec, momos_layers, replace_with_momos
+from ..mosaic import num_blocks_per_row
+from ..packing import packed_size
 
 logger = logging.get_logger(__name__)
 
@@ -110,7 +112,9 @@ class MoMosHfQuantizer(HfQuantizer):
         # The one quantizer hook that sees the model config before Transformers resolves the weight files:
         # point `transformers_weights` from the load marker to this checkpoint's weight file.
         if not self.quantization_config.weights:
-            raise ValueError("config.json's quantization_config names no weight file ('weights'): the MoMos checkpoint is damaged")
+            raise ValueError(
+                "config.json's quantization_config names no weight file ('weights'): the MoMos checkpoint is damaged"
+            )
         config.transformers_weights = self.quantization_config.weights
         return config
 
@@ -122,13 +126,18 @@ class MoMosHfQuantizer(HfQuantizer):
         finish_interrupted_save(directory)  # the generation config and tokenizer, read next, then match the weights
         saved = read_checkpoint_config(directory)
         if saved["quantization_config"] != config.to_dict():
-            raise ValueError(f"the config given to from_pretrained describes other MoMos layers than {directory}/config.json")
+            raise ValueError(
+                f"the config given to from_pretrained describes other MoMos layers than {directory}/config.json"
+            )
         tensors = verify_checkpoint(directory, saved)
         build_skeleton(model, config.specs, config.config, tensors)
         # What a layer shares with another is stored once, under the owner: the others are not missing.
-        shared = {rf"(^|\.){re.escape(name)}\.{part}$" for name, spec in config.specs.items()
-                  for part, owner in (("motifs", spec.motifs), ("mosaic_packed", spec.mosaic), ("scale", spec.mosaic))
-                  if owner != name or (part == "motifs" and config.config.motif_bits is not None)}  # q-bit: codes instead
+        shared = {
+            rf"(^|\.){re.escape(name)}\.{part}$"
+            for name, spec in config.specs.items()
+            for part, owner in (("motifs", spec.motifs), ("mosaic_packed", spec.mosaic), ("scale", spec.mosaic))
+            if owner != name or (part == "motifs" and config.config.motif_bits is not None)
+        }  # q-bit: codes instead
         model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or ()) | shared
         if type(model).__name__ in (saved.get("architectures") or []):  # another class may bring new heads
             check_complete(model, tensors)
@@ -143,7 +152,9 @@ class MoMosHfQuantizer(HfQuantizer):
                     motifs = q_bit_dictionary(layer.motif_codes, layer.motif_step.float(), bits, spec.k, spec.s)
                 except ValueError as err:
                     raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
-                layer.motifs = nn.Parameter(motifs.to(layer.motif_codes.device, layer.motifs.dtype), requires_grad=layer.motifs.requires_grad)
+                layer.motifs = nn.Parameter(
+                    motifs.to(layer.motif_codes.device, layer.motifs.dtype), requires_grad=layer.motifs.requires_grad
+                )
                 del layer.motif_codes, layer.motif_step
         for name, spec in specs.items():  # the loader fills each name separately: share the owner's again
             layer = model.get_submodule(name)
@@ -184,11 +195,16 @@ class MoMosHfQuantizer(HfQuantizer):
     def is_serializable(self) -> bool:
         # MoMos models save through `save_momos_model` (their `save_pretrained`); Transformers' own writer,
         # reached only by calling `PreTrainedModel.save_pretrained` unbound, would write an unverifiable folder.
-        logger.warning("save MoMos models with model.save_pretrained(...) (momos-hf's writer), not PreTrainedModel.save_pretrained")
+        logger.warning(
+            "save MoMos models with model.save_pretrained(...) (momos-hf's writer), not "
+            "PreTrainedModel.save_pretrained"
+        )
         return False
 
 
-def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], momos_config: MoMosConfig, tensors: dict[str, dict]) -> None:
+def build_skeleton(
+    model: nn.Module, specs: dict[str, LayerSpec], momos_config: MoMosConfig, tensors: dict[str, dict]
+) -> None:
     """Replace each listed module of `model` by an empty MoMos layer of the recorded kind and shape (on the
     device of the module it replaces, usually meta), its motifs and scale in the dtypes they are stored in
     (`tensors`: the checkpoint's header entries), sharing dictionaries as recorded; tied layers are tied
@@ -198,10 +214,15 @@ def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], momos_config: 
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"MoMos layer {name} of the checkpoint is not a module of {type(model).__name__}") from None
+            raise ValueError(
+                f"MoMos layer {name} of the checkpoint is not a module of {type(model).__name__}"
+            ) from None
         cls = LAYER_TYPES[spec.kind]
         if type(module) is not cls.replaces:
-            raise ValueError(f"MoMos layer {name} is recorded as a {spec.kind} layer but the model has a {type(module).__name__} there")
+            raise ValueError(
+                f"MoMos layer {name} is recorded as a {spec.kind} layer but the model has a {type(module).__name__} "
+                "there"
+            )
         expected = tuple(cls.matrix_of(module).shape)
         if expected != (spec.out_features, spec.in_features):
             raise ValueError(
@@ -210,8 +231,11 @@ def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], momos_config: 
             )
         device = cls.matrix_of(module).device
         if spec.motifs not in motifs:  # q-bit motifs are in the configured dtype, else the weights' (as converted)
-            dtype = (momos_config.torch_motif_dtype or cls.matrix_of(module).dtype if momos_config.motif_bits is not None
-                     else SAFETENSORS_DTYPES[tensors[f"{spec.motifs}.motifs"]["dtype"]])
+            dtype = (
+                momos_config.torch_motif_dtype or cls.matrix_of(module).dtype
+                if momos_config.motif_bits is not None
+                else SAFETENSORS_DTYPES[tensors[f"{spec.motifs}.motifs"]["dtype"]]
+            )
             motifs[spec.motifs] = nn.Parameter(torch.empty(spec.k, spec.s, device=device, dtype=dtype))
         mosaic = torch.empty(spec.out_features, num_blocks_per_row(spec.in_features, spec.s), device=device)
         scale = None
@@ -220,9 +244,20 @@ def build_skeleton(model: nn.Module, specs: dict[str, LayerSpec], momos_config: 
             scale = nn.Parameter(torch.empty(spec.out_features, device=device, dtype=dtype))
         elif spec.scale:
             scale = model.get_submodule(spec.mosaic).scale
-        layer = replace_with_momos(model, name, motifs[spec.motifs], mosaic, scale, momos_config.zero_motif, momos_config.motif_bits)
+        layer = replace_with_momos(
+            model,
+            name,
+            motifs=motifs[spec.motifs],
+            mosaic=mosaic,
+            scale=scale,
+            zero_motif=momos_config.zero_motif,
+            motif_bits=momos_config.motif_bits,
+        )
         if momos_config.motif_bits is not None and spec.motifs == name:  # what the loader fills, decoded after it
-            layer.register_buffer("motif_codes", torch.empty(packed_size(spec.k * spec.s, momos_config.motif_bits), dtype=torch.uint8, device=device))
+            layer.register_buffer(
+                "motif_codes",
+                torch.empty(packed_size(spec.k * spec.s, momos_config.motif_bits), dtype=torch.uint8, device=device),
+            )
             layer.register_buffer("motif_step", torch.empty(1, dtype=torch.float32, device=device))
     drop_momos_ties(model)
 
@@ -244,8 +279,11 @@ def check_complete(model: nn.Module, tensors: dict[str, dict]) -> None:
         elif tensors[name]["shape"] != list(tensor.shape):
             wrong.append(name)
     if missing or wrong:
-        raise ValueError(f"the MoMos checkpoint lacks {missing[:5]}: they would load as random weights" if missing else
-                         f"the MoMos checkpoint holds {wrong[:5]} in other shapes than its config.json builds")
+        raise ValueError(
+            f"the MoMos checkpoint lacks {missing[:5]}: they would load as random weights"
+            if missing
+            else f"the MoMos checkpoint holds {wrong[:5]} in other shapes than its config.json builds"
+        )
 
 
 def merge_layers(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
@@ -257,17 +295,6 @@ def merge_layers(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
         model.set_submodule(name, layer.merge(dtype))
     if tied:
         model.tie_weights()  # from the config, which still says which weights are tied
-
-
-def drop_momos_ties(model: nn.Module) -> None:
-    """Take the weights of MoMos layers out of the model's map of tied weights: MoMos ties those layers
-    itself (one dictionary, mosaic and scale), and Transformers' tying would assign a `weight` to a MoMos
-    layer. Other ties (an LM head's bias, say) stay."""
-    weights = {f"{name}.weight" for name in momos_layers(model)}
-    keys = getattr(model, "all_tied_weights_keys", None) or {}
-    for target, source in list(keys.items()):
-        if target in weights or source in weights:
-            del keys[target]
 
 
 def mark_momos_model(model: nn.Module, momos_config: MoMosConfig, base_model: str = "") -> None:
@@ -330,15 +357,31 @@ def save_momos_model(
         return None
     quantization = model.config.quantization_config
     if quantization.config.constrain_vectors:
-        raise ValueError("a model trained with constrain_vectors=True has no MoMos checkpoint form (its 1-D parameters' "
-                         "mosaics are not stored): save merge_and_unload()'s dense model instead")
-    directory = save_checkpoint(model, save_directory, quantization.momos_config, tokenizer, max_shard_size,
-                                quantization.base_model, state_dict)
+        raise ValueError(
+            "a model trained with constrain_vectors=True has no MoMos checkpoint form (its 1-D parameters' "
+            "mosaics are not stored): save merge_and_unload()'s dense model instead"
+        )
+    directory = save_checkpoint(
+        model,
+        save_directory,
+        quantization.momos_config,
+        tokenizer,
+        max_shard_size,
+        quantization.base_model,
+        state_dict,
+    )
     if not push_to_hub:
         return None
-    return push_folder(directory, hub_kwargs.get("repo_id") or Path(save_directory).resolve().name,
-                       private=hub_kwargs.get("private"), token=token, revision=hub_kwargs.get("revision"),
-                       commit_message=hub_kwargs.get("commit_message") or "Upload MoMos model")
+    from .hub import push_folder  # imported here: loading a checkpoint needs neither the Hub nor the card code
+
+    return push_folder(
+        directory,
+        hub_kwargs.get("repo_id") or Path(save_directory).resolve().name,
+        private=hub_kwargs.get("private"),
+        token=token,
+        revision=hub_kwargs.get("revision"),
+        commit_message=hub_kwargs.get("commit_message") or "Upload MoMos model",
+    )
 
 
 def push_momos_model(
@@ -353,12 +396,21 @@ def push_momos_model(
     **unused: Any,
 ) -> str:
     """`push_to_hub` of a MoMos model: its compact checkpoint (and `tokenizer`) with a model card, uploaded
-    as `momos_hf.hub.push_folder` does (allow-list; a new repository is private unless `private=False`).
+    as `momos_hf.integrations.hub.push_folder` does (allow-list; a new repository is private unless `private=False`).
     Returns the commit URL."""
     with tempfile.TemporaryDirectory() as folder:
-        return save_momos_model(model, folder, max_shard_size=max_shard_size, tokenizer=tokenizer, push_to_hub=True,
-                                repo_id=repo_id, private=private, token=token, revision=revision,
-                                commit_message=commit_message)
+        return save_momos_model(
+            model,
+            folder,
+            max_shard_size=max_shard_size,
+            tokenizer=tokenizer,
+            push_to_hub=True,
+            repo_id=repo_id,
+            private=private,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+        )
 
 
 def register() -> None:
@@ -367,3 +419,16 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(MoMosQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(MoMosHfQuantizer)
+
+
+def architecture_class(config: Any) -> type:
+    """The Transformers model class named first in `config.architectures` (`AutoModel` when none is named)."""
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else transformers.AutoModel
+    if not (
+        isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or cls is transformers.AutoModel)
+    ):
+        raise ValueError(
+            f"config.json names {names[0]!r} as its architecture, which is not a Transformers model class"
+        )
+    return cls

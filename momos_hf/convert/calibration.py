@@ -1,12 +1,12 @@
 """Calibration: stream a model's inputs to its target layers into each layer's input moment
-`H = X^T X / rows`, the metric of data-aware fitting (`momos_hf.data_aware`).
+`H = X^T X / rows`, the metric of data-aware fitting (`momos_hf.fit.data_aware`).
 
-Two ways. `input_moments` runs the whole model once and holds every target's moment. The sequential way
-(GPTQ's, `block_by_block`) goes block by block through a stack of transformer blocks: `block_inputs` runs the
-calibration batches up to the first block and keeps what it receives, `run_block` passes them through one block
-(recording the moments of its layers with a `MomentRecorder`), and the block's outputs, once it is converted,
-are the next block's inputs. Only one block's moments are held at a time, and the hidden states between two blocks live in
-an `ActivationStore` (memory up to a budget, then disk).
+Two ways. `input_moments` runs the whole model once and holds every target's moment. The sequential way (GPTQ's,
+`block_by_block`) goes block by block through a stack of transformer blocks: `block_inputs` runs the calibration
+batches up to the first block and keeps what it receives, `run_block` passes them through one block (recording the
+moments of its layers with a `MomentRecorder`), and the block's outputs, once it is converted, are the next block's
+inputs. Only one block's moments are held at a time, and the hidden states between two blocks live in an
+`ActivationStore` (memory up to a budget, then disk).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .layer import MoMosLayer, layer_class_for
+from ..layer import MoMosLayer, layer_class_for
 from .targets import output_embeddings
 
 
@@ -80,8 +80,10 @@ class MomentRecorder:
         """`{name: X^T X / rows}`; every module must have been reached."""
         unseen = [name for name, rows in self.rows.items() if rows == 0]
         if unseen:
-            raise ValueError(f"calibration_data never reached {unseen[:5]}{' ...' if len(unseen) > 5 else ''}; "
-                             "pass batches of model inputs (dicts with input_ids, ...) that run through these layers")
+            raise ValueError(
+                f"calibration_data never reached {unseen[:5]}{' ...' if len(unseen) > 5 else ''}; "
+                "pass batches of model inputs (dicts with input_ids, ...) that run through these layers"
+            )
         return {name: self.sums[name] / self.rows[name] for name in self.modules}
 
 
@@ -115,7 +117,11 @@ def input_moments(model: nn.Module, names: list[str], batches: Iterable[Mapping[
             if len(recorder.seen) == len(recorder.modules):
                 raise _Reached
 
-        handle = head.register_forward_pre_hook(stop_at_head) if head is not None and head not in recorder.modules.values() else None
+        handle = (
+            head.register_forward_pre_hook(stop_at_head)
+            if head is not None and head not in recorder.modules.values()
+            else None
+        )
         try:
             for batch in tqdm(batches, desc="MoMos calibration", unit="batch"):
                 inputs = batch_on(batch, device)
@@ -197,8 +203,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 @torch.no_grad()
-def block_inputs(model: nn.Module, stack: nn.ModuleList, batches: list[Mapping[str, Any]], store: ActivationStore,
-                 ) -> list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]]:
+def block_inputs(
+    model: nn.Module,
+    stack: nn.ModuleList,
+    batches: list[Mapping[str, Any]],
+    store: ActivationStore,
+) -> list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]]:
     """Run each batch through `model` up to the first block of `stack`, put the hidden states it receives into
     `store` (by batch index) and return, per batch, the block's other arguments (positional after the hidden
     states, and keyword: attention mask, positions, ...) and the batch's attention mask. Every block must get
@@ -217,13 +227,18 @@ def block_inputs(model: nn.Module, stack: nn.ModuleList, batches: list[Mapping[s
     def second(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         _, rest, kwargs = _split_block_call(args, kwargs)
         first_rest, first_kwargs, _ = extras[0]
-        differ = [f"argument {i + 2}" for i in range(max(len(rest), len(first_rest)))
-                  if i >= min(len(rest), len(first_rest)) or not _same(rest[i], first_rest[i])]
+        differ = [
+            f"argument {i + 2}"
+            for i in range(max(len(rest), len(first_rest)))
+            if i >= min(len(rest), len(first_rest)) or not _same(rest[i], first_rest[i])
+        ]
         differ += sorted(k for k in set(kwargs) | set(first_kwargs) if not _same(kwargs.get(k), first_kwargs.get(k)))
         if differ:
-            raise ValueError(f"the blocks of {type(model).__name__} do not all get the same arguments "
-                             f"({', '.join(differ)} differ from the first block's), so they cannot be "
-                             "calibrated one at a time: use sequential=False")
+            raise ValueError(
+                f"the blocks of {type(model).__name__} do not all get the same arguments "
+                f"({', '.join(differ)} differ from the first block's), so they cannot be "
+                "calibrated one at a time: use sequential=False"
+            )
         raise _Reached
 
     was_training = model.training
@@ -256,8 +271,13 @@ def block_inputs(model: nn.Module, stack: nn.ModuleList, batches: list[Mapping[s
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, store: ActivationStore, extras: list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]],
-              recorder: Optional[MomentRecorder] = None, keep_outputs: bool = False) -> None:
+def run_block(
+    block: nn.Module,
+    store: ActivationStore,
+    extras: list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]],
+    recorder: Optional[MomentRecorder] = None,
+    keep_outputs: bool = False,
+) -> None:
     """Pass every stored hidden state through `block` with its batch's other arguments, recording moments with
     `recorder` if given; with `keep_outputs` the outputs replace the inputs in `store`."""
     was_training = block.training
@@ -278,8 +298,10 @@ def check_blocks_run_once(model: nn.Module, stack: nn.ModuleList, batch: Mapping
     """Refuse a stack whose blocks do not each run exactly once per forward (weights shared across depth, as
     ALBERT's layer groups): running each block once would calibrate only its first application."""
     calls = [0] * len(stack)
-    handles = [block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, block in enumerate(stack)]
+    handles = [
+        block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, block in enumerate(stack)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -289,13 +311,20 @@ def check_blocks_run_once(model: nn.Module, stack: nn.ModuleList, batch: Mapping
             handle.remove()
         model.train(was_training)
     if any(count != 1 for count in calls):
-        raise ValueError(f"the blocks of {type(model).__name__} run {sorted(set(calls))} times per forward, not once each "
-                         "(weights shared across depth), so they cannot be calibrated one at a time: use sequential=False")
+        raise ValueError(
+            f"the blocks of {type(model).__name__} run {sorted(set(calls))} times per forward, not once each "
+            "(weights shared across depth), so they cannot be calibrated one at a time: use sequential=False"
+        )
 
 
 @torch.no_grad()
-def block_by_block(model: nn.Module, stack: nn.ModuleList, batches: list[Mapping[str, Any]], store: ActivationStore,
-                   measured: list[Mapping[str, nn.Module]]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+def block_by_block(
+    model: nn.Module,
+    stack: nn.ModuleList,
+    batches: list[Mapping[str, Any]],
+    store: ActivationStore,
+    measured: list[Mapping[str, nn.Module]],
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """GPTQ's sequential calibration: for each block `i` of `stack` whose `measured[i]` (modules to record) is not
     empty, yield `(i, their moments)` computed on the outputs of the blocks before it as they were when the
     caller resumed (converted, by then); then run block `i` as the caller left it to feed the next block."""

@@ -14,16 +14,18 @@ from typing import Optional
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
-from . import __version__
-from .checkpoint import checkpoint_info, format_info
-from .complexity import complexity_report
-from .config import FITS, SCOPES, MoMosConfig
-from .data import byte_tokenizer, calibration_batches
+from .. import __version__
+from ..checkpoint.info import checkpoint_info, format_info
+from ..config import FITS, SCOPES, MoMosConfig
+from ..convert.converter import DEFAULT_ACTIVATION_BYTES
+from ..fit.methods import NEEDS_INPUT_MOMENTS
+from ..integrations.hub import push_folder
+from ..integrations.quantizer import architecture_class
+from ..model import get_momos_model
+from ..report.complexity import complexity_report
+from ..train.distill import DEFAULT_FINETUNE_LR, finetune_to_teacher, teacher_targets
 from .demo import run_demo, tiny_llama
-from .distill import DEFAULT_FINETUNE_LR, finetune_to_teacher, teacher_targets
-from .fits import NEEDS_INPUT_MOMENTS
-from .hub import push_folder
-from .model import DEFAULT_ACTIVATION_BYTES, architecture_class, get_momos_model
+from .text import byte_tokenizer, calibration_batches
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_ACTIVATION_MB = DEFAULT_ACTIVATION_BYTES // 2**20
@@ -54,45 +56,88 @@ def non_negative_int(text: str) -> int:
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=positive_int, default=256, help="motifs per dictionary")
-    parser.add_argument("--s", type=positive_int, default=16, help="values per block (the mosaic costs ceil(log2 k)/s bits per weight)")
-    parser.add_argument("--motif_scope", choices=SCOPES, default="layer", help="one dictionary per layer, or one for all")
-    parser.add_argument("--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fits)")
+    parser.add_argument(
+        "--s", type=positive_int, default=16, help="values per block (the mosaic costs ceil(log2 k)/s bits per weight)"
+    )
+    parser.add_argument(
+        "--motif_scope", choices=SCOPES, default="layer", help="one dictionary per layer, or one for all"
+    )
+    parser.add_argument(
+        "--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fit.methods)"
+    )
     parser.add_argument("--kmeans_iters", type=non_negative_int, default=15, help="Lloyd steps of the k-means fits")
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
-    parser.add_argument("--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)")
+    parser.add_argument(
+        "--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
+    )
     targets = parser.add_mutually_exclusive_group()
-    targets.add_argument("--target_modules", nargs="+", default=None,
-                         help="module names, or all-linear (default: the attention and MLP projections)")
+    targets.add_argument(
+        "--target_modules",
+        nargs="+",
+        default=None,
+        help="module names, or all-linear (default: the attention and MLP projections)",
+    )
     targets.add_argument("--target_regex", default=None, help="regular expression over full module names")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice of the fit")
-    parser.add_argument("--torch_dtype", choices=TORCH_DTYPES, default="auto",
-                        help="dtype to load the model in, and so to store its untouched weights and motifs "
-                             "(auto: the dtype it was saved in)")
-    parser.add_argument("--calibration_file", default=None,
-                        help="text file for --fit data-aware: windows of it are run through the model")
+    parser.add_argument(
+        "--torch_dtype",
+        choices=TORCH_DTYPES,
+        default="auto",
+        help="dtype to load the model in, and so to store its untouched weights and motifs "
+        "(auto: the dtype it was saved in)",
+    )
+    parser.add_argument(
+        "--calibration_file",
+        default=None,
+        help="text file for --fit data-aware: windows of it are run through the model",
+    )
     parser.add_argument("--calibration_samples", type=positive_int, default=128, help="calibration windows")
     parser.add_argument("--calibration_seq_len", type=positive_int, default=128, help="tokens per calibration window")
-    parser.add_argument("--sequential", action="store_true",
-                        help="--fit data-aware block by block, each block calibrated on the converted ones before it "
-                             "(one block's statistics in memory at a time)")
-    parser.add_argument("--offload_folder", default=None,
-                        help="with --sequential: where hidden states past --activation_budget_mb go (default: the system's temporary folder)")
-    parser.add_argument("--activation_budget_mb", type=non_negative_int, default=None,
-                        help=f"with --sequential: memory for the hidden states between blocks (default {DEFAULT_ACTIVATION_MB})")
-    parser.add_argument("--resume_folder", default=None,
-                        help="with --sequential: save each converted block here as it finishes, and reuse the blocks "
-                             "found here when the same conversion runs again (after an interruption)")
-    parser.add_argument("--finetune_steps", type=non_negative_int, default=0,
-                        help="after conversion, train motifs, scales and norms this many steps (one calibration window "
-                             "each) to predict what the dense model predicted (momos_hf.distill; needs --calibration_file)")
-    parser.add_argument("--finetune_lr", type=float, default=None,
-                        help=f"peak learning rate of --finetune_steps (cosine to 0; default {DEFAULT_FINETUNE_LR})")
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="--fit data-aware block by block, each block calibrated on the converted ones before it "
+        "(one block's statistics in memory at a time)",
+    )
+    parser.add_argument(
+        "--offload_folder",
+        default=None,
+        help="with --sequential: where hidden states past --activation_budget_mb go "
+        "(default: the system's temporary folder)",
+    )
+    parser.add_argument(
+        "--activation_budget_mb",
+        type=non_negative_int,
+        default=None,
+        help=f"with --sequential: memory for the hidden states between blocks (default {DEFAULT_ACTIVATION_MB})",
+    )
+    parser.add_argument(
+        "--resume_folder",
+        default=None,
+        help="with --sequential: save each converted block here as it finishes, and reuse the blocks "
+        "found here when the same conversion runs again (after an interruption)",
+    )
+    parser.add_argument(
+        "--finetune_steps",
+        type=non_negative_int,
+        default=0,
+        help="after conversion, train motifs, scales and norms this many steps (one calibration window "
+        "each) to predict what the dense model predicted (momos_hf.train.distill; needs --calibration_file)",
+    )
+    parser.add_argument(
+        "--finetune_lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate of --finetune_steps (cosine to 0; default {DEFAULT_FINETUNE_LR})",
+    )
 
 
 def calibration_from_args(args: argparse.Namespace, model, tokenizer):
     """Calibration batches for `--fit data-aware` and `--finetune_steps` (`None` without them), checking the
     flags agree."""
-    needed_by = [f"--fit {args.fit}"] * (args.fit in NEEDS_INPUT_MOMENTS) + ["--finetune_steps"] * (args.finetune_steps > 0)
+    needed_by = [f"--fit {args.fit}"] * (args.fit in NEEDS_INPUT_MOMENTS) + ["--finetune_steps"] * (
+        args.finetune_steps > 0
+    )
     if not needed_by:
         if args.calibration_file:
             raise ValueError("--calibration_file is used by --fit data-aware and --finetune_steps only")
@@ -109,13 +154,21 @@ def calibration_from_args(args: argparse.Namespace, model, tokenizer):
 
 def conversion_options(args: argparse.Namespace) -> dict:
     """`get_momos_model`'s runtime options from the flags."""
-    if not args.sequential and (args.offload_folder is not None or args.activation_budget_mb is not None or args.resume_folder):
-        raise ValueError("--offload_folder, --activation_budget_mb and --resume_folder are used with --sequential only")
+    if not args.sequential and (
+        args.offload_folder is not None or args.activation_budget_mb is not None or args.resume_folder
+    ):
+        raise ValueError(
+            "--offload_folder, --activation_budget_mb and --resume_folder are used with --sequential only"
+        )
     if args.sequential and args.fit not in NEEDS_INPUT_MOMENTS:
         raise ValueError(f"--sequential calibrates --fit data-aware; --fit {args.fit} reads no calibration")
     budget_mb = DEFAULT_ACTIVATION_MB if args.activation_budget_mb is None else args.activation_budget_mb
-    return {"sequential": args.sequential, "activation_budget_bytes": budget_mb * 2**20,
-            "offload_folder": args.offload_folder, "resume_folder": args.resume_folder}
+    return {
+        "sequential": args.sequential,
+        "activation_budget_bytes": budget_mb * 2**20,
+        "offload_folder": args.offload_folder,
+        "resume_folder": args.resume_folder,
+    }
 
 
 def config_from_args(args: argparse.Namespace):
@@ -123,8 +176,15 @@ def config_from_args(args: argparse.Namespace):
     if targets == ["all-linear"]:
         targets = "all-linear"
     return MoMosConfig(
-        k=args.k, s=args.s, motif_scope=args.motif_scope, fit=args.fit, kmeans_iters=args.kmeans_iters,
-        scale=args.scale, motif_bits=args.motif_bits, target_modules=targets, seed=args.seed,
+        k=args.k,
+        s=args.s,
+        motif_scope=args.motif_scope,
+        fit=args.fit,
+        kmeans_iters=args.kmeans_iters,
+        scale=args.scale,
+        motif_bits=args.motif_bits,
+        target_modules=targets,
+        seed=args.seed,
     )
 
 
@@ -188,48 +248,76 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    url = push_folder(args.directory, args.repo_id, private=not args.public, token=args.token,
-                      revision=args.revision, commit_message=args.commit_message)
+    url = push_folder(
+        args.directory,
+        args.repo_id,
+        private=not args.public,
+        token=args.token,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
     print(f"pushed {args.directory} to {args.repo_id}: {url}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = OneLineParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models",
-                           formatter_class=formatter)
+    parser = OneLineParser(
+        prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models", formatter_class=formatter
+    )
     parser.add_argument("--version", action="version", version=f"momos-hf {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
-    demo = sub.add_parser("demo", formatter_class=formatter,
-                          help="convert a small Llama, train it on embedded text, print the report (default)")
+    demo = sub.add_parser(
+        "demo",
+        formatter_class=formatter,
+        help="convert a small Llama, train it on embedded text, print the report (default)",
+    )
     demo.add_argument("--steps", type=positive_int, default=60, help="training steps")
     demo.add_argument("--k", type=positive_int, default=256, help="motifs in the dictionary")
     demo.add_argument("--s", type=positive_int, default=16, help="values per block")
-    demo.add_argument("--motif_scope", choices=SCOPES, default="global", help="one dictionary for all layers, or one per layer")
+    demo.add_argument(
+        "--motif_scope", choices=SCOPES, default="global", help="one dictionary for all layers, or one per layer"
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the model, the fit and the batches")
     demo.add_argument("--layers", action="store_true", help="print the per-layer table")
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser("report", formatter_class=formatter, help="convert a local model and print its size/complexity report")
-    report.add_argument("model_path", nargs="?", help="local Hugging Face model folder (default: a small Llama built from a config)")
+    report = sub.add_parser(
+        "report", formatter_class=formatter, help="convert a local model and print its size/complexity report"
+    )
+    report.add_argument(
+        "model_path", nargs="?", help="local Hugging Face model folder (default: a small Llama built from a config)"
+    )
     add_fit_arguments(report)
-    report.add_argument("--max_bytes", type=non_negative_int, default=4 * 2**20, help="bytes of weights given to the compressors and BDM (0: skip)")
+    report.add_argument(
+        "--max_bytes",
+        type=non_negative_int,
+        default=4 * 2**20,
+        help="bytes of weights given to the compressors and BDM (0: skip)",
+    )
     report.add_argument("--totals_only", action="store_true", help="leave out the per-layer table")
     report.add_argument("--json", help="also write the report as JSON to this file")
     report.set_defaults(func=cmd_report)
 
-    compress = sub.add_parser("compress", formatter_class=formatter, help="convert a local model and save the compact MoMos checkpoint")
+    compress = sub.add_parser(
+        "compress", formatter_class=formatter, help="convert a local model and save the compact MoMos checkpoint"
+    )
     compress.add_argument("model_path", help="local Hugging Face model folder")
     compress.add_argument("--output_dir", required=True, help="folder of the MoMos checkpoint (created if needed)")
     add_fit_arguments(compress)
     compress.set_defaults(func=cmd_compress)
 
-    info = sub.add_parser("info", formatter_class=formatter, help="settings and sizes of a MoMos checkpoint folder (reads no weights)")
+    info = sub.add_parser(
+        "info", formatter_class=formatter, help="settings and sizes of a MoMos checkpoint folder (reads no weights)"
+    )
     info.add_argument("directory", help="MoMos checkpoint folder")
     info.set_defaults(func=cmd_info)
 
-    push = sub.add_parser("push", formatter_class=formatter,
-                          help="upload a MoMos checkpoint folder to a Hub repository (HF_ENDPOINT); private unless --public")
+    push = sub.add_parser(
+        "push",
+        formatter_class=formatter,
+        help="upload a MoMos checkpoint folder to a Hub repository (HF_ENDPOINT); private unless --public",
+    )
     push.add_argument("directory", help="MoMos checkpoint folder")
     push.add_argument("repo_id", help="repository, as owner/name")
     push.add_argument("--public", action="store_true", help="create the repository public (default: private)")

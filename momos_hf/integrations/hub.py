@@ -15,15 +15,33 @@ from typing import Optional, Union
 
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 
-from .card import render_card
-from .checkpoint import read_checkpoint_config, verify_checkpoint, weight_file_names
+from ..checkpoint.verify import (
+    read_checkpoint_config,
+    verify_checkpoint,
+    weight_file_names,
+)
+from ..report.card import render_card
 
 # Files beside the weights that a model repository carries (tokenizers write some of these, never all).
-UPLOADABLE = frozenset({
-    "generation_config.json", "README.md", "eval_results.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
-    "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-})
+UPLOADABLE = frozenset(
+    {
+        "generation_config.json",
+        "README.md",
+        "eval_results.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
 
 
 def files_to_push(directory: Union[str, os.PathLike]) -> list[Path]:
@@ -42,7 +60,9 @@ def files_to_push(directory: Union[str, os.PathLike]) -> list[Path]:
         path = directory / name
         resolved = path.resolve()
         if not resolved.is_file() or resolved.parent != root:
-            raise ValueError(f"{path} is not a regular file inside {directory} (a link to elsewhere?); it is not uploaded")
+            raise ValueError(
+                f"{path} is not a regular file inside {directory} (a link to elsewhere?); it is not uploaded"
+            )
         files.append(path)
     return files
 
@@ -71,5 +91,7 @@ def push_folder(
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision).commit_url
     except Exception as err:  # network and Hub errors come in many classes; say which request failed, once
-        raise OSError(f"the upload of {directory} to {repo_id} at {constants.ENDPOINT} failed: "
-                      f"{type(err).__name__}: {' '.join(str(err).split())}") from err
+        raise OSError(
+            f"the upload of {directory} to {repo_id} at {constants.ENDPOINT} failed: "
+            f"{type(err).__name__}: {' '.join(str(err).split())}"
+        ) from err

@@ -9,12 +9,14 @@ pick it up by name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from .data_aware import fit_data_aware
-from .fitting import FitOptions, MosaicFit, fit_weight_space
+from .weight_space import FitOptions, MosaicFit, fit_weight_space
 
 FitMethod = Callable[[list[torch.Tensor], Optional[list[torch.Tensor]], FitOptions], MosaicFit]
 
@@ -31,3 +33,14 @@ def fit_kmeans(matrices: list[torch.Tensor], moments: Optional[list[torch.Tensor
 
 FIT_METHODS: dict[str, FitMethod] = {"sample": fit_sampled, "kmeans": fit_kmeans, "data-aware": fit_data_aware}
 NEEDS_INPUT_MOMENTS = frozenset({"data-aware"})
+
+
+@dataclass
+class FitResult:
+    """One layer's fitted form: its dictionary (shared by the layers fitted with it), mosaic, row scales (or
+    `None`) and relative weight error (`momos_hf.mosaic.relative_error`)."""
+
+    motifs: nn.Parameter
+    mosaic: torch.Tensor
+    scale: Optional[nn.Parameter]
+    error: float

@@ -1,0 +1,14 @@
+"""The programs: the `momos-hf` command line (`cli`), the embedded demo (`demo`), text data helpers (`text`)."""
+
+from .cli import OneLineParser
+from .demo import tiny_llama
+from .text import byte_tokenizer, calibration_batches, load_text_datasets, tokenize_and_group
+
+__all__ = [
+    "OneLineParser",
+    "byte_tokenizer",
+    "calibration_batches",
+    "load_text_datasets",
+    "tiny_llama",
+    "tokenize_and_group",
+]

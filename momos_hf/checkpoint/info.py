@@ -1,0 +1,143 @@
+"""What a checkpoint holds, read from its files without building the model: sizes, description length."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors import safe_open
+
+from ..mosaic import index_bits, num_blocks_per_row, reconstruct
+from ..packing import unpack_indices
+from .schema import DTYPE_BITS, check_signed, config_digest, parse_quantization, q_bit_dictionary
+from .verify import (
+    check_momos_tensors,
+    checked_file,
+    read_checkpoint_config,
+    safetensors_header,
+    weight_file_names,
+)
+
+
+def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Sizes of a local MoMos checkpoint, read from `config.json` and the safetensors headers alone.
+
+    Returns the MoMos settings, parameter counts, the bytes the MoMos layers take on disk next to their
+    description length (`k*s*b_motif + n_blocks*ceil(log2 k)` per dictionary, plus scales), and the whole
+    checkpoint's bytes next to the same model stored dense in fp16 and fp32.
+    """
+    directory = Path(directory)
+    config = read_checkpoint_config(directory)
+    quantization = config["quantization_config"]
+    specs = parse_quantization(quantization)
+    if not quantization.get("weights"):
+        raise ValueError(f"{directory}: config.json names no weight file")
+    files = [checked_file(directory, name) for name in weight_file_names(directory, quantization["weights"])]
+    tensors, digest = {}, config_digest(config)
+    for path in files:
+        header = safetensors_header(path)
+        check_signed(header, digest, path.name)
+        tensors.update((k, v) for k, v in header.items() if k != "__metadata__")
+    motif_bits = quantization["momos_config"].get("motif_bits")
+    check_momos_tensors(tensors, specs, motif_bits)
+
+    def nbytes(meta: dict) -> int:
+        return meta["data_offsets"][1] - meta["data_offsets"][0]
+
+    parts = ("motifs", "mosaic_packed", "scale", "motif_codes", "motif_step")
+    momos_names = {f"{n}.{part}" for n in specs for part in parts} & set(tensors)
+    description_bits = 0
+    for name, spec in specs.items():
+        value_bits = motif_bits or DTYPE_BITS[tensors[f"{spec.motifs}.motifs"]["dtype"]]
+        scale_bits = DTYPE_BITS[tensors[f"{spec.mosaic}.scale"]["dtype"]] if spec.scale else 0
+        description_bits += sum(spec.description_bits(name, value_bits, scale_bits, motif_bits))
+    converted = sum(spec.out_features * spec.in_features for name, spec in specs.items() if spec.mosaic == name)
+    other = {name: meta for name, meta in tensors.items() if name not in momos_names}
+    return {
+        "base_model": quantization.get("base_model", ""),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "momos_config": quantization["momos_config"],
+        "dtype": config.get("dtype"),
+        "layers": len(specs),
+        "dictionaries": sum(spec.motifs == name for name, spec in specs.items()),
+        "converted_params": converted,
+        "other_params": sum(math.prod(meta["shape"]) for meta in other.values()),
+        "other_bytes": sum(nbytes(meta) for meta in other.values()),
+        "bits_per_weight": description_bits / converted,
+        "description_length_bytes": description_bits / 8,
+        "momos_bytes_on_disk": sum(nbytes(tensors[n]) for n in momos_names),
+        "checkpoint_bytes": sum(p.stat().st_size for p in files),
+        "dense_fp32_bytes": 4 * (converted + sum(math.prod(m["shape"]) for m in other.values())),
+        "dense_fp16_bytes": 2 * (converted + sum(math.prod(m["shape"]) for m in other.values())),
+        "fit_errors": {name: spec.fit_error for name, spec in specs.items() if spec.fit_error is not None},
+    }
+
+
+@torch.no_grad()
+def read_leading_weights(directory: Union[str, os.PathLike], max_values: int) -> torch.Tensor:
+    """The first `max_values` values of a checkpoint's MoMos matrices (layer order, float32), rebuilt from
+    the motif and packed mosaic tensors of as many layers as that takes: no model is built."""
+    directory = Path(directory)
+    quantization = read_checkpoint_config(directory)["quantization_config"]
+    specs = parse_quantization(quantization)
+    motif_bits = quantization["momos_config"].get("motif_bits")
+    location = {}
+    for name in weight_file_names(directory, quantization["weights"]):
+        location.update(dict.fromkeys(safetensors_header(checked_file(directory, name)), directory / name))
+
+    def tensor(key: str) -> torch.Tensor:
+        with safe_open(location[key], "pt") as f:
+            return f.get_tensor(key)
+
+    parts, count = [], 0
+    for name, spec in specs.items():
+        if count >= max_values:
+            break
+        if spec.mosaic != name:  # a tied layer's matrix is its leader's
+            continue
+        mosaic = unpack_indices(tensor(f"{name}.mosaic_packed"), index_bits(spec.k), spec.num_blocks)
+        scale = tensor(f"{name}.scale").float() if spec.scale else None
+        motifs = (
+            tensor(f"{spec.motifs}.motifs").float()
+            if motif_bits is None
+            else q_bit_dictionary(
+                tensor(f"{spec.motifs}.motif_codes"), tensor(f"{spec.motifs}.motif_step"), motif_bits, spec.k, spec.s
+            )
+        )
+        matrix = reconstruct(
+            motifs,
+            mosaic.reshape(spec.out_features, num_blocks_per_row(spec.in_features, spec.s)),
+            spec.in_features,
+            scale,
+        )
+        parts.append(matrix.flatten()[: max_values - count])
+        count += parts[-1].numel()
+    return torch.cat(parts)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """`checkpoint_info` as the console text of `momos-hf info`."""
+    mib = 2**20
+    settings = info["momos_config"]
+    k = settings["k"] if settings.get("k") is not None else f"capacity {settings['capacity']}"
+    return "\n".join(
+        [
+            f"architecture         {info['architecture']} (base model: {info['base_model'] or 'not recorded'})",
+            f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, "
+            f"fit={settings['fit']}, scale={settings['scale']}"
+            + (f", motif_bits={settings['motif_bits']}" if settings.get("motif_bits") else ""),
+            f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), "
+            f"{info['converted_params']:,d} weights; "
+            f"{info['other_params']:,d} other parameters stored as {info['dtype']}",
+            f"bits per weight      {info['bits_per_weight']:.4f} (mosaic, dictionaries and scales)",
+            f"MoMos layers on disk {info['momos_bytes_on_disk'] / mib:.3f} MiB = "
+            f"{info['momos_bytes_on_disk'] / info['description_length_bytes']:.4f}x their description length",
+            f"checkpoint           {info['checkpoint_bytes'] / mib:.3f} MiB vs dense fp16 "
+            f"{info['dense_fp16_bytes'] / mib:.3f} MiB "
+            f"({info['dense_fp16_bytes'] / info['checkpoint_bytes']:.2f}x) and fp32 "
+            f"{info['dense_fp32_bytes'] / mib:.3f} MiB ({info['dense_fp32_bytes'] / info['checkpoint_bytes']:.2f}x)",
+        ]
+    )
