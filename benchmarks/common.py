@@ -71,11 +71,23 @@ def run_child(code: str, *args) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def rows_json(results) -> str:
+    """`results` as JSON with one row a line (the items of a top-level list, or of each list under a top-level key):
+    results files stay short, and their diffs show which rows changed."""
+
+    def rows(items: list) -> str:
+        return "[\n" + ",\n".join(json.dumps(item) for item in items) + "\n]"
+
+    if isinstance(results, list):
+        return rows(results) + "\n"
+    items = [f"{json.dumps(k)}: {rows(v) if isinstance(v, list) else json.dumps(v)}" for k, v in results.items()]
+    return "{\n" + ",\n".join(items) + "\n}\n"
+
+
 def write_json(path: str | None, results) -> None:
-    """Write a benchmark's results as JSON when `--json PATH` was given."""
+    """Write a benchmark's results (`rows_json`) when `--json PATH` was given."""
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        pathlib.Path(path).write_text(rows_json(results), encoding="utf-8")
 
 
 def load_minilm():

@@ -607,7 +607,8 @@ def write_report(runs: list[dict], args, output_dir: Path) -> Path:
     ]
     path = output_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
-    (output_dir / "report.json").write_text(json.dumps(runs, indent=1), encoding="utf-8")
+    runs_json = "[\n" + ",\n".join(json.dumps(run) for run in runs) + "\n]\n"  # one run a line: short, diffable
+    (output_dir / "report.json").write_text(runs_json, encoding="utf-8")
     return path
 
 

@@ -16,6 +16,7 @@ import evaluate
 import torch
 
 METRICS = ("perplexity", "accuracy", "embedding_cosine")
+__all__ = ["METRICS", "load_metric", "token_losses", "window_perplexity"]
 
 
 def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
