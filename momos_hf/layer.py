@@ -382,11 +382,12 @@ class MoMosLayer(nn.Module):
 
     def checked_mosaic(self) -> torch.Tensor:
         """`mosaic`, checked (shape, dtype, every index in `0..k-1`) once per tensor and in-place version: it can
-        be assigned or edited directly, and the compiled products read motifs at its offsets unchecked."""
-        mosaic = self.mosaic
-        if not (
-            self._checked_mosaic and self._checked_mosaic[0] is mosaic and self._checked_mosaic[1] == mosaic._version
-        ):
+        be assigned or edited directly, and the compiled products read motifs at its offsets unchecked. (An
+        inference tensor has no version counter: it is checked once, as it can be edited in place only under
+        `torch.inference_mode`.)"""
+        mosaic, checked = self.mosaic, self._checked_mosaic
+        version = None if mosaic.is_inference() else mosaic._version
+        if not checked or checked[0] is not mosaic or checked[1] != version:
             expected = (self.out_features, num_blocks_per_row(self.in_features, self.s))
             if tuple(mosaic.shape) != expected or mosaic.dtype != index_dtype(self.k):
                 raise ValueError(
@@ -394,7 +395,7 @@ class MoMosLayer(nn.Module):
                     f"{index_dtype(self.k)} {expected}: replace it with set_mosaic"
                 )
             self.check_indices(mosaic)
-            self._checked_mosaic = (mosaic, mosaic._version)
+            self._checked_mosaic = (mosaic, version)
         return mosaic
 
     def extra_repr(self) -> str:

@@ -199,3 +199,15 @@ def test_the_16_bit_lookup_does_not_overflow_before_the_row_scale():
     exact = x.double() @ reconstruct(motifs.double(), mosaic, 64, scale.double()).T
     assert y.dtype == torch.float16 and torch.isfinite(y).all() and torch.equal(y[:, 0], torch.zeros(3).half())
     assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-3
+
+
+def test_a_mosaic_made_under_inference_mode_is_checked_too():
+    """Inference tensors have no version counter: the check keys on the tensor alone for them."""
+    motifs, mosaic = random_mosaic()
+    x = torch.randn(2, 37)
+    with torch.inference_mode():
+        momos = MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic.clone())
+        torch.testing.assert_close(momos(x), x @ momos.mosaic_weight().T, rtol=1e-5, atol=1e-5)
+        momos.mosaic = torch.full_like(mosaic, 16)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"indices 16\.\.16 but the layer has k=16"):
+        momos(x)

@@ -280,7 +280,8 @@ def block_inputs(
             )
 
     def stop_at_head(module: nn.Module, args: tuple) -> None:
-        raise _Reached
+        if all(calls):  # past every block (a model may also call its head's module before them, if shared)
+            raise _Reached
 
     was_training = model.training
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
