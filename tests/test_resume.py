@@ -1,6 +1,7 @@
 """Resumable sequential conversion: saved blocks are reused exactly, and only when they match."""
 
 import copy
+import hashlib
 import logging
 
 import pytest
@@ -94,7 +95,9 @@ def test_saved_blocks_are_used_only_when_they_match(tmp_path, fits, caplog):
         block0.write_bytes(damage(reference_files["block-0.safetensors"]))
         with pytest.raises(ValueError, match="holds block-0.safetensors, which momos-hf did not write"):
             convert(tmp_path, seed=1)  # changed since it was written: not ours to overwrite
-        saved._record(block0)  # as if the manifest had been edited to list it
+        saved._record(
+            block0.name, [hashlib.sha256(block0.read_bytes()).hexdigest()]
+        )  # as if the manifest had been edited to list it
         fits.calls.clear()
         with caplog.at_level(logging.WARNING):
             assert_same(state(convert(tmp_path, seed=1)), state(convert(tmp_path / "fresh", seed=1)))
@@ -141,7 +144,7 @@ def test_a_saved_block_of_another_dtype_is_fitted_again(tmp_path, fits, caplog):
         meta, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
     tensors = {name: t.double() if name.endswith(".motifs") else t for name, t in tensors.items()}
     save_file(tensors, block0, metadata={**meta, "digest": _content_digest(tensors, meta["errors"])})
-    saved._record(block0)
+    saved._record(block0.name, [hashlib.sha256(block0.read_bytes()).hexdigest()])
     fits.calls.clear()
     with caplog.at_level(logging.WARNING):
         assert_same(state(convert(tmp_path)), reference)
@@ -169,3 +172,33 @@ def test_a_run_removes_only_its_hosts_partial_files_whose_writer_is_gone(tmp_pat
         path.write_bytes(b"x")
     BlockResults(tmp_path, "key")
     assert not any(p.exists() for p in stale) and all(p.read_bytes() == b"x" for p in kept)
+
+
+def test_a_run_stopped_between_listing_and_renaming_a_block_keeps_the_folder_its_own(tmp_path, fits, monkeypatch):
+    """The manifest lists a block file's new version before the rename: stopped in between (as by kill -9),
+    the old file is still listed, so the next run reuses the folder instead of refusing it."""
+    import os
+
+    from momos_hf.convert import resume
+
+    convert(tmp_path)
+    real_replace = os.replace
+
+    def stopped_at_the_block_rename(source, target):
+        if str(target).endswith("block-0.safetensors"):
+            raise KeyboardInterrupt
+        real_replace(source, target)
+
+    monkeypatch.setattr(resume.os, "replace", stopped_at_the_block_rename)
+    other = MoMosConfig(k=8, s=4, scale=True, fit="data-aware")
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path, other)
+    monkeypatch.setattr(resume.os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "block-0.safetensors",
+        "block-1.safetensors",
+        "momos-resume.json",
+    ]  # no partial left
+    fits.calls.clear()
+    assert_same(state(convert(tmp_path, other)), state(convert(tmp_path / "fresh", other)))
+    assert len(fits.calls) == 2 + 2  # both blocks fitted again (old settings' files), then the fresh folder's

@@ -6,7 +6,7 @@ the model's config and every parameter and buffer, the calibration batches) and 
 reused only when its key matches, its contents match the digest stored with them, and every tensor has the
 shape, dtype and range the layer needs; otherwise the block is fitted again and its file replaced.
 
-The folder's manifest (`momos-resume.json`) lists the block files this library wrote, with their sha256: a
+The folder's manifest (`momos-resume.json`) lists the block files this library wrote, by sha256: a
 folder holding a file of a block's name that the manifest does not list with its sha256 (the user's own, or
 one changed since) is refused, never overwritten. Files are written under a temporary name and renamed, so a
 killed run leaves the old file or the new one, never half of one; its temporary
@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
+from ..checkpoint.save import folder_lock
 from ..fit.methods import FitResult
 from ..kernels.cpu import process_alive
 from ..mosaic import index_dtype, num_blocks_per_row
@@ -82,7 +83,7 @@ class BlockResults:
             raise ValueError(f"resume folder {folder} exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.key = key
-        self.written = self._read_manifest()
+        self._read_manifest()  # refuses a file of its name that is not a manifest
         foreign = sorted(p.name for p in self.folder.iterdir() if BLOCK_FILE.fullmatch(p.name) and not self._wrote(p))
         if foreign:
             raise ValueError(
@@ -94,10 +95,11 @@ class BlockResults:
 
     def _wrote(self, path: Path) -> bool:
         """Whether `path` is a file the manifest lists with its current sha256."""
-        return path.is_file() and self._read_manifest().get(path.name) == _file_digest(path)
+        return path.is_file() and _file_digest(path) in self._read_manifest().get(path.name, [])
 
-    def _read_manifest(self) -> dict[str, str]:
-        """The block files written here and their sha256 (none where there is no manifest yet)."""
+    def _read_manifest(self) -> dict[str, list[str]]:
+        """The block files written here and the sha256 of each version that may hold their name (none where
+        there is no manifest yet)."""
         path = self.folder / MANIFEST
         if not path.exists():
             return {}
@@ -105,7 +107,8 @@ class BlockResults:
             manifest = json.loads(path.read_text())
             blocks = manifest["blocks"]
             if manifest["format"] != MANIFEST_FORMAT or not all(
-                BLOCK_FILE.fullmatch(name) and isinstance(digest, str) for name, digest in blocks.items()
+                BLOCK_FILE.fullmatch(name) and isinstance(digests, list) and all(isinstance(d, str) for d in digests)
+                for name, digests in blocks.items()
             ):
                 raise ValueError
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -199,23 +202,27 @@ class BlockResults:
         errors = json.dumps({name: fit.error for name, fit in fitted.items()})
         meta = {"key": self.block_key(index), "digest": _content_digest(tensors, errors), "errors": errors}
         path = self.path(index)
-        if path.exists() and not self._wrote(path):  # appeared during the conversion: the user's
-            raise ValueError(f"{path} appeared during the conversion and momos-hf did not write it: not replacing it")
         partial = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
         try:
             save_file(tensors, partial, metadata=meta)
-            os.replace(partial, path)
+            with folder_lock(self.folder):
+                ours = self._wrote(path)
+                if path.exists() and not ours:  # appeared during the conversion: the user's
+                    raise ValueError(f"{path} appeared during the conversion and momos-hf did not write it")
+                # listed before it takes the name: a run killed in between leaves the old file and the new ours
+                self._record(path.name, ([_file_digest(path)] if ours else []) + [_file_digest(partial)])
+                os.replace(partial, path)
         except BaseException:
             partial.unlink(missing_ok=True)  # this run's own temporary file
             raise
-        self._record(path)
 
-    def _record(self, path: Path) -> None:
-        """Add `path` to the manifest (re-read first: another run may have added its own blocks)."""
-        self.written = {**self._read_manifest(), path.name: _file_digest(path)}
+    def _record(self, name: str, digests: list[str]) -> None:
+        """List the versions `digests` of block file `name` in the manifest (re-read under the folder's lock:
+        another run may have added its own blocks)."""
+        blocks = {**self._read_manifest(), name: digests}
         manifest = self.folder / MANIFEST
         partial = manifest.with_name(f".{MANIFEST}.{socket.gethostname()}-{os.getpid()}.partial")
-        partial.write_text(json.dumps({"format": MANIFEST_FORMAT, "blocks": self.written}, indent=1, sort_keys=True))
+        partial.write_text(json.dumps({"format": MANIFEST_FORMAT, "blocks": blocks}, indent=1, sort_keys=True))
         os.replace(partial, manifest)
 
 
