@@ -184,6 +184,7 @@ class MoMosLayer(nn.Module):
         self._leader: tuple = ()
         self.weight_cache_enabled = False
         self._weight_cache: Optional[tuple[tuple, torch.Tensor]] = None  # (versions it was built from, weight)
+        self._checked_mosaic: tuple = ()  # (the mosaic tensor, its version) when `checked_mosaic` last checked it
         self.register_load_state_dict_post_hook(lambda module, _: module.unpack_mosaic())
 
     # -- what each kind defines -------------------------------------------------------------------
@@ -377,7 +378,25 @@ class MoMosLayer(nn.Module):
             return F.linear(x, matrix)
         motifs, scale = self.effective_motifs(), full_tensor(self.scale)
         product = self.product or select_product(x, motifs, scale, self.out_features)
-        return PRODUCTS[product](x, motifs, self.mosaic, scale, self.in_features)
+        return PRODUCTS[product](x, motifs, self.checked_mosaic(), scale, self.in_features)
+
+    def checked_mosaic(self) -> torch.Tensor:
+        """`mosaic`, checked (shape, dtype, every index in `0..k-1`) once per tensor and in-place version: it can
+        be assigned or edited directly, and the compiled products read motifs at its offsets unchecked. (An
+        inference tensor has no version counter: it is checked once, as it can be edited in place only under
+        `torch.inference_mode`.)"""
+        mosaic, checked = self.mosaic, self._checked_mosaic
+        version = None if mosaic.is_inference() else mosaic._version
+        if not checked or checked[0] is not mosaic or checked[1] != version:
+            expected = (self.out_features, num_blocks_per_row(self.in_features, self.s))
+            if tuple(mosaic.shape) != expected or mosaic.dtype != index_dtype(self.k):
+                raise ValueError(
+                    f"mosaic is {mosaic.dtype} {tuple(mosaic.shape)}, the layer needs "
+                    f"{index_dtype(self.k)} {expected}: replace it with set_mosaic"
+                )
+            self.check_indices(mosaic)
+            self._checked_mosaic = (mosaic, version)
+        return mosaic
 
     def extra_repr(self) -> str:
         return (

@@ -300,7 +300,11 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
         ]
     )
     assert "MoMos layers         8" in capsys.readouterr().out and not list(offload.iterdir())
-    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["block-0.safetensors", "block-1.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == [
+        "block-0.safetensors",
+        "block-1.safetensors",
+        "momos-resume.json",
+    ]
     assert "used with --sequential only" in fails(
         args + calibration + ["--resume_folder", str(tmp_path / "resume")], capsys
     )

@@ -334,3 +334,50 @@ def test_sequential_conversion_refuses_what_it_cannot_do(monkeypatch):
             calibration_data=[model_inputs("llama")],
             sequential=True,
         )
+
+
+def test_the_block_check_runs_within_the_first_calibration_pass():
+    """Checking that each block runs once used to repeat the first batch: now each batch enters the model once."""
+    model = build("llama")
+    entries = []
+    model.model.embed_tokens.register_forward_hook(lambda *_: entries.append(1))
+    batches = [model_inputs("llama", batch=2, length=8, seed=i) for i in range(3)]
+    mm = get_momos_model(
+        model, MoMosConfig(k=8, s=4, fit="data-aware", target_modules="all-linear"), batches, sequential=True
+    )
+    assert mm.momos_layers() and len(entries) == len(batches)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_non_finite_calibration_inputs_name_the_layer(sequential):
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("nan")  # not a target: its outputs feed q, k, v
+    with pytest.raises(
+        ValueError, match=r"^the calibration inputs of model\.layers\.0\.self_attn\.q_proj ... are not"
+    ):
+        get_momos_model(model, MoMosConfig(k=8, s=4, fit="data-aware"), [model_inputs("llama")], sequential=sequential)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_calibration_batches_that_are_not_token_ids_are_refused_in_one_line(sequential):
+    ids = model_inputs("llama")["input_ids"]  # vocabulary of 96
+    cases = [
+        (
+            {"input_ids": ids.float()},
+            TypeError,
+            r"batch 0: input_ids must be a tensor of integer token ids, not torch\.float32",
+        ),
+        (
+            {"input_ids": torch.full_like(ids, 96)},
+            ValueError,
+            r"batch 0: input_ids hold ids 96\.\.96, outside .* of 96 tokens",
+        ),
+        ({"input_ids": ids - 100}, ValueError, r"input_ids hold ids -\d+\.\.-\d+, outside"),
+        (ids, TypeError, "calibration batch 0 is a Tensor, not a dict of model inputs"),
+    ]
+    for batch, error, message in cases:
+        model = build("llama")
+        with pytest.raises(error, match=message) as refused:
+            get_momos_model(model, MoMosConfig(k=8, s=4, fit="data-aware"), [batch], sequential=sequential)
+        assert "\n" not in str(refused.value) and not any("momos" in type(m).__name__.lower() for m in model.modules())

@@ -5,6 +5,8 @@ product `x @ (scale * motifs[mosaic])^T`, forward and backward: odd shapes, padd
 
 import ctypes
 import hashlib
+import importlib.util
+import logging
 import multiprocessing
 import os
 import shutil
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from momos_hf.kernels.products import PRODUCTS
+from momos_hf.kernels.products import PRODUCTS, select_product
 from momos_hf.layer import MoMosLinear
 from momos_hf.mosaic import index_dtype, reconstruct
 
@@ -118,7 +120,113 @@ def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
         cpu.library.cache_clear()
 
 
-triton = pytest.importorskip("triton", reason="triton has no wheel for this platform")
+def fake_compiler(folder, build_step):
+    """A `$CXX` that answers `--version` at once and runs the shell line `build_step` for a build (its last
+    argument, the output, is `$out`); it writes its pid to `pid`."""
+    script = folder / "fake-c++"
+    script.write_text(
+        '#!/bin/sh\necho $$ >> "$(dirname "$0")/pid"\n[ "$1" = --version ] && { echo fake 1.0; exit 0; }\n'
+        f"for out; do :; done\n{build_step}\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("hangs_on", ["--version", "build"])
+def test_a_compiler_that_never_returns_gives_the_torch_lookup_after_the_timeout(
+    tmp_path, monkeypatch, caplog, hangs_on
+):
+    from momos_hf.kernels import cpu
+
+    compiler = fake_compiler(tmp_path, "sleep 60")
+    if hangs_on == "--version":
+        Path(compiler).write_text('#!/bin/sh\necho $$ >> "$(dirname "$0")/pid"\nsleep 60\n')
+    monkeypatch.setenv("CXX", compiler)
+    monkeypatch.setenv("MOMOS_HF_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "BUILD_TIMEOUT_S", 0.5)
+    cpu.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            momos = MoMosLinear(37, 24, torch.nn.Parameter(torch.randn(16, 5)), mosaic_case(16, 5, 37, 24, 1)[2])
+            x = torch.randn(1, 37)
+            with torch.no_grad():
+                torch.testing.assert_close(momos(x), x @ momos.mosaic_weight().T)  # the torch-op lookup
+                momos(x)
+    finally:
+        cpu.library.cache_clear()
+    assert caplog.text.count("compiled CPU lookup is unavailable") == 1
+    assert "did not finish within 0.5 s" in caplog.text
+    pid = int((tmp_path / "pid").read_text().split()[-1])
+    assert not cpu.process_alive(pid)  # the hung compiler was killed, not left running
+    assert not any((tmp_path / "cache").glob(".build-*"))
+
+
+def test_the_kernel_cache_is_an_absolute_folder(tmp_path, monkeypatch):
+    """A relative or empty `$MOMOS_HF_KERNEL_CACHE`: ctypes would look a bare name up on the system path."""
+    from momos_hf.kernels import cpu
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for value, expected in [
+        (".", tmp_path),
+        ("sub/../here", tmp_path / "here"),
+        ("", tmp_path / "xdg/momos_hf/kernels"),
+    ]:
+        monkeypatch.setenv("MOMOS_HF_KERNEL_CACHE", value)
+        assert cpu.cache_dir() == expected.resolve() and cpu.cache_dir().is_absolute()
+    monkeypatch.setenv("MOMOS_HF_KERNEL_CACHE", ".")
+    library = cpu.build(fake_compiler(tmp_path, 'echo library > "$out"'))
+    assert library.parent == tmp_path.resolve() and library.read_text() == "library\n"
+
+
+@needs_compiler
+def test_a_cached_library_without_the_functions_gives_the_torch_lookup(tmp_path, monkeypatch, caplog):
+    """Right name and sha256 record, other contents (someone else's library): one warning, no AttributeError."""
+    import subprocess
+
+    from momos_hf.kernels import cpu
+
+    compiler = os.environ.get("CXX", "c++")
+    monkeypatch.setenv("MOMOS_HF_KERNEL_CACHE", str(tmp_path))
+    path = cpu.library_path(compiler)
+    source = tmp_path / "other.cpp"
+    source.write_text('extern "C" int other() { return 0; }\n')
+    subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
+    path.with_suffix(".sha256").write_text(cpu.sha256_of(path))
+    cpu.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert cpu.library() is None and cpu.library() is None
+            assert select_product(torch.empty(1, 37), torch.empty(16, 8), None, 24) == "lookup"
+    finally:
+        cpu.library.cache_clear()
+    assert caplog.text.count("lacks its functions") == 1
+    assert not path.with_suffix(".sha256").exists()  # the next process builds it again
+
+
+def test_a_build_removes_the_scratch_of_builders_that_were_killed(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+
+    from momos_hf.kernels import cpu
+
+    monkeypatch.setenv("MOMOS_HF_KERNEL_CACHE", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".build-{host}-{gone.pid}-x1"
+    kept = [tmp_path / f".build-{host}-{os.getpid()}-x2", tmp_path / f".build-elsewhere-{gone.pid}-x3"]
+    for scratch in [stale, *kept]:
+        scratch.mkdir()
+        (scratch / "momos_lookup.so").write_text("half")
+    user = tmp_path / "build-notes"
+    user.mkdir()
+    cpu.build(fake_compiler(tmp_path, 'echo library > "$out"'))
+    assert not stale.exists() and all(scratch.exists() for scratch in kept) and user.exists()
+
+
+triton_missing = importlib.util.find_spec("triton") is None
+needs_triton = pytest.mark.skipif(triton_missing, reason="triton has no wheel for this platform")
 TRITON = ["triton_lookup", "triton_matmul"]
 
 
@@ -128,6 +236,7 @@ DTYPE_CASES = [(torch.float32, case) for case in CASES] + [
 ]
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype, case", DTYPE_CASES)
 @pytest.mark.parametrize("name", TRITON)
 def test_triton_kernels_forward_and_backward(name, dtype, case):
@@ -145,6 +254,7 @@ def test_triton_kernels_forward_and_backward(name, dtype, case):
         assert leaf.grad.dtype == dtype and relative_error(leaf.grad, reference.grad) < tolerance
 
 
+@needs_triton
 @pytest.mark.parametrize("name", TRITON)
 def test_triton_kernels_without_scale_and_with_a_shared_dictionary(name):
     """Two layers reading one motif parameter: its gradient is the sum of both layers' (as with reconstruction)."""
@@ -162,6 +272,7 @@ def test_triton_kernels_without_scale_and_with_a_shared_dictionary(name):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
 def test_a_model_runs_and_trains_on_the_triton_kernels():
     from conftest import build, model_inputs
 
@@ -181,6 +292,7 @@ def test_a_model_runs_and_trains_on_the_triton_kernels():
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
+@needs_triton
 @pytest.mark.parametrize("name", TRITON)
 def test_triton_backward_with_a_frozen_base(name):
     """Only the input needs a gradient (a frozen base under an adapter): the motif-gradient kernel is skipped."""

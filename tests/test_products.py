@@ -157,3 +157,57 @@ def test_a_mosaic_index_beyond_k_is_refused_before_a_product_reads_it():
     assert torch.equal(momos.mosaic, mosaic)  # nothing changed
     full = torch.tensor([[0, 255]], dtype=torch.uint8)  # k=256 uses the whole uint8 range
     MoMosLinear(2, 1, torch.nn.Parameter(torch.randn(256, 1)), full).set_mosaic(full)
+
+
+@pytest.mark.parametrize("name", list(PRODUCTS))
+def test_a_mosaic_assigned_or_edited_directly_is_checked_before_a_product_reads_it(name):
+    """`layer.mosaic = ...` and in-place edits bypass `set_mosaic`: the layer checks the mosaic at the product."""
+    motifs, mosaic = random_mosaic()  # k=16
+    momos = MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic)
+    momos.product = name
+    x = torch.randn(2, 37)
+    bad = mosaic.clone()
+    bad[3, 1] = 200
+    momos.mosaic = bad
+    with torch.no_grad(), pytest.raises(ValueError, match=r"mosaic holds indices 0\.\.200 but the layer has k=16"):
+        momos(x)
+    momos.mosaic = mosaic.long()
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"mosaic is torch.int64 \(24, 5\), the layer needs torch.uint8"),
+    ):
+        momos(x)
+    momos.set_mosaic(mosaic)
+    if not name.startswith("triton"):  # those run on the triton interpreter (slow); the check precedes any product
+        with torch.no_grad():
+            torch.testing.assert_close(momos(x), x @ momos.mosaic_weight().T, rtol=1e-5, atol=1e-5)
+    momos.mosaic[0, 0] = 16  # in place: a new version of the same tensor
+    with torch.no_grad(), pytest.raises(ValueError, match=r"indices 0\.\.16 but the layer has k=16"):
+        momos(x)
+
+
+def test_the_16_bit_lookup_does_not_overflow_before_the_row_scale():
+    """The sums over a row's blocks come before its scale: in float16 they overflowed to inf (and inf * 0 = NaN
+    where the scale is 0) while the scaled result is finite."""
+    g = torch.Generator().manual_seed(0)
+    motifs = (torch.randn(16, 8, generator=g) * 30).half()
+    mosaic = torch.randint(0, 16, (6, 8), generator=g).to(torch.uint8)
+    scale = torch.rand(6, generator=g).half()
+    scale[0] = 0
+    x = (torch.randn(3, 64, generator=g) * 300).half()
+    y = lookup_product(x, motifs, mosaic, scale, 64)
+    exact = x.double() @ reconstruct(motifs.double(), mosaic, 64, scale.double()).T
+    assert y.dtype == torch.float16 and torch.isfinite(y).all() and torch.equal(y[:, 0], torch.zeros(3).half())
+    assert ((y.double() - exact).abs().max() / exact.abs().max()).item() < 1e-3
+
+
+def test_a_mosaic_made_under_inference_mode_is_checked_too():
+    """Inference tensors have no version counter: the check keys on the tensor alone for them."""
+    motifs, mosaic = random_mosaic()
+    x = torch.randn(2, 37)
+    with torch.inference_mode():
+        momos = MoMosLinear(37, 24, torch.nn.Parameter(motifs), mosaic.clone())
+        torch.testing.assert_close(momos(x), x @ momos.mosaic_weight().T, rtol=1e-5, atol=1e-5)
+        momos.mosaic = torch.full_like(mosaic, 16)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"indices 16\.\.16 but the layer has k=16"):
+        momos(x)

@@ -682,6 +682,28 @@ def add_config_cases() -> None:
             tmp, lambda: MoMosConfig(**ok, fit="data-aware"), r"calibration", calibration_data=[]
         ),
     )
+    calibration_cases = [  # (name, calibration batches, regex of the refusal)
+        ("calibration-float-ids", [{"input_ids": torch.ones(1, 4)}], r"input_ids must be a tensor of integer"),
+        ("calibration-ids-beyond-vocabulary", [{"input_ids": torch.full((1, 4), 10**6)}], r"outside the model's voc"),
+        ("calibration-negative-ids", [{"input_ids": -torch.ones(1, 4, dtype=torch.long)}], r"input_ids hold ids -1"),
+        ("calibration-not-a-dict", [torch.ones(1, 4, dtype=torch.long)], r"not a dict of model inputs"),
+    ]
+    for name, batches, expect in calibration_cases:
+        for sequential in (False, True):
+            add(
+                "config",
+                f"{name}{'-sequential' if sequential else ''}",
+                functools.partial(
+                    lambda tmp, b, e, seq: convert_save_load(
+                        tmp, lambda: MoMosConfig(**ok, fit="data-aware"), e, calibration_data=b, sequential=seq
+                    ),
+                    b=batches,
+                    e=expect,
+                    seq=sequential,
+                ),
+            )
+    add("config", "calibration-nan-activations", nan_activations_case)
+    add("config", "resume-over-user-block-file", resume_over_user_file_case)
     add("config", "nan-weights", nan_weights_case)
     add(
         "config",
@@ -707,6 +729,38 @@ def add_config_cases() -> None:
             attempt(lambda: get_momos_model(converted(), MoMosConfig(**ok)), r"already")[0] or ("wrong", "accepted")
         ),
     )
+
+
+def nan_activations_case(tmp: Path) -> Verdict:
+    """A NaN in a norm weight (not a target): the layers after it see NaN inputs in calibration."""
+    model = tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[0] = float("nan")
+    config = MoMosConfig(k=12, s=4, kmeans_iters=1, fit="data-aware")
+    calibration = [{"input_ids": torch.ones(1, 4, dtype=torch.long)}]
+    v, _ = attempt(lambda: get_momos_model(model, config, calibration), r"calibration inputs of model\.layers\.0\.")
+    if v is None:
+        return "wrong", "calibrated on NaN activations without complaint"
+    return v if untouched(model) else worst(v, ("wrong", "refused but left the model converted"))
+
+
+def resume_over_user_file_case(tmp: Path) -> Verdict:
+    """A user's own file named like a saved block in the resume folder: refused, never overwritten."""
+    folder = tmp / "resume"
+    folder.mkdir()
+    mine = folder / "block-0.safetensors"
+    mine.write_bytes(b"the user's own file")
+    v = convert_save_load(
+        tmp,
+        lambda: MoMosConfig(k=12, s=4, kmeans_iters=1, fit="data-aware"),
+        r"did not write",
+        calibration_data=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}],
+        sequential=True,
+        resume_folder=str(folder),
+    )
+    if mine.read_bytes() != b"the user's own file":
+        return worst(v, ("lost", "the user's block-0.safetensors was overwritten"))
+    return v
 
 
 def nan_weights_case(tmp: Path) -> Verdict:

@@ -77,12 +77,18 @@ class MomentRecorder:
         return record
 
     def moments(self) -> dict[str, torch.Tensor]:
-        """`{name: X^T X / rows}`; every module must have been reached."""
+        """`{name: X^T X / rows}`; every module must have been reached, with finite inputs."""
         unseen = [name for name, rows in self.rows.items() if rows == 0]
         if unseen:
             raise ValueError(
                 f"calibration_data never reached {unseen[:5]}{' ...' if len(unseen) > 5 else ''}; "
                 "pass batches of model inputs (dicts with input_ids, ...) that run through these layers"
+            )
+        not_finite = [name for name in self.modules if not torch.isfinite(self.sums[name]).all()]
+        if not_finite:
+            raise ValueError(
+                f"the calibration inputs of {not_finite[0]}{' ...' if len(not_finite) > 1 else ''} are not finite "
+                "(NaN or inf, or too large for float32): check the model's weights and calibration_data"
             )
         return {name: self.sums[name] / self.rows[name] for name in self.modules}
 
@@ -90,6 +96,28 @@ class MomentRecorder:
 def batch_on(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """A batch of model inputs with its tensors on `device`."""
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in dict(batch).items()}
+
+
+def calibration_inputs(model: nn.Module, index: int, batch: Any, device: torch.device) -> dict[str, Any]:
+    """Calibration batch number `index` on `device`, refused in one line where the model would fail on it
+    obscurely: not a dict of inputs, `input_ids` that are not integer ids of the model's vocabulary."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"calibration batch {index} is a {type(batch).__name__}, not a dict of model inputs")
+    ids = batch.get("input_ids")
+    if ids is not None:
+        if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            kind = ids.dtype if torch.is_tensor(ids) else type(ids).__name__
+            raise TypeError(f"calibration batch {index}: input_ids must be a tensor of integer token ids, not {kind}")
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocabulary = getattr(embeddings, "num_embeddings", None)
+        if vocabulary is not None and ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids.long()))
+            if low < 0 or high >= vocabulary:
+                raise ValueError(
+                    f"calibration batch {index}: input_ids hold ids {low}..{high}, outside the model's vocabulary "
+                    f"of {vocabulary} tokens (0..{vocabulary - 1})"
+                )
+    return batch_on(batch, device)
 
 
 def attention_mask_of(inputs: Mapping[str, Any]) -> Optional[torch.Tensor]:
@@ -123,8 +151,8 @@ def input_moments(model: nn.Module, names: list[str], batches: Iterable[Mapping[
             else None
         )
         try:
-            for batch in tqdm(batches, desc="MoMos calibration", unit="batch"):
-                inputs = batch_on(batch, device)
+            for index, batch in enumerate(tqdm(batches, desc="MoMos calibration", unit="batch")):
+                inputs = calibration_inputs(model, index, batch, device)
                 recorder.mask = attention_mask_of(inputs)
                 recorder.seen.clear()
                 try:
@@ -211,20 +239,31 @@ def block_inputs(
 ) -> list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]]:
     """Run each batch through `model` up to the first block of `stack`, put the hidden states it receives into
     `store` (by batch index) and return, per batch, the block's other arguments (positional after the hidden
-    states, and keyword: attention mask, positions, ...) and the batch's attention mask. Every block must get
-    the same other arguments (checked on the first batch): blocks that pass more than hidden states to the
-    next (T5's position bias) cannot be run one at a time."""
+    states, and keyword: attention mask, positions, ...) and the batch's attention mask.
+
+    The first batch runs on to the output embeddings (or the end), to check on the way that every block runs
+    exactly once and gets the same other arguments: blocks that share weights across depth (ALBERT's layer
+    groups) or pass more than hidden states to the next (T5's position bias) cannot be run one at a time."""
     extras: list[tuple[tuple, dict[str, Any], Optional[torch.Tensor]]] = []
+    calls = [0] * len(stack)
     device = next(model.parameters()).device
 
+    def count(index: int):
+        return lambda module, args: calls.__setitem__(index, calls[index] + 1)
+
     def first(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if calls[0] > 1:  # the first batch's block 0 again (weights shared across depth): refused after the batch
+            return
         hidden, rest, kwargs = _split_block_call(args, kwargs)
-        store[len(extras)] = hidden
+        # the first batch runs on through the blocks, which might change their input in place
+        store[len(extras)] = hidden.clone() if not extras else hidden
         extras.append((rest, kwargs, None))
-        if len(extras) > 1 or len(stack) == 1:
+        if len(extras) > 1:
             raise _Reached
 
     def second(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if calls[1] > 1:
+            return
         _, rest, kwargs = _split_block_call(args, kwargs)
         first_rest, first_kwargs, _ = extras[0]
         differ = [
@@ -239,30 +278,46 @@ def block_inputs(
                 f"({', '.join(differ)} differ from the first block's), so they cannot be "
                 "calibrated one at a time: use sequential=False"
             )
-        raise _Reached
+
+    def stop_at_head(module: nn.Module, args: tuple) -> None:
+        if all(calls):  # past every block (a model may also call its head's module before them, if shared)
+            raise _Reached
 
     was_training = model.training
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     model.eval()
     if use_cache is not None:
         model.config.use_cache = False  # no key/value cache among the blocks' arguments
-    handles = [stack[0].register_forward_pre_hook(first, with_kwargs=True)]
+    checks = [block.register_forward_pre_hook(count(i)) for i, block in enumerate(stack)]
     if len(stack) > 1:
-        handles.append(stack[1].register_forward_pre_hook(second, with_kwargs=True))
+        checks.append(stack[1].register_forward_pre_hook(second, with_kwargs=True))
+    head = output_embeddings(model)
+    if head is not None and not any(head is m for block in stack for m in block.modules()):
+        checks.append(head.register_forward_pre_hook(stop_at_head))
+    handles = [stack[0].register_forward_pre_hook(first, with_kwargs=True)]
     try:
-        for batch in tqdm(batches, desc="MoMos calibration inputs", unit="batch"):
-            inputs = batch_on(batch, device)
+        for index, batch in enumerate(tqdm(batches, desc="MoMos calibration inputs", unit="batch")):
+            inputs = calibration_inputs(model, index, batch, device)
             try:
                 model(**inputs)
             except _Reached:
-                rest, kwargs, _ = extras[-1]
-                extras[-1] = (rest, kwargs, attention_mask_of(inputs))
-            else:
+                pass
+            if len(extras) <= index:
                 raise ValueError("calibration_data never reached the first block of the model")
-            if len(handles) > 1:
-                handles.pop().remove()
+            rest, kwargs, _ = extras[-1]
+            extras[-1] = (rest, kwargs, attention_mask_of(inputs))
+            if checks:
+                for handle in checks:
+                    handle.remove()
+                checks = []
+                if any(n != 1 for n in calls):
+                    raise ValueError(
+                        f"the blocks of {type(model).__name__} run {sorted(set(calls))} times per forward, not once "
+                        "each (weights shared across depth), so they cannot be calibrated one at a time: use "
+                        "sequential=False"
+                    )
     finally:
-        for handle in handles:
+        for handle in handles + checks:
             handle.remove()
         model.train(was_training)
         if use_cache is not None:
@@ -294,30 +349,6 @@ def run_block(
 
 
 @torch.no_grad()
-def check_blocks_run_once(model: nn.Module, stack: nn.ModuleList, batch: Mapping[str, Any]) -> None:
-    """Refuse a stack whose blocks do not each run exactly once per forward (weights shared across depth, as
-    ALBERT's layer groups): running each block once would calibrate only its first application."""
-    calls = [0] * len(stack)
-    handles = [
-        block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
-        for i, block in enumerate(stack)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        model(**batch_on(batch, next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if any(count != 1 for count in calls):
-        raise ValueError(
-            f"the blocks of {type(model).__name__} run {sorted(set(calls))} times per forward, not once each "
-            "(weights shared across depth), so they cannot be calibrated one at a time: use sequential=False"
-        )
-
-
-@torch.no_grad()
 def block_by_block(
     model: nn.Module,
     stack: nn.ModuleList,
@@ -328,7 +359,6 @@ def block_by_block(
     """GPTQ's sequential calibration: for each block `i` of `stack` whose `measured[i]` (modules to record) is not
     empty, yield `(i, their moments)` computed on the outputs of the blocks before it as they were when the
     caller resumed (converted, by then); then run block `i` as the caller left it to feed the next block."""
-    check_blocks_run_once(model, stack, batches[0])
     extras = block_inputs(model, stack, batches, store)
     for i, block in enumerate(stack):
         if measured[i]:

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
+from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
 from ..config import MoMosConfig
@@ -25,6 +26,8 @@ from ..mosaic import dictionary_bits, index_bits, num_blocks_per_row, quantize_m
 from .calibration import ActivationStore, block_by_block, input_moments
 from .resume import BlockResults, conversion_key
 from .targets import block_stack, drop_momos_ties, find_targets, tie_groups
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_ASSIGN_BYTES = 256 * 2**20
 DEFAULT_ACTIVATION_BYTES = 2 * 2**30
@@ -235,7 +238,7 @@ class Converter:
         measured = [
             {n: originals[n] for n in names if layer_class_for(originals[n]).multiplies_input} for names in by_block
         ]
-        saved = None
+        saved, reused = None, 0
         if self.options.resume_folder is not None:
             settings = {"config": self.config.to_dict(), "model": type(model).__name__, "targets": list(matrices)}
             saved = BlockResults(self.options.resume_folder, conversion_key(settings, model, batches))
@@ -245,19 +248,16 @@ class Converter:
                 moments = {n: seen.get(n, torch.eye(matrices[n].shape[1])) for n in by_block[i]}
                 block_fit = None
                 if saved is not None:
-                    block_fit = saved.load(
-                        i,
-                        {
-                            n: (*matrices[n].shape, self._num_motifs([n], matrices), self.config.s, self.config.scale)
-                            for n in by_block[i]
-                        },
-                    )
+                    block_fit = saved.load(i, {n: self._expected_fit(n, matrices) for n in by_block[i]})
+                    reused += block_fit is not None
                 if block_fit is None:
                     block_fit = self.fit({n: matrices[n] for n in by_block[i]}, moments, False, list(matrices))
                     if saved is not None:
                         saved.save(i, block_fit)
                 fitted.update(block_fit)
                 layers.update(self._swap_in(block_fit, moments))
+            if saved is not None:
+                logger.warning(f"MoMos: reused {reused} of {sum(map(bool, measured))} blocks from {saved.folder}")
             rest = [n for n in matrices if n not in fitted]
             if rest:
                 involved = {n: originals[n] for n in originals if n in rest or ties.get(n) in rest}
@@ -296,6 +296,11 @@ class Converter:
             for name, module in originals.items()
             if name not in ties
         }
+
+    def _expected_fit(self, name: str, matrices: dict[str, torch.Tensor]) -> tuple:
+        """What a saved fit of `name` must be: `(out, in, k, s, scale, dtype)`, as `fit` would make it."""
+        dtype = self.config.torch_motif_dtype or matrices[name].dtype
+        return (*matrices[name].shape, self._num_motifs([name], matrices), self.config.s, self.config.scale, dtype)
 
     def _groups(self, names: list[str]) -> list[list[str]]:
         return [names] if self.config.motif_scope == "global" else [[n] for n in names]

@@ -4,10 +4,17 @@ A block's file (`block-<i>.safetensors` in the resume folder) holds the motifs, 
 each of its layers, under a key made of everything the fit depended on (`conversion_key`: the MoMos settings,
 the model's config and every parameter and buffer, the calibration batches) and the block's index. A file is
 reused only when its key matches, its contents match the digest stored with them, and every tensor has the
-shape, dtype and range the layer needs; otherwise the block is fitted again and its file replaced. Files are
-written under a temporary name and renamed, so a killed run leaves the old file or the new one, never half of
-one (a run killed while writing leaves its `.block-<i>.safetensors.<pid>.partial`, which nothing reads).
+shape, dtype and range the layer needs; otherwise the block is fitted again and its file replaced.
+
+The folder's manifest (`momos-resume.json`) lists the block files this library wrote, by sha256: a
+folder holding a file of a block's name that the manifest does not list with its sha256 (the user's own, or
+one changed since) is refused, never overwritten. Files are written under a temporary name and renamed, so a
+killed run leaves the old file or the new one, never half of one; its temporary
+`.block-<i>.safetensors.<host>-<pid>.partial` is removed by the next run on that host once that process is gone.
 Nothing else in the folder is read, moved or deleted.
+
+Hashing the whole model up front costs about a second per 100M float32 parameters (sha256 at ~0.5 GB/s on one
+core), small beside the fits of such a model's blocks (minutes), so the key is one for the whole conversion.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -25,11 +34,17 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
 
+from ..checkpoint.save import folder_lock
+from ..fit.methods import FitResult
+from ..kernels.cpu import process_alive
 from ..mosaic import index_dtype, num_blocks_per_row
 
 logger = logging.get_logger(__name__)
 
-Fitted = dict[str, tuple[nn.Parameter, torch.Tensor, Optional[nn.Parameter], float]]
+Fitted = dict[str, FitResult]
+MANIFEST = "momos-resume.json"
+MANIFEST_FORMAT = "momos-hf resume folder 1"
+BLOCK_FILE = re.compile(r"block-\d+\.safetensors")
 
 
 def tensor_digest(tensors: Iterable[torch.Tensor], seed: str = "") -> str:
@@ -38,7 +53,7 @@ def tensor_digest(tensors: Iterable[torch.Tensor], seed: str = "") -> str:
     for tensor in tensors:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return digest.hexdigest()
 
 
@@ -59,7 +74,8 @@ def conversion_key(settings: Mapping[str, Any], model: nn.Module, batches: list[
 
 
 class BlockResults:
-    """The fits of converted blocks in `folder` (created if needed) for the conversion with key `key`."""
+    """The fits of converted blocks in `folder` (created if needed) for the conversion with key `key`. Refuses a
+    folder holding block files it did not write; removes the temporary files of this host's runs that are gone."""
 
     def __init__(self, folder: str | os.PathLike, key: str) -> None:
         self.folder = Path(folder)
@@ -67,6 +83,48 @@ class BlockResults:
             raise ValueError(f"resume folder {folder} exists and is not a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.key = key
+        self._read_manifest()  # refuses a file of its name that is not a manifest
+        foreign = sorted(p.name for p in self.folder.iterdir() if BLOCK_FILE.fullmatch(p.name) and not self._wrote(p))
+        if foreign:
+            raise ValueError(
+                f"resume folder {folder} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                f"which momos-hf did not write (not in its {MANIFEST} or changed since): move them away or use "
+                "another folder"
+            )
+        self._remove_stale_partials()
+
+    def _wrote(self, path: Path) -> bool:
+        """Whether `path` is a file the manifest lists with its current sha256."""
+        return path.is_file() and _file_digest(path) in self._read_manifest().get(path.name, [])
+
+    def _read_manifest(self) -> dict[str, list[str]]:
+        """The block files written here and the sha256 of each version that may hold their name (none where
+        there is no manifest yet)."""
+        path = self.folder / MANIFEST
+        if not path.exists():
+            return {}
+        try:
+            manifest = json.loads(path.read_text())
+            blocks = manifest["blocks"]
+            if manifest["format"] != MANIFEST_FORMAT or not all(
+                BLOCK_FILE.fullmatch(name) and isinstance(digests, list) and all(isinstance(d, str) for d in digests)
+                for name, digests in blocks.items()
+            ):
+                raise ValueError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(
+                f"resume folder {self.folder} holds a {MANIFEST} that is not a momos-hf resume manifest: "
+                "move it away or use another folder"
+            ) from None
+        return blocks
+
+    def _remove_stale_partials(self) -> None:
+        names = rf"(block-\d+\.safetensors|{re.escape(MANIFEST)})"
+        mine = re.compile(rf"\.{names}\.{re.escape(socket.gethostname())}-(\d+)\.partial")
+        for path in self.folder.iterdir():
+            match = mine.fullmatch(path.name)
+            if match and path.is_file() and not process_alive(int(match[2])):
+                path.unlink(missing_ok=True)
 
     def block_key(self, index: int) -> str:
         return tensor_digest([], f"{self.key} block {index}")
@@ -74,9 +132,12 @@ class BlockResults:
     def path(self, index: int) -> Path:
         return self.folder / f"block-{index}.safetensors"
 
-    def load(self, index: int, expected: Mapping[str, tuple[int, int, int, int, bool]]) -> Optional[Fitted]:
+    def load(
+        self, index: int, expected: Mapping[str, tuple[int, int, int, int, bool, torch.dtype]]
+    ) -> Optional[Fitted]:
         """Block `index`'s fits if its file is there, has the current key and holds, for each `name -> (out,
-        in, k, s, scale)` of `expected`, valid tensors; else None (with a warning when a file was rejected)."""
+        in, k, s, scale, dtype)` of `expected` (dtype: the motifs' and scales'), valid tensors; else None (with a
+        warning when a file was rejected)."""
         path = self.path(index)
         if not path.is_file():
             return None
@@ -107,13 +168,16 @@ class BlockResults:
         k: int,
         s: int,
         scale: bool,
-    ) -> tuple:
+        dtype: torch.dtype,
+    ) -> FitResult:
         motifs, mosaic, scales = tensors[f"{name}.motifs"], tensors[f"{name}.mosaic"], tensors.get(f"{name}.scale")
         if (
             not isinstance(error, (int, float))
             or isinstance(error, bool)
             or not math.isfinite(error)
             or tuple(motifs.shape) != (k, s)
+            or motifs.dtype != dtype
+            or (scales is not None and scales.dtype != dtype)
             or tuple(mosaic.shape) != (out_features, num_blocks_per_row(in_features, s))
             or mosaic.dtype != index_dtype(k)
             or (mosaic.numel() and int(mosaic.max()) >= k)
@@ -122,27 +186,49 @@ class BlockResults:
             or not torch.isfinite(motifs).all()
             or (scales is not None and not torch.isfinite(scales).all())
         ):
-            raise ValueError(f"{name}'s tensors do not fit a {out_features}x{in_features} layer with k={k}, s={s}")
-        return (nn.Parameter(motifs), mosaic, None if scales is None else nn.Parameter(scales), float(error))
+            raise ValueError(
+                f"{name}'s tensors do not fit a {out_features}x{in_features} layer with k={k}, s={s}, {dtype} motifs"
+            )
+        return FitResult(nn.Parameter(motifs), mosaic, None if scales is None else nn.Parameter(scales), float(error))
 
     def save(self, index: int, fitted: Fitted) -> None:
         """Write block `index`'s fits under the current key (to a temporary name, then renamed into place)."""
         tensors = {}
-        for name, (motifs, mosaic, scale, _) in fitted.items():
-            tensors[f"{name}.motifs"] = motifs.detach().cpu().contiguous()
-            tensors[f"{name}.mosaic"] = mosaic.cpu().contiguous()
-            if scale is not None:
-                tensors[f"{name}.scale"] = scale.detach().cpu().contiguous()
-        errors = json.dumps({name: fit[3] for name, fit in fitted.items()})
+        for name, fit in fitted.items():
+            tensors[f"{name}.motifs"] = fit.motifs.detach().cpu().contiguous()
+            tensors[f"{name}.mosaic"] = fit.mosaic.cpu().contiguous()
+            if fit.scale is not None:
+                tensors[f"{name}.scale"] = fit.scale.detach().cpu().contiguous()
+        errors = json.dumps({name: fit.error for name, fit in fitted.items()})
         meta = {"key": self.block_key(index), "digest": _content_digest(tensors, errors), "errors": errors}
-        partial = self.path(index).with_name(f".{self.path(index).name}.{os.getpid()}.partial")
+        path = self.path(index)
+        partial = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.partial")
         try:
             save_file(tensors, partial, metadata=meta)
-            os.replace(partial, self.path(index))
+            with folder_lock(self.folder):
+                ours = self._wrote(path)
+                if path.exists() and not ours:  # appeared during the conversion: the user's
+                    raise ValueError(f"{path} appeared during the conversion and momos-hf did not write it")
+                # listed before it takes the name: a run killed in between leaves the old file and the new ours
+                self._record(path.name, ([_file_digest(path)] if ours else []) + [_file_digest(partial)])
+                os.replace(partial, path)
         except BaseException:
             partial.unlink(missing_ok=True)  # this run's own temporary file
             raise
 
+    def _record(self, name: str, digests: list[str]) -> None:
+        """List the versions `digests` of block file `name` in the manifest (re-read under the folder's lock:
+        another run may have added its own blocks)."""
+        blocks = {**self._read_manifest(), name: digests}
+        manifest = self.folder / MANIFEST
+        partial = manifest.with_name(f".{MANIFEST}.{socket.gethostname()}-{os.getpid()}.partial")
+        partial.write_text(json.dumps({"format": MANIFEST_FORMAT, "blocks": blocks}, indent=1, sort_keys=True))
+        os.replace(partial, manifest)
+
 
 def _content_digest(tensors: Mapping[str, torch.Tensor], errors: str) -> str:
     return tensor_digest([tensors[name] for name in sorted(tensors)], json.dumps([sorted(tensors), errors]))
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

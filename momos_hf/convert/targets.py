@@ -12,8 +12,11 @@ from ..layer import LAYER_TYPES, layer_class_for, momos_layers
 
 
 def in_repeated_block(name: str) -> bool:
-    """True for modules inside an indexed stack of blocks (`layers.3.`, `h.0.`, `encoder.layer.5.`)."""
-    return any(part.isdigit() for part in name.split("."))
+    """True for modules inside a block of an indexed stack (`layers.3.mlp.up_proj`, `h.0.attn.c_attn`,
+    `encoder.layer.5.output.dense`), not items of a sequence themselves (`classifier.1` in
+    `nn.Sequential(nn.Flatten(), nn.Linear(...))`, the last `nn.Linear` of an `nn.Sequential` model): those
+    are heads or layers outside any block."""
+    return any(part.isdigit() for part in name.split(".")[:-1])
 
 
 def find_targets(model: nn.Module, target_modules: Optional[Union[list[str], str]]) -> list[str]:
@@ -36,9 +39,16 @@ def find_targets(model: nn.Module, target_modules: Optional[Union[list[str], str
     else:
         targets = match_names(model, target_modules, "target_modules")
     if not targets:
+        selection = (
+            "the default target_modules (linear layers inside a stack of repeated blocks; heads left out)"
+            if target_modules is None
+            else f"target_modules={target_modules!r}"
+        )
         raise ValueError(
-            f"target_modules={target_modules!r} selects no linear layer of {type(model).__name__}; "
-            f"linear layers are named like {_leaf_names(linear)}"
+            f"{selection} selects no linear layer of {type(model).__name__}, whose linear layers are named like "
+            f"{_leaf_names(linear)}: pass target_modules='all-linear' (every linear layer but the output "
+            "embeddings), a list of names or a regex (CLI: --target_modules all-linear, --target_modules NAME ... "
+            "or --target_regex REGEX)"
         )
     unsupported = [
         f"{n} ({type(model.get_submodule(n)).__name__})"

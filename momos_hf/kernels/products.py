@@ -46,10 +46,12 @@ def reconstruct_product(
 def lookup_product(
     x: torch.Tensor, motifs: torch.Tensor, mosaic: torch.Tensor, scale: Optional[torch.Tensor], in_features: int
 ) -> torch.Tensor:
-    """`x @ W_hat^T` from a table of input chunks times motifs, summed by the mosaic (no dense `W_hat`)."""
+    """`x @ W_hat^T` from a table of input chunks times motifs, summed by the mosaic (no dense `W_hat`). In
+    float32 at least, the result rounded once to `x`'s dtype: the sums come before the row scale, so in a 16-bit
+    dtype they overflow where the scaled result does not (inf, and NaN where the scale is 0)."""
     k, s = motifs.shape
     out_features, nb = mosaic.shape
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).to(torch.promote_types(x.dtype, torch.float32))
     tokens = rows.shape[0]
     rows = F.pad(rows, (0, nb * s - rows.shape[1]))  # padded weights are zero-padded inputs' partners
     table = torch.einsum("tjs,ks->jkt", rows.view(tokens, nb, s), motifs.to(rows.dtype))
@@ -59,7 +61,7 @@ def lookup_product(
     y = F.embedding_bag(mosaic.to(torch.int32) + offsets, table, mode="sum")[:, :tokens].T
     if scale is not None:
         y = y * scale.to(y.dtype)
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
 def triton_kernel(kernel: str) -> Product:
