@@ -1,3 +1,4 @@
+import math
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
 from momos_hf.train import schedule
+from momos_hf.train.distill import TeacherTargets, finetune_to_teacher, teacher_targets
 from momos_hf.train.schedule import (
     LATENT_FILE,
     MoMosCallback,
@@ -19,6 +21,7 @@ from momos_hf.train.schedule import (
     _restore_latents,
     _save_latents,
     distillation_loss,
+    hidden_state_loss,
     momos_state_digest,
 )
 
@@ -92,6 +95,48 @@ def test_distillation_loss():
     other = logits.clone()
     other[:, 2:] += 10 * torch.randn(2, 3, 11)
     assert distillation_loss(logits, other, mask=mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=0), ValueError, "temperature"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=math.nan), ValueError, "nan"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=-1.0), ValueError, "positive"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature="2"), ValueError, "positive"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(1, 3)), ValueError, r"\(2, 3\) and \(1, 3\)"),
+        (lambda: hidden_state_loss((), ()), ValueError, "same, non-empty, shapes"),
+        (lambda: hidden_state_loss((torch.zeros(2),) * 2, (torch.zeros(2),)), ValueError, "same, non-empty"),
+        (lambda: hidden_state_loss((torch.zeros(2, 4),), (torch.zeros(1, 4),)), ValueError, r"\(2, 4\)"),
+    ],
+)
+def test_distillation_losses_refuse_bad_temperature_and_mismatched_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(steps=2.5), TypeError, "steps must be a whole number of steps, got 2.5"),
+        (dict(steps=True), TypeError, "steps must be a whole number"),
+        (dict(steps=0), ValueError, "at least one step"),
+        (dict(steps=2, lr="1e-3"), TypeError, "learning rate must be a number"),
+        (dict(steps=2, lr=math.nan), ValueError, "learning rate must be a positive number, got nan"),
+        (dict(steps=2, lr=-1e-3), ValueError, "learning rate must be a positive number"),
+        (dict(steps=2), ValueError, "0 windows"),
+    ],
+)
+def test_finetune_to_teacher_refuses_bad_steps_learning_rates_and_empty_data(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        finetune_to_teacher(torch.nn.Linear(2, 2), TeacherTargets([], [], []), **kwargs)
+
+
+def test_teacher_targets_refuses_a_top_below_one_token():
+    with pytest.raises(ValueError, match="top must be >= 1 token, got 0"):
+        teacher_targets(torch.nn.Linear(2, 2), [], top=0)
+    with pytest.raises(TypeError, match="top must be a whole number of tokens"):
+        teacher_targets(torch.nn.Linear(2, 2), [], top=8.0)
 
 
 def test_trainer_callback_projects_on_schedule(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ the projection schedule, keeping ranks in agreement, and distillation from the d
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -124,6 +126,13 @@ def distillation_loss(
 ) -> torch.Tensor:
     """KL(teacher || student) of the softened token distributions, times `temperature**2` (Hinton et al.),
     averaged over the positions where `mask` is true (all when `None`)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits differ in shape: {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}"
+        )
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_position = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)
@@ -136,6 +145,9 @@ def hidden_state_loss(
     student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]
 ) -> torch.Tensor:
     """Mean squared error between student and teacher hidden states, averaged over layers."""
+    shapes = [tuple(s.shape) for s in student_hidden], [tuple(t.shape) for t in teacher_hidden]
+    if not student_hidden or shapes[0] != shapes[1]:
+        raise ValueError(f"student and teacher hidden states must have the same, non-empty, shapes: got {shapes}")
     losses = [F.mse_loss(s.float(), t.float()) for s, t in zip(student_hidden, teacher_hidden)]
     return torch.stack(losses).mean()
 
