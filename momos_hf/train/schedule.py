@@ -186,9 +186,8 @@ def _save_latents(model: Any, folder: Path, step: int, projected_at: Optional[in
         logger.warning(f"no checkpoint folder {folder}: the latent weights of step {step} are not saved")
         return
     temporary = folder / f".{LATENT_FILE}.tmp"
-    with open(temporary, "wb") as f:
-        f.write(safetensors.torch.save(latents, metadata))
-        f.flush()
+    safetensors.torch.save_file(latents, temporary, metadata)
+    with open(temporary, "rb") as f:
         os.fsync(f.fileno())
     os.replace(temporary, folder / LATENT_FILE)
     sync_directory(folder)
