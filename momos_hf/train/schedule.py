@@ -222,7 +222,7 @@ def _restore_latents(model: Any, folder: Path, step: int) -> Optional[int]:
     if _tensors_digest(latents) != metadata.get("sha256"):
         raise ValueError(f"{path} is corrupted: its latent weights do not match their checksum")
     for name, latent in expected.items():
-        assign_(latent, latents[name].to(full_tensor(latent).device))
+        assign_(latent, latents[name].to(latent.device))
     projected_at = metadata.get("projected_at", "")
     return int(projected_at) if projected_at.isdigit() else None
 
