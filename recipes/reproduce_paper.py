@@ -334,12 +334,12 @@ def run_summary(model, tracker: Optional[ComplexityTracker]) -> dict:
     row = {"tracking_overhead": tracker.overhead, "history": tracker.history}
     final = complexity_snapshot(model, tracker.max_values)  # an evaluation, outside the tracking budget
     for name in FIGURES:
-        if name in final:
+        if final.get(name) is not None:  # BDM figures are None without pybdm
             row[f"{name}_init"], row[f"{name}_final"] = tracker.history[0][name], final[name]
     points = [r for r in tracker.history if r["loss"] is not None]
     losses = [r["loss"] for r in points]
     for name in ("bdm1d_bits_per_sign", "histogram_entropy"):
-        values = [r[name] for r in points if name in r]
+        values = [r[name] for r in points if r.get(name) is not None]
         if len(values) >= 3 and len(set(values)) > 1 and len(set(losses)) > 1:
             row[f"pearson_{name}_loss"] = float(stats.pearsonr(values, losses)[0])
             row[f"spearman_{name}_loss"] = float(stats.spearmanr(values, losses)[0])
@@ -562,7 +562,7 @@ def plot(runs: list[dict], output_dir: Path) -> list[str]:
         run = next((r for r in runs if r["task"] == task and r["procedure"] == "dense"), None)
         rows = [r for r in run["history"] if r["loss"] is not None] if run else []
         for key in ("loss", "bdm1d_bits_per_sign", "histogram_entropy", "gzip_ratio"):
-            series = [r[key] for r in rows if key in r]
+            series = [r[key] for r in rows if r.get(key) is not None]
             if series and len(series) == len(rows):
                 low, high = min(series), max(series)
                 ax.plot([r["step"] for r in rows], [(v - low) / (high - low or 1) for v in series], label=key)

@@ -1,4 +1,6 @@
+import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,18 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
-from momos_hf.train.schedule import MoMosCallback, ProjectionSchedule, distillation_loss, momos_state_digest
+from momos_hf.train import schedule
+from momos_hf.train.distill import TeacherTargets, finetune_to_teacher, teacher_targets
+from momos_hf.train.schedule import (
+    LATENT_FILE,
+    MoMosCallback,
+    ProjectionSchedule,
+    _restore_latents,
+    _save_latents,
+    distillation_loss,
+    hidden_state_loss,
+    momos_state_digest,
+)
 
 
 def test_projected_mode_starts_dense_and_snaps_onto_the_mosaic():
@@ -84,6 +97,48 @@ def test_distillation_loss():
     assert distillation_loss(logits, other, mask=mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=0), ValueError, "temperature"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=math.nan), ValueError, "nan"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=-1.0), ValueError, "positive"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature="2"), ValueError, "positive"),
+        (lambda: distillation_loss(torch.zeros(2, 3), torch.zeros(1, 3)), ValueError, r"\(2, 3\) and \(1, 3\)"),
+        (lambda: hidden_state_loss((), ()), ValueError, "same, non-empty, shapes"),
+        (lambda: hidden_state_loss((torch.zeros(2),) * 2, (torch.zeros(2),)), ValueError, "same, non-empty"),
+        (lambda: hidden_state_loss((torch.zeros(2, 4),), (torch.zeros(1, 4),)), ValueError, r"\(2, 4\)"),
+    ],
+)
+def test_distillation_losses_refuse_bad_temperature_and_mismatched_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(steps=2.5), TypeError, "steps must be a whole number of steps, got 2.5"),
+        (dict(steps=True), TypeError, "steps must be a whole number"),
+        (dict(steps=0), ValueError, "at least one step"),
+        (dict(steps=2, lr="1e-3"), TypeError, "learning rate must be a number"),
+        (dict(steps=2, lr=math.nan), ValueError, "learning rate must be a positive number, got nan"),
+        (dict(steps=2, lr=-1e-3), ValueError, "learning rate must be a positive number"),
+        (dict(steps=2), ValueError, "0 windows"),
+    ],
+)
+def test_finetune_to_teacher_refuses_bad_steps_learning_rates_and_empty_data(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        finetune_to_teacher(torch.nn.Linear(2, 2), TeacherTargets([], [], []), **kwargs)
+
+
+def test_teacher_targets_refuses_a_top_below_one_token():
+    with pytest.raises(ValueError, match="top must be >= 1 token, got 0"):
+        teacher_targets(torch.nn.Linear(2, 2), [], top=0)
+    with pytest.raises(TypeError, match="top must be a whole number of tokens"):
+        teacher_targets(torch.nn.Linear(2, 2), [], top=8.0)
+
+
 def test_trainer_callback_projects_on_schedule(tmp_path, monkeypatch):
     mm = get_momos_model(
         build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="projected", project_every=2)
@@ -138,15 +193,87 @@ def test_trainer_checkpoints_and_save_model_are_compact_momos_checkpoints(tmp_pa
         assert isinstance(loaded.model.layers[0].mlp.up_proj, MoMosLinear)
         with torch.no_grad():
             torch.testing.assert_close(loaded(**inputs).logits, reference, rtol=0, atol=1e-5)
-    # Resuming restores the MoMos state from checkpoint-2 and continues to the same end.
-    resumed = get_momos_model(
-        build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste", project_every=2)
+    assert (tmp_path / "run" / "checkpoint-2" / LATENT_FILE).is_file()  # the latent weights, beside the checkpoint
+
+
+def trainer_run(output_dir, train_mode, project_every, resume=None):
+    """Four steps of Trainer, two per epoch, a checkpoint every two."""
+    mm = get_momos_model(
+        build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode=train_mode, project_every=project_every)
     )
-    args.output_dir = str(tmp_path / "resumed")
-    Trainer(model=resumed.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train(
-        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")
+    dataset = [{"input_ids": row, "labels": row} for row in model_inputs("llama", batch=8)["input_ids"]]
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
     )
-    assert all(torch.isfinite(l.mosaic_weight()).all() for l in resumed.momos_layers().values())
+    Trainer(model=mm.base_model, args=args, train_dataset=dataset, callbacks=[MoMosCallback()]).train(
+        resume_from_checkpoint=resume
+    )
+    return mm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train_mode, project_every", [("motifs", 2), ("projected", 3), ("ste", 2), ("ste", 0)])
+def test_trainer_resume_ends_as_the_uninterrupted_run(tmp_path, train_mode, project_every):
+    # checkpoint-2 is taken at a projection (every 2), between two (every 3: the latent weights hold the
+    # training since), or at the end of epoch 1 before its end-of-epoch projection (0).
+    straight = trainer_run(tmp_path / "straight", train_mode, project_every)
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")  # stopped there
+    resumed = trainer_run(tmp_path / "resumed", train_mode, project_every, resume=True)
+    expected, got = straight.base_model.state_dict(), resumed.base_model.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
+    for a, b in zip(straight.momos_layers().values(), resumed.momos_layers().values()):
+        assert torch.equal(a.mosaic_weight(), b.mosaic_weight())
+        assert (a.latent is None) == (train_mode == "motifs") and (a.latent is None or torch.equal(a.latent, b.latent))
+
+
+def test_latent_weights_are_restored_only_from_their_own_whole_checkpoint(tmp_path, monkeypatch):
+    mm = get_momos_model(build("llama"), MoMosConfig(k=16, s=4, kmeans_iters=1, train_mode="ste"))
+    layer = mm.base_model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.latent.add_(0.01 * torch.randn_like(layer.latent))
+    saved = layer.latent.detach().clone()
+    _save_latents(mm.base_model, tmp_path, 6, 4, write=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATENT_FILE]  # written through a rename
+    with torch.no_grad():
+        layer.latent.zero_()
+    assert _restore_latents(mm.base_model, tmp_path, 6) == 4 and torch.equal(layer.latent, saved)
+
+    path, original = tmp_path / LATENT_FILE, (tmp_path / LATENT_FILE).read_bytes()
+    flipped = bytearray(original)
+    flipped[-3] ^= 0xFF
+    for content, message in [
+        (bytes(flipped), "is corrupted: its latent weights do not match their checksum"),
+        (original[:-100], "truncated"),
+    ]:
+        path.write_bytes(content)
+        with torch.no_grad():
+            layer.latent.zero_()
+        with pytest.raises(ValueError, match=message):
+            _restore_latents(mm.base_model, tmp_path, 6)
+        assert not layer.latent.any()  # nothing was loaded
+
+    # Latent weights of another checkpoint (step, MoMos state) or none: they restart from the mosaic, with a warning.
+    warnings = []
+    monkeypatch.setattr(schedule.logger, "warning", warnings.append)
+    path.write_bytes(original)
+    assert _restore_latents(mm.base_model, tmp_path, 8) is None
+    with torch.no_grad():
+        layer.latent.zero_()
+        layer.motifs.add_(1.0)
+    assert _restore_latents(mm.base_model, tmp_path, 6) is None
+    path.unlink()
+    assert _restore_latents(mm.base_model, tmp_path, 6) is None
+    assert len(warnings) == 3 and all("restart from the saved mosaic" in w for w in warnings)
+    assert torch.equal(layer.latent, layer.mosaic_weight()) and "restart from the saved mosaic" in warnings[0]
 
 
 def test_trainer_given_the_wrapper_is_refused(tmp_path):

@@ -90,6 +90,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import momos_hf.checkpoint as ckpt  # noqa: E402
 from momos_hf import MoMosConfig, MoMosModel, get_momos_model  # noqa: E402
 from momos_hf.app.text import byte_tokenizer  # noqa: E402
+from momos_hf.train import ComplexityTracker, HardConcreteGate, kept_for_bits, top_masks  # noqa: E402
 
 T.utils.logging.set_verbosity_error()
 T.utils.logging.disable_progress_bar()
@@ -608,6 +609,15 @@ CONFIG_CASES = [  # (name, MoMosConfig kwargs, regex the refusal must match; Non
     ("unknown-field", dict(colour="red"), r"colour"),
 ]
 
+TRAINING_ARGUMENT_CASES = [  # (name, call, regex the refusal must match): training helpers given bad arguments
+    ("tracker-every-float", lambda: ComplexityTracker(every=2.5), r"every"),
+    ("tracker-overhead-nan", lambda: ComplexityTracker(max_overhead=float("nan")), r"max_overhead"),
+    ("kept-for-bits-nan", lambda: kept_for_bits(1000, float("nan")), r"bits"),
+    ("top-masks-nan-scores", lambda: top_masks([torch.tensor([1.0, float("nan")])], 1), r"NaN"),
+    ("top-masks-more-than-all", lambda: top_masks([torch.ones(3)], 4), r"kept"),
+    ("hard-concrete-keep-1", lambda: HardConcreteGate(torch.Size([3]), keep=1.0), r"keep"),
+]
+
 
 def add_config_cases() -> None:
     quick = {"k-string", "zero-motif-k1", "s-3-padding", "modules-to-save-string", "seed-2^63"}
@@ -729,6 +739,16 @@ def add_config_cases() -> None:
             attempt(lambda: get_momos_model(converted(), MoMosConfig(**ok)), r"already")[0] or ("wrong", "accepted")
         ),
     )
+    for name, call, expect in TRAINING_ARGUMENT_CASES:
+        add("config", name, lambda tmp, c=call, e=expect: attempt(c, e)[0] or ("wrong", "accepted"))
+    add("config", "kept-for-bits-near-full-density", kept_near_full_density_case)
+
+
+def kept_near_full_density_case(tmp: Path) -> Verdict:
+    v, kept = attempt(lambda: kept_for_bits(1000, 1000, 1))
+    if v:
+        return v
+    return ("correct", "all 1000 kept in 1000 bits") if kept == 1000 else ("wrong", f"{kept} kept, 1000 fit")
 
 
 def nan_activations_case(tmp: Path) -> Verdict:

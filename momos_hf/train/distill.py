@@ -12,6 +12,7 @@ teacher's tail vanishes.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
@@ -55,6 +56,10 @@ def windows_of(batches: Iterable[Mapping[str, Any]]) -> list[dict[str, torch.Ten
 def teacher_targets(model: nn.Module, batches: Iterable[Mapping[str, Any]], top: int = 64) -> TeacherTargets:
     """Run `model` (the dense one, before conversion) over `batches` one window at a time and keep, at every
     position, its `top` most likely next tokens and their log-probabilities."""
+    if isinstance(top, bool) or not isinstance(top, numbers.Integral):
+        raise TypeError(f"top must be a whole number of tokens, got {top!r}")
+    if top < 1:
+        raise ValueError(f"top must be >= 1 token, got {top}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -132,12 +137,16 @@ def finetune_to_teacher(
     eval mode (no dropout, as the teacher ran); every parameter ends in its original dtype. Returns the losses."""
     model = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     steps = len(targets) if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be a whole number of steps, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"the fine-tuning learning rate must be a number, got {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the fine-tuning learning rate must be a positive number, got {lr}")
     if steps < 1 or len(targets) == 0:
         raise ValueError(
             f"fine-tuning needs at least one step and one window, got steps={steps}, {len(targets)} windows"
         )
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"the fine-tuning learning rate must be a positive number, got {lr}")
     latent = [name for name, layer in momos_layers(model).items() if layer.latent is not None]
     if latent:
         raise ValueError(

@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -59,10 +62,11 @@ def sample_values(tensors: list[torch.Tensor], max_values: int) -> torch.Tensor:
 def complexity_snapshot(model: nn.Module, max_values: int = DEFAULT_MAX_VALUES) -> dict[str, float]:
     """Complexity figures of `model`'s weights (see `sample_values` for what is measured):
     `description_length_bits`; compression ratios (`gzip`, `bz2`, `lzma`, `zstd`) of their float32 bytes;
-    BDM of their sign bits in 1-D and 2-D (bits per sign, when `pybdm` is installed); the Shannon entropy
-    of their histogram (bits per value); and the mean motif-usage entropy of MoMos layers (if any)."""
+    BDM of their sign bits in 1-D and 2-D (bits per sign; `None`, with a warning once, when `pybdm` is not
+    installed; 2-D only from `4 * BDM_2D_WIDTH` values); the Shannon entropy of their histogram (bits per
+    value); and the mean motif-usage entropy of MoMos layers (if any)."""
     values = sample_values(effective_weights(model), max_values)
-    figures: dict[str, float] = {"values": float(values.numel())}
+    figures: dict[str, Optional[float]] = {"values": float(values.numel())}
     if any(isinstance(m, MoMosLayer) for m in model.modules()):
         report = complexity_report(model, max_bytes=0)
         figures["description_length_bits"] = float(report.total_bits)
@@ -74,10 +78,20 @@ def complexity_snapshot(model: nn.Module, max_values: int = DEFAULT_MAX_VALUES) 
         if ndim == 2 and values.numel() < 4 * BDM_2D_WIDTH:  # too few signs for one row of 4x4 blocks
             continue
         bdm = bdm_of_signs(values, ndim)
-        if bdm is not None:
-            figures[f"bdm{ndim}d_bits_per_sign"] = bdm / values.numel()
+        if bdm is None:
+            _warn_bdm_missing()
+        figures[f"bdm{ndim}d_bits_per_sign"] = None if bdm is None else bdm / values.numel()
     figures["histogram_entropy"] = histogram_entropy(values)
     return figures
+
+
+@functools.cache  # once per process: every measurement would repeat it
+def _warn_bdm_missing() -> None:
+    warnings.warn(
+        "pybdm is not installed: the BDM figures (bdm1d_bits_per_sign, bdm2d_bits_per_sign) are None; "
+        'pip install "momos-hf[bdm]" to measure them',
+        stacklevel=3,
+    )
 
 
 class ComplexityTracker(TrainerCallback):
@@ -89,7 +103,8 @@ class ComplexityTracker(TrainerCallback):
     `max_overhead` of the wall time since the first call. So after the first measurement (the reference,
     always taken) the overhead stays within the budget unless a measurement costs more than every one before
     it (the budget is then restored by waiting), and tracking stays cheap whatever the model size
-    (`max_overhead=None`: every due step is measured); `overhead` says what it cost. `clock` (seconds) is
+    (`max_overhead` is a fraction in [0, 1], 0 taking the reference only; `None`: every due step is
+    measured); `overhead` says what it cost. `clock` (seconds) is
     injectable, so the schedule can be tested without depending on how fast the machine is.
     """
 
@@ -100,8 +115,19 @@ class ComplexityTracker(TrainerCallback):
         max_overhead: Optional[float] = 0.1,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral):
+            raise TypeError(f"every must be a whole number of steps, got {every!r}")
         if every < 1:
             raise ValueError(f"every must be >= 1 step, got {every}")
+        if isinstance(max_values, bool) or not isinstance(max_values, numbers.Integral):
+            raise TypeError(f"max_values must be a whole number of values, got {max_values!r}")
+        if max_values < 1:
+            raise ValueError(f"max_values must be >= 1, got {max_values}")
+        if max_overhead is not None:
+            if isinstance(max_overhead, bool) or not isinstance(max_overhead, numbers.Real):
+                raise TypeError(f"max_overhead must be a fraction of the wall time or None, got {max_overhead!r}")
+            if not 0 <= max_overhead <= 1:
+                raise ValueError(f"max_overhead must be a fraction of the wall time in [0, 1], got {max_overhead}")
         self.every = every
         self.max_values = max_values
         self.max_overhead = max_overhead
