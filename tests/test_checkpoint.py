@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
 
 import momos_hf.checkpoint as checkpoint
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
+from momos_hf.checkpoint import info, save, schema
 from momos_hf.mosaic import index_bits
 
 AUTO = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModel, "t5": AutoModelForSeq2SeqLM}
@@ -201,8 +202,8 @@ def test_interrupted_save_leaves_the_good_checkpoint(tmp_path, monkeypatch):
         calls.append(1)
         return real_save_file(*args, **kwargs)
 
-    real_save_file = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", dies_after_first_shard)
+    real_save_file = save.save_file
+    monkeypatch.setattr(save, "save_file", dies_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         converted("llama", seed=2).save_pretrained(tmp_path, max_shard_size=8000)
     assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before  # nothing left over
@@ -235,7 +236,7 @@ def resign(path):
     file = path / quantization["weights"]
     with safe_open(file, "pt") as f:
         metadata = f.metadata()
-    save_file(load_file(file), file, metadata={**metadata, "momos_config_sha256": checkpoint.config_digest(config)})
+    save_file(load_file(file), file, metadata={**metadata, "momos_config_sha256": schema.config_digest(config)})
     quantization["checksums"] = {file.name: checkpoint.sha256_of(file)}
     (path / "config.json").write_text(json.dumps(config))
 
@@ -491,7 +492,7 @@ def test_dense_checkpoint_is_not_a_momos_one(tmp_path):
 
 def test_saving_a_model_without_momos_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no MoMos layers to save"):
-        checkpoint.save_checkpoint(build("llama"), tmp_path, {})
+        save.save_checkpoint(build("llama"), tmp_path, {})
 
 
 def test_save_from_a_gathered_state_dict(tmp_path):
@@ -526,7 +527,7 @@ def test_the_plain_call_without_momos_hf_fails_and_says_what_to_install(saved):
 def test_q_bit_dictionaries_are_stored_at_q_bits(tmp_path, arch):
     mm = converted(arch, k=300, s=4, kmeans_iters=1, motif_scope="global", motif_bits=4, zero_motif=True)
     mm.save_pretrained(tmp_path)
-    owner = next(name for name, spec in checkpoint.layer_specs(mm.base_model).items() if spec.motifs == name)
+    owner = next(name for name, spec in schema.layer_specs(mm.base_model).items() if spec.motifs == name)
     tensors = load_file(weight_file(tmp_path))
     assert not any(key.endswith(".motifs") for key in tensors)
     assert (
@@ -545,13 +546,11 @@ def test_q_bit_dictionaries_are_stored_at_q_bits(tmp_path, arch):
         load_file(weight_file(tmp_path / "again"))[f"{owner}.motif_codes"], tensors[f"{owner}.motif_codes"]
     )
     layers = mm.momos_layers()
-    specs = checkpoint.parse_quantization(
-        read_config(tmp_path)["quantization_config"]
-    )  # the order the file is read in
+    specs = schema.parse_quantization(read_config(tmp_path)["quantization_config"])  # the order the file is read in
     weights = torch.cat(
         [layers[name].mosaic_weight().detach().flatten() for name, spec in specs.items() if spec.mosaic == name]
     )
-    assert torch.allclose(checkpoint.read_leading_weights(tmp_path, 5000), weights[:5000], atol=1e-6)
+    assert torch.allclose(info.read_leading_weights(tmp_path, 5000), weights[:5000], atol=1e-6)
 
 
 @pytest.mark.parametrize(
