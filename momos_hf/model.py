@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
+from .checkpoint.save import load_lock
 from .checkpoint.schema import QUANT_METHOD
 from .checkpoint.verify import read_checkpoint_config
 from .config import FIT_FIELDS, MoMosConfig
@@ -236,18 +237,19 @@ class MoMosModel(nn.Module):
     ) -> "MoMosModel":
         """Load a MoMos checkpoint (local folder or Hub id) and wrap it. `model_class` defaults to the
         architecture recorded in its `config.json`; `kwargs` go to `from_pretrained` (dtype, revision, ...)."""
-        if os.path.isdir(model_id):  # checked before Transformers reads it, whose errors would not name the problem
-            read_checkpoint_config(model_id)
-        config = AutoConfig.from_pretrained(
-            model_id, **{k: v for k, v in kwargs.items() if k in ("revision", "token")}
-        )
-        quantization = getattr(config, "quantization_config", None) or {}
-        if dict(quantization).get("quant_method") != QUANT_METHOD:
-            raise ValueError(
-                f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with "
-                "quant_method 'momos'"
+        with load_lock(model_id):  # every file read below comes from one save
+            if os.path.isdir(model_id):  # checked before Transformers reads it, whose errors would not name it
+                read_checkpoint_config(model_id)
+            config = AutoConfig.from_pretrained(
+                model_id, **{k: v for k, v in kwargs.items() if k in ("revision", "token")}
             )
-        model = (model_class or architecture_class(config)).from_pretrained(model_id, **kwargs)
+            quantization = getattr(config, "quantization_config", None) or {}
+            if dict(quantization).get("quant_method") != QUANT_METHOD:
+                raise ValueError(
+                    f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with "
+                    "quant_method 'momos'"
+                )
+            model = (model_class or architecture_class(config)).from_pretrained(model_id, **kwargs)
         return cls(model, model.config.quantization_config.config)
 
     # -- PEFT-style API ----------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import torch
 from conftest import build, model_inputs
 from transformers import AutoModelForCausalLM
 
-import momos_hf.checkpoint as checkpoint
+import momos_hf.checkpoint.save as save
 from momos_hf import MoMosConfig, MoMosModel, get_momos_model
 from momos_hf.app.text import byte_tokenizer
+from momos_hf.checkpoint.verify import read_checkpoint_config, weight_file_names
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,7 +73,7 @@ def test_a_save_that_fails_before_its_commit_changes_nothing(tmp_path, monkeypat
     converted(1).save_pretrained(tmp_path, tokenizer=byte_tokenizer())
     user_files(tmp_path)
     before = snapshot(tmp_path)
-    real_replace = checkpoint.os.replace
+    real_replace = save.os.replace
 
     def no_permission(*args, **kwargs):
         raise PermissionError("read-only file system")
@@ -88,8 +89,8 @@ def test_a_save_that_fails_before_its_commit_changes_nothing(tmp_path, monkeypat
         ("os.replace", commit_fails),
     ):
         with monkeypatch.context() as patch:
-            patch.setattr(checkpoint.os, "replace", fault) if target == "os.replace" else patch.setattr(
-                checkpoint, target, fault
+            patch.setattr(save.os, "replace", fault) if target == "os.replace" else patch.setattr(
+                save, target, fault
             )
             with pytest.raises(PermissionError):
                 other_generation(converted(2), 99).save_pretrained(
@@ -100,7 +101,7 @@ def test_a_save_that_fails_before_its_commit_changes_nothing(tmp_path, monkeypat
 
 def test_a_save_interrupted_after_its_commit_is_completed(tmp_path, monkeypatch):
     converted(1).save_pretrained(tmp_path)
-    real_replace = checkpoint.os.replace
+    real_replace = save.os.replace
     interrupted = []
 
     def dies_once_after_the_commit(src, dst):
@@ -109,7 +110,7 @@ def test_a_save_interrupted_after_its_commit_is_completed(tmp_path, monkeypatch)
             raise KeyboardInterrupt("power cut")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", dies_once_after_the_commit)
+    monkeypatch.setattr(save.os, "replace", dies_once_after_the_commit)
     second = other_generation(converted(2), 99)
     with pytest.raises(KeyboardInterrupt):
         second.save_pretrained(tmp_path)
@@ -209,18 +210,18 @@ def test_a_linked_target_stays_a_link_and_no_folder_is_replaced(tmp_path):
 SAVER = """
 import os, random, sys, time
 sys.path.insert(0, {tests!r})
-import momos_hf.checkpoint as checkpoint
+import momos_hf.checkpoint.save as save
 from momos_hf import MoMosModel
 from momos_hf.app.text import byte_tokenizer
 
 random.seed(int(sys.argv[3]))
-real_replace = checkpoint.os.replace
+real_replace = save.os.replace
 
 def slow_replace(src, dst):  # every rename takes a while, so that kills land between them
     time.sleep(random.uniform(0, {delay}))
     real_replace(src, dst)
 
-checkpoint.os.replace = slow_replace
+save.os.replace = slow_replace
 model = MoMosModel.from_pretrained(sys.argv[1])
 tokenizer = byte_tokenizer()
 print("ready", flush=True)
@@ -299,8 +300,8 @@ def test_two_processes_saving_into_one_folder_take_turns(tmp_path, two_checkpoin
     check_whole(target, two_checkpoints, mine)
     assert not leftovers(target)
     weights = [p.name for p in target.iterdir() if p.name.startswith("model") and "safetensors" in p.name]
-    quantization = checkpoint.read_checkpoint_config(target)["quantization_config"]
-    assert set(weights) == {quantization["weights"], *checkpoint.weight_file_names(target, quantization["weights"])}
+    quantization = read_checkpoint_config(target)["quantization_config"]
+    assert set(weights) == {quantization["weights"], *weight_file_names(target, quantization["weights"])}
     assert isinstance(
         AutoModelForCausalLM.from_pretrained(target).model.layers[0].mlp.up_proj,
         type(next(iter(MoMosModel.from_pretrained(target).momos_layers().values()))),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import secrets
@@ -198,6 +199,43 @@ def folder_lock(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
+_LOADING: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("momos_loading", default=frozenset())
+
+
+@contextlib.contextmanager
+def load_lock(directory: Union[str, os.PathLike]) -> Iterator[None]:
+    """Hold a shared lock on a local model folder for a whole load, so that a save into it (which holds the
+    exclusive `folder_lock`) is waited for and every file the load reads belongs to one save. A save that was
+    killed is first completed (or undone), so that the generation config and tokenizer match the weights.
+    Reentrant; a no-op for anything but a readable local folder."""
+    key = os.path.realpath(directory)
+    if fcntl is None or key in _LOADING.get() or not os.path.isdir(key):
+        yield
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened cannot be loaded either: the load says why
+        yield
+        return
+    token = _LOADING.set(_LOADING.get() | {key})
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        # Converting a flock lock drops it first; nothing is read yet, so another save may run meanwhile.
+        while (Path(key) / JOURNAL_NAME).exists():
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                recover_interrupted_save(Path(key))
+            except OSError as err:
+                _warn_unfinished(Path(key), err)
+                break
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        _LOADING.reset(token)
+        os.close(fd)
+
+
 def recover_interrupted_save(directory: Path) -> None:
     """Finish or undo the save recorded in the folder's journal, if any. After its commit (config.json names
     its weights): move the files still waiting in its staging folder (generation config, tokenizer) into
@@ -236,16 +274,20 @@ def finish_interrupted_save(directory: Path) -> None:
     """Before a load: complete (or undo) a save into `directory` that was killed, so that the generation config
     and tokenizer read next belong to the weights, waiting for a save in progress. A folder the loader may not
     write is left as it is, with a warning."""
-    if not (directory / JOURNAL_NAME).exists():
-        return
+    if not (directory / JOURNAL_NAME).exists() or os.path.realpath(directory) in _LOADING.get():
+        return  # under `load_lock` the journal was dealt with before anything was read
     try:
         with folder_lock(directory):
             recover_interrupted_save(directory)
     except OSError as err:
-        logger.warning(
-            f"{directory} holds an interrupted save that could not be completed ({err.strerror or err}); "
-            "its weights are whole, but its tokenizer and generation config may be the previous save's"
-        )
+        _warn_unfinished(directory, err)
+
+
+def _warn_unfinished(directory: Path, err: OSError) -> None:
+    logger.warning(
+        f"{directory} holds an interrupted save that could not be completed ({err.strerror or err}); "
+        "its weights are whole, but its tokenizer and generation config may be the previous save's"
+    )
 
 
 def current_weights(directory: Path) -> Optional[str]:

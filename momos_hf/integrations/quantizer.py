@@ -13,6 +13,7 @@ could not save atomically. `merge_and_unload` and `model.dequantize()` turn it b
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -23,6 +24,9 @@ from typing import Any, Optional, Union
 import torch
 import transformers
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.auto import modeling_auto  # noqa: F401 (defines the Auto classes wrapped below)
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -30,10 +34,11 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..checkpoint.save import finish_interrupted_save, save_checkpoint
+from ..checkpoint.save import finish_interrupted_save, load_lock, save_checkpoint
 from ..checkpoint.schema import (
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -414,11 +419,37 @@ def push_momos_model(
 
 
 def register() -> None:
-    """Make `from_pretrained` find the MoMos quantizer (idempotent)."""
+    """Make `from_pretrained` find the MoMos quantizer, and make every model and tokenizer `from_pretrained` of a
+    local folder wait for a save into it (idempotent)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(MoMosQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(MoMosHfQuantizer)
+    # Transformers reads config.json before any quantizer hook and generation_config.json after the weights:
+    # only a lock around the whole call keeps them from two different saves.
+    # Each Auto class holds its own copy of `_BaseAutoModelClass.from_pretrained`.
+    owners = (PreTrainedModel, PreTrainedTokenizerBase, transformers.AutoTokenizer, *_subclasses(_BaseAutoModelClass))
+    for owner in owners:
+        load = owner.__dict__.get("from_pretrained")
+        if isinstance(load, classmethod) and not getattr(load.__func__, "_momos_locked", False):
+            owner.from_pretrained = classmethod(_locked_load(load.__func__))
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [sub for direct in cls.__subclasses__() for sub in _subclasses(direct)]
+
+
+def _locked_load(load: Any) -> Any:
+    @functools.wraps(load)
+    def locked(cls, *args: Any, **kwargs: Any) -> Any:
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if not isinstance(path, (str, os.PathLike)):
+            return load(cls, *args, **kwargs)
+        with load_lock(os.path.join(path, kwargs.get("subfolder") or "")):
+            return load(cls, *args, **kwargs)
+
+    locked._momos_locked = True
+    return locked
 
 
 def architecture_class(config: Any) -> type:
