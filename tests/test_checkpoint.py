@@ -490,6 +490,22 @@ def test_dense_checkpoint_is_not_a_momos_one(tmp_path):
         MoMosModel.from_pretrained(tmp_path)
 
 
+def test_a_config_object_shared_with_a_converted_model_still_builds_dense_models(tmp_path):
+    config = build("llama").config
+    mm = get_momos_model(LlamaForCausalLM(config), MoMosConfig(k=16, s=5, kmeans_iters=2))
+    assert getattr(config, "quantization_config", None) is None  # the caller's object is not labelled
+    assert all(m.config is mm.base_model.config for m in mm.base_model.modules() if hasattr(m, "config"))
+    torch.manual_seed(1)
+    dense = LlamaForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    mm.save_pretrained(tmp_path / "momos")
+    assert "quantization_config" not in read_config(tmp_path / "dense")
+    assert read_config(tmp_path / "momos")["quantization_config"]["quant_method"] == "momos"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert type(reloaded.model.layers[0].mlp.up_proj) is nn.Linear
+    assert torch.equal(outputs(reloaded, "llama"), outputs(dense, "llama"))
+
+
 def test_saving_a_model_without_momos_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no MoMos layers to save"):
         save.save_checkpoint(build("llama"), tmp_path, {})

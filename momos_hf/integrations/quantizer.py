@@ -13,6 +13,7 @@ could not save atomically. `merge_and_unload` and `model.dequantize()` turn it b
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
@@ -304,14 +305,26 @@ def merge_layers(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
 
 def mark_momos_model(model: nn.Module, momos_config: MoMosConfig, base_model: str = "") -> None:
     """Make a model whose layers were just converted look like one loaded from a MoMos checkpoint: its
-    config and quantizer say MoMos, and `save_pretrained` writes the compact checkpoint."""
+    config and quantizer say MoMos, and `save_pretrained` writes the compact checkpoint. The label goes on the
+    model's own copy of its config: the caller's config object may build other, dense, models."""
     specs = {name: spec.to_dict() for name, spec in layer_specs(model).items()}
     quantization = MoMosQuantizationConfig(momos_config.to_dict(), specs, base_model=base_model)
+    own_config(model)
     model.config.quantization_config = quantization
     model.hf_quantizer = MoMosHfQuantizer(quantization)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     enable_momos_save(model)
+
+
+def own_config(model: nn.Module) -> None:
+    """Give `model` a copy of its config (sub-configs included), which every submodule then refers to."""
+    copies: dict[int, Any] = {}
+    model.config = copy.deepcopy(model.config, copies)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in copies:
+            module.config = copies[id(config)]
 
 
 def unmark(model: nn.Module) -> None:
