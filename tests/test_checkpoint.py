@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import build, main_output, model_inputs
+from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -16,7 +17,9 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
 
 import momos_hf.checkpoint as checkpoint
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
+from momos_hf.app.text import byte_tokenizer
 from momos_hf.checkpoint import info, save, schema
+from momos_hf.integrations.lora import get_lora_model, merge_lora
 from momos_hf.mosaic import index_bits
 
 AUTO = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModel, "t5": AutoModelForSeq2SeqLM}
@@ -504,6 +507,26 @@ def test_a_config_object_shared_with_a_converted_model_still_builds_dense_models
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert type(reloaded.model.layers[0].mlp.up_proj) is nn.Linear
     assert torch.equal(outputs(reloaded, "llama"), outputs(dense, "llama"))
+
+
+@pytest.mark.parametrize("merge", ["merge_lora", "merge_and_unload"])
+def test_a_model_whose_momos_layers_were_all_merged_saves_as_a_plain_model(tmp_path, merge):
+    converted("llama").save_pretrained(tmp_path / "momos")
+    torch.manual_seed(0)  # random B as well as A: the merged weights differ from the MoMos ones
+    lora = get_lora_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "momos"),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    merged = merge_lora(lora, into="dense")[0] if merge == "merge_lora" else lora.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged", tokenizer=byte_tokenizer())
+    assert "quantization_config" not in read_config(tmp_path / "merged")
+    assert getattr(merged.config, "quantization_config", None) is None and not merged.is_quantized
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(reloaded.model.layers[0].mlp.up_proj) is nn.Linear
+    assert torch.equal(outputs(reloaded, "llama"), outputs(merged, "llama"))
+    momos = AutoModelForCausalLM.from_pretrained(tmp_path / "momos")
+    assert not torch.equal(outputs(reloaded, "llama"), outputs(momos, "llama"))  # the adapters were merged in
 
 
 def test_saving_a_model_without_momos_layers_is_refused(tmp_path):

@@ -363,7 +363,24 @@ def save_momos_model(
     """`save_pretrained` of a MoMos model: the compact checkpoint (see `momos_hf.checkpoint`), with the
     arguments of `PreTrainedModel.save_pretrained`. `push_to_hub=True` then uploads it (`repo_id`,
     `commit_message`, `revision`, `private`: a new repository is private unless `private=False`) and returns
-    the commit URL."""
+    the commit URL. A model whose MoMos layers were all merged away (LoRA's `merge_and_unload`) is a plain
+    Transformers model: it is unmarked and saved by `PreTrainedModel.save_pretrained`."""
+    if not layer_specs(model):
+        return save_merged_model(
+            model,
+            save_directory,
+            tokenizer,
+            is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
+            max_shard_size=max_shard_size,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            token=token,
+            save_peft_format=save_peft_format,
+            save_original_format=save_original_format,
+            **hub_kwargs,
+        )
     if not safe_serialization:
         raise ValueError("MoMos checkpoints are safetensors only (safe_serialization=False is not supported)")
     if variant is not None or distributed_checkpoint:
@@ -400,6 +417,22 @@ def save_momos_model(
         revision=hub_kwargs.get("revision"),
         commit_message=hub_kwargs.get("commit_message") or "Upload MoMos model",
     )
+
+
+def save_merged_model(
+    model: nn.Module, save_directory: Union[str, os.PathLike], tokenizer: Any = None, **kwargs: Any
+) -> Optional[str]:
+    """Save a model that holds no MoMos layer any more as the plain model it is (no quantization config, so it
+    loads without momos-hf), its tokenizer beside it; a new Hub repository is private unless `private=False`."""
+    if kwargs.get("push_to_hub") and tokenizer is not None:
+        raise ValueError("a merged (dense) model is pushed without its tokenizer: push it with tokenizer.push_to_hub")
+    if kwargs.get("push_to_hub"):
+        kwargs.setdefault("private", True)
+    unmark(model)
+    url = model.save_pretrained(save_directory, **kwargs)
+    if tokenizer is not None and kwargs.get("is_main_process", True):
+        tokenizer.save_pretrained(save_directory)
+    return url
 
 
 def push_momos_model(
