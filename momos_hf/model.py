@@ -15,7 +15,7 @@ from .checkpoint.schema import QUANT_METHOD
 from .checkpoint.verify import read_checkpoint_config
 from .config import FIT_FIELDS, MoMosConfig
 from .convert.converter import DEFAULT_ACTIVATION_BYTES, DEFAULT_ASSIGN_BYTES, ConversionOptions, Converter
-from .convert.targets import match_names
+from .convert.targets import find_targets, match_names
 from .fit.methods import NEEDS_INPUT_MOMENTS
 from .integrations.quantizer import (
     MoMosQuantizationConfig,
@@ -26,7 +26,15 @@ from .integrations.quantizer import (
     save_momos_model,
     unmark,
 )
-from .layer import MoMosLayer, assign_, cast_parameters, full_tensor, momos_layers, untouched_dtype
+from .layer import (
+    MoMosLayer,
+    assign_,
+    cast_parameters,
+    full_tensor,
+    layer_class_for,
+    momos_layers,
+    untouched_dtype,
+)
 
 
 class MoMosModel(nn.Module):
@@ -88,6 +96,7 @@ class MoMosModel(nn.Module):
             activation_budget_bytes=activation_budget_bytes,
             offload_folder=offload_folder,
             resume_folder=resume_folder,
+            dtype=dtype,
         )
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         recorded = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -114,6 +123,8 @@ class MoMosModel(nn.Module):
             self.momos_config = config
             self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
             self._converter = Converter(model, config, options, self.modules_to_save)
+            if dtype is not None:
+                _check_cast(model, dtype, config.target_modules)
             originals = self._converter.convert(calibration_data)
             if hasattr(model, "config"):  # a Transformers model (plain torch modules have nothing to save it with)
                 name = base_model_name if base_model_name is not None else getattr(model, "name_or_path", "")
@@ -366,6 +377,23 @@ def get_momos_model(
         offload_folder=offload_folder,
         resume_folder=resume_folder,
     )
+
+
+def _check_cast(model: nn.Module, dtype: torch.dtype, target_modules: Any) -> None:
+    """Refuse, before the conversion, a cast to `dtype` that would make a parameter the conversion keeps (all
+    but the targets' matrices, which become motifs: the converter checks those) infinite."""
+    replaced = set()
+    for name in find_targets(model, target_modules):
+        module = model.get_submodule(name)
+        replaced.add(id(layer_class_for(module).matrix_of(module)))
+    for name, param in model.named_parameters():
+        if (
+            param.is_floating_point()
+            and id(param) not in replaced
+            and torch.isfinite(param).all()
+            and not torch.isfinite(param.to(dtype)).all()
+        ):
+            raise ValueError(f"{name} overflows {dtype}: its values are too large for it; keep them in float32")
 
 
 def _check_same_fit(recorded: MoMosConfig, requested: MoMosConfig) -> None:

@@ -529,6 +529,28 @@ def test_a_model_whose_momos_layers_were_all_merged_saves_as_a_plain_model(tmp_p
     assert not torch.equal(outputs(reloaded, "llama"), outputs(momos, "llama"))  # the adapters were merged in
 
 
+@pytest.mark.parametrize(
+    "scaled, message",
+    [
+        ("model.layers.1.mlp.up_proj", r"^the motifs fitted to model.layers.1.mlp.up_proj overflow torch.float16"),
+        ("model.embed_tokens", r"^model.embed_tokens.weight overflows torch.float16"),
+    ],
+)
+def test_a_dtype_cast_that_would_overflow_is_refused_leaving_the_model_untouched(scaled, message):
+    model = build("llama")
+    with torch.no_grad():
+        model.get_submodule(scaled).weight.mul_(1e7)  # finite in float32, infinite in float16
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=1), dtype=torch.float16)
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[n], t) for n, t in before.items())
+    assert getattr(model.config, "quantization_config", None) is None
+    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=1))  # float32 holds them
+    assert torch.isfinite(outputs(mm, "llama")).all()
+
+
 def test_saving_a_model_without_momos_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no MoMos layers to save"):
         save.save_checkpoint(build("llama"), tmp_path, {})

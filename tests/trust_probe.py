@@ -691,6 +691,9 @@ def add_config_cases() -> None:
         ),
     )
     add("config", "overflowing-fp16-motifs", overflow_case)
+    add("config", "overflowing-fp16-cast", lambda tmp: overflow_case(tmp, dtype=torch.float16))
+    add("config", "overflowing-fp16-cast-kept-embedding", lambda tmp: overflow_case(tmp, "embed", dtype=torch.float16))
+    add("config", "overflowing-fp16-cast-motifs-only", lambda tmp: overflow_case(tmp, "up_proj", dtype=torch.float16))
     add(
         "config",
         "model-is-not-a-module",
@@ -721,14 +724,16 @@ def nan_weights_case(tmp: Path) -> Verdict:
     )
 
 
-def overflow_case(tmp: Path) -> Verdict:
+def overflow_case(tmp: Path, scaled: str = "", dtype: Optional[torch.dtype] = None) -> Verdict:
+    """Parameters (those whose names contain `scaled`) finite in float32 but not in float16, converted with
+    float16 motifs, or cast to `dtype` after the conversion."""
     model = tiny("llama")
     with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1e8)
-    v, mm = attempt(
-        lambda: get_momos_model(model, MoMosConfig(k=12, s=4, kmeans_iters=1, motif_dtype="float16")), r"overflow"
-    )
+        for name, p in model.named_parameters():
+            if scaled in name:
+                p.mul_(1e8)
+    config = MoMosConfig(k=12, s=4, kmeans_iters=1, motif_dtype=None if dtype else "float16")
+    v, mm = attempt(lambda: get_momos_model(model, config, dtype=dtype), r"overflow")
     if v:
         return v if untouched(model) else worst(v, ("wrong", "left the model converted"))
     return ("correct", "fitted") if torch.isfinite(outputs(mm)).all() else ("wrong", "inf motifs accepted")
