@@ -137,7 +137,9 @@ class MoMosModel(nn.Module):
 
     @property
     def fit_errors(self) -> dict[str, float]:
-        """Relative weight error of each layer's last fit (layers loaded without that record are left out)."""
+        """Relative error of each layer's conversion against the dense weight it replaced (saved with the
+        checkpoint; layers loaded without that record are left out). `project()` keeps it and returns its
+        refits' own errors."""
         return {name: layer.fit_error for name, layer in self.momos_layers().items() if layer.fit_error is not None}
 
     @property
@@ -161,7 +163,8 @@ class MoMosModel(nn.Module):
         mosaic weight. In `"projected"` mode the latent weight then snaps onto the new mosaic weight, and so
         do the 1-D parameters under `constrain_vectors` (fitted with the matrices, in the one dictionary).
         Parameters are updated in place, so optimizers keep referring to them; tied layers follow their
-        leader. Returns the relative error of each layer's new fit against its weight before the projection.
+        leader. Returns the relative error of each layer's new fit against its weight before the projection
+        (`fit_errors` keeps the conversion's error against the dense weights).
         """
         layers = self.momos_layers()
         leaders = {name: layer for name, layer in layers.items() if layer.leader is None}
@@ -183,22 +186,21 @@ class MoMosModel(nn.Module):
             {**current, **{name: full_tensor(v).view(1, -1) for name, v in vectors.items()}}, moments
         )
         self._converter.snap_vectors(vectors, fitted)
-        for name, fit in fitted.items():
-            if name in vectors:
-                continue
-            layer = leaders[name]
+        for name, layer in leaders.items():
+            fit = fitted[name]
             assign_(layer.motifs, fit.motifs)
             layer.set_mosaic(fit.mosaic)
             if fit.scale is not None:
                 assign_(layer.scale, fit.scale)
             if layer.train_mode == "projected":
                 assign_(layer.latent, layer.mosaic_weight())
-            layer.fit_error = fit.error
-        for layer in layers.values():
+        errors = {name: fitted[name].error for name in leaders}
+        leader_names = {layer: name for name, layer in leaders.items()}
+        for name, layer in layers.items():
             if layer.leader is not None:
                 layer.set_mosaic(layer.leader.mosaic)
-                layer.fit_error = layer.leader.fit_error
-        return self.fit_errors
+                errors[name] = errors[leader_names[layer.leader]]
+        return errors
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -551,6 +551,17 @@ def test_a_dtype_cast_that_would_overflow_is_refused_leaving_the_model_untouched
     assert torch.isfinite(outputs(mm, "llama")).all()
 
 
+def test_fit_errors_stay_the_conversions_through_project_and_reload(tmp_path):
+    mm = converted("llama")  # train_mode "motifs": project() refits each mosaic weight to itself
+    conversion = dict(mm.fit_errors)
+    assert set(conversion) == set(mm.momos_layers()) and all(0.1 < e < 1 for e in conversion.values())
+    refit = mm.project()
+    assert mm.fit_errors == conversion  # still the error against the dense weights
+    assert set(refit) == set(conversion) and all(refit[name] < conversion[name] for name in refit)
+    mm.save_pretrained(tmp_path)
+    assert MoMosModel.from_pretrained(tmp_path).fit_errors == pytest.approx(conversion, rel=1e-12)
+
+
 def test_saving_a_model_without_momos_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no MoMos layers to save"):
         save.save_checkpoint(build("llama"), tmp_path, {})
