@@ -176,7 +176,7 @@ class MoMosLayer(nn.Module):
             self.set_mosaic(mosaic)
         self.scale = scale
         self.latent: Optional[nn.Parameter] = None
-        self.fit_error: Optional[float] = None  # relative weight error of the last fit, when known
+        self.fit_error: Optional[float] = None  # relative error of the conversion against the dense weight
         # The calibration inputs' second moment `X^T X / tokens`, kept for data-aware refits (projected/ste).
         self.register_buffer("input_moment", None, persistent=False)
         self.train_mode = "motifs"

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
+from .checkpoint.save import load_lock
 from .checkpoint.schema import QUANT_METHOD
 from .checkpoint.verify import read_checkpoint_config
 from .config import FIT_FIELDS, MoMosConfig
 from .convert.converter import DEFAULT_ACTIVATION_BYTES, DEFAULT_ASSIGN_BYTES, ConversionOptions, Converter
-from .convert.targets import match_names
+from .convert.targets import find_targets, match_names
 from .fit.methods import NEEDS_INPUT_MOMENTS
 from .integrations.quantizer import (
     MoMosQuantizationConfig,
@@ -25,7 +26,15 @@ from .integrations.quantizer import (
     save_momos_model,
     unmark,
 )
-from .layer import MoMosLayer, assign_, cast_parameters, full_tensor, momos_layers, untouched_dtype
+from .layer import (
+    MoMosLayer,
+    assign_,
+    cast_parameters,
+    full_tensor,
+    layer_class_for,
+    momos_layers,
+    untouched_dtype,
+)
 
 
 class MoMosModel(nn.Module):
@@ -87,6 +96,7 @@ class MoMosModel(nn.Module):
             activation_budget_bytes=activation_budget_bytes,
             offload_folder=offload_folder,
             resume_folder=resume_folder,
+            dtype=dtype,
         )
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         recorded = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -113,6 +123,8 @@ class MoMosModel(nn.Module):
             self.momos_config = config
             self.modules_to_save = match_names(model, config.modules_to_save or [], "modules_to_save")
             self._converter = Converter(model, config, options, self.modules_to_save)
+            if dtype is not None:
+                _check_cast(model, dtype, config.target_modules)
             originals = self._converter.convert(calibration_data)
             if hasattr(model, "config"):  # a Transformers model (plain torch modules have nothing to save it with)
                 name = base_model_name if base_model_name is not None else getattr(model, "name_or_path", "")
@@ -125,7 +137,9 @@ class MoMosModel(nn.Module):
 
     @property
     def fit_errors(self) -> dict[str, float]:
-        """Relative weight error of each layer's last fit (layers loaded without that record are left out)."""
+        """Relative error of each layer's conversion against the dense weight it replaced (saved with the
+        checkpoint; layers loaded without that record are left out). `project()` keeps it and returns its
+        refits' own errors."""
         return {name: layer.fit_error for name, layer in self.momos_layers().items() if layer.fit_error is not None}
 
     @property
@@ -149,7 +163,8 @@ class MoMosModel(nn.Module):
         mosaic weight. In `"projected"` mode the latent weight then snaps onto the new mosaic weight, and so
         do the 1-D parameters under `constrain_vectors` (fitted with the matrices, in the one dictionary).
         Parameters are updated in place, so optimizers keep referring to them; tied layers follow their
-        leader. Returns the relative error of each layer's new fit against its weight before the projection.
+        leader. Returns the relative error of each layer's new fit against its weight before the projection
+        (`fit_errors` keeps the conversion's error against the dense weights).
         """
         layers = self.momos_layers()
         leaders = {name: layer for name, layer in layers.items() if layer.leader is None}
@@ -171,22 +186,21 @@ class MoMosModel(nn.Module):
             {**current, **{name: full_tensor(v).view(1, -1) for name, v in vectors.items()}}, moments
         )
         self._converter.snap_vectors(vectors, fitted)
-        for name, fit in fitted.items():
-            if name in vectors:
-                continue
-            layer = leaders[name]
+        for name, layer in leaders.items():
+            fit = fitted[name]
             assign_(layer.motifs, fit.motifs)
             layer.set_mosaic(fit.mosaic)
             if fit.scale is not None:
                 assign_(layer.scale, fit.scale)
             if layer.train_mode == "projected":
                 assign_(layer.latent, layer.mosaic_weight())
-            layer.fit_error = fit.error
-        for layer in layers.values():
+        errors = {name: fitted[name].error for name in leaders}
+        leader_names = {layer: name for name, layer in leaders.items()}
+        for name, layer in layers.items():
             if layer.leader is not None:
                 layer.set_mosaic(layer.leader.mosaic)
-                layer.fit_error = layer.leader.fit_error
-        return self.fit_errors
+                errors[name] = errors[leader_names[layer.leader]]
+        return errors
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -236,18 +250,19 @@ class MoMosModel(nn.Module):
     ) -> "MoMosModel":
         """Load a MoMos checkpoint (local folder or Hub id) and wrap it. `model_class` defaults to the
         architecture recorded in its `config.json`; `kwargs` go to `from_pretrained` (dtype, revision, ...)."""
-        if os.path.isdir(model_id):  # checked before Transformers reads it, whose errors would not name the problem
-            read_checkpoint_config(model_id)
-        config = AutoConfig.from_pretrained(
-            model_id, **{k: v for k, v in kwargs.items() if k in ("revision", "token")}
-        )
-        quantization = getattr(config, "quantization_config", None) or {}
-        if dict(quantization).get("quant_method") != QUANT_METHOD:
-            raise ValueError(
-                f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with "
-                "quant_method 'momos'"
+        with load_lock(model_id):  # every file read below comes from one save
+            if os.path.isdir(model_id):  # checked before Transformers reads it, whose errors would not name it
+                read_checkpoint_config(model_id)
+            config = AutoConfig.from_pretrained(
+                model_id, **{k: v for k, v in kwargs.items() if k in ("revision", "token")}
             )
-        model = (model_class or architecture_class(config)).from_pretrained(model_id, **kwargs)
+            quantization = getattr(config, "quantization_config", None) or {}
+            if dict(quantization).get("quant_method") != QUANT_METHOD:
+                raise ValueError(
+                    f"{model_id} is not a MoMos checkpoint: its config.json has no quantization_config with "
+                    "quant_method 'momos'"
+                )
+            model = (model_class or architecture_class(config)).from_pretrained(model_id, **kwargs)
         return cls(model, model.config.quantization_config.config)
 
     # -- PEFT-style API ----------------------------------------------------------------------------
@@ -364,6 +379,23 @@ def get_momos_model(
         offload_folder=offload_folder,
         resume_folder=resume_folder,
     )
+
+
+def _check_cast(model: nn.Module, dtype: torch.dtype, target_modules: Any) -> None:
+    """Refuse, before the conversion, a cast to `dtype` that would make a parameter the conversion keeps (all
+    but the targets' matrices, which become motifs: the converter checks those) infinite."""
+    replaced = set()
+    for name in find_targets(model, target_modules):
+        module = model.get_submodule(name)
+        replaced.add(id(layer_class_for(module).matrix_of(module)))
+    for name, param in model.named_parameters():
+        if (
+            param.is_floating_point()
+            and id(param) not in replaced
+            and torch.isfinite(param).all()
+            and not torch.isfinite(param.to(dtype)).all()
+        ):
+            raise ValueError(f"{name} overflows {dtype}: its values are too large for it; keep them in float32")
 
 
 def _check_same_fit(recorded: MoMosConfig, requested: MoMosConfig) -> None:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import build, main_output, model_inputs
+from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -16,6 +17,9 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
 
 import momos_hf.checkpoint as checkpoint
 from momos_hf import MoMosConfig, MoMosLinear, MoMosModel, get_momos_model
+from momos_hf.app.text import byte_tokenizer
+from momos_hf.checkpoint import info, save, schema
+from momos_hf.integrations.lora import get_lora_model, merge_lora
 from momos_hf.mosaic import index_bits
 
 AUTO = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModel, "t5": AutoModelForSeq2SeqLM}
@@ -201,8 +205,8 @@ def test_interrupted_save_leaves_the_good_checkpoint(tmp_path, monkeypatch):
         calls.append(1)
         return real_save_file(*args, **kwargs)
 
-    real_save_file = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", dies_after_first_shard)
+    real_save_file = save.save_file
+    monkeypatch.setattr(save, "save_file", dies_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         converted("llama", seed=2).save_pretrained(tmp_path, max_shard_size=8000)
     assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before  # nothing left over
@@ -235,7 +239,7 @@ def resign(path):
     file = path / quantization["weights"]
     with safe_open(file, "pt") as f:
         metadata = f.metadata()
-    save_file(load_file(file), file, metadata={**metadata, "momos_config_sha256": checkpoint.config_digest(config)})
+    save_file(load_file(file), file, metadata={**metadata, "momos_config_sha256": schema.config_digest(config)})
     quantization["checksums"] = {file.name: checkpoint.sha256_of(file)}
     (path / "config.json").write_text(json.dumps(config))
 
@@ -489,9 +493,78 @@ def test_dense_checkpoint_is_not_a_momos_one(tmp_path):
         MoMosModel.from_pretrained(tmp_path)
 
 
+def test_a_config_object_shared_with_a_converted_model_still_builds_dense_models(tmp_path):
+    config = build("llama").config
+    mm = get_momos_model(LlamaForCausalLM(config), MoMosConfig(k=16, s=5, kmeans_iters=2))
+    assert getattr(config, "quantization_config", None) is None  # the caller's object is not labelled
+    assert all(m.config is mm.base_model.config for m in mm.base_model.modules() if hasattr(m, "config"))
+    torch.manual_seed(1)
+    dense = LlamaForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    mm.save_pretrained(tmp_path / "momos")
+    assert "quantization_config" not in read_config(tmp_path / "dense")
+    assert read_config(tmp_path / "momos")["quantization_config"]["quant_method"] == "momos"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert type(reloaded.model.layers[0].mlp.up_proj) is nn.Linear
+    assert torch.equal(outputs(reloaded, "llama"), outputs(dense, "llama"))
+
+
+@pytest.mark.parametrize("merge", ["merge_lora", "merge_and_unload"])
+def test_a_model_whose_momos_layers_were_all_merged_saves_as_a_plain_model(tmp_path, merge):
+    converted("llama").save_pretrained(tmp_path / "momos")
+    torch.manual_seed(0)  # random B as well as A: the merged weights differ from the MoMos ones
+    lora = get_lora_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "momos"),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    merged = merge_lora(lora, into="dense")[0] if merge == "merge_lora" else lora.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged", tokenizer=byte_tokenizer())
+    assert "quantization_config" not in read_config(tmp_path / "merged")
+    assert getattr(merged.config, "quantization_config", None) is None and not merged.is_quantized
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(reloaded.model.layers[0].mlp.up_proj) is nn.Linear
+    assert torch.equal(outputs(reloaded, "llama"), outputs(merged, "llama"))
+    momos = AutoModelForCausalLM.from_pretrained(tmp_path / "momos")
+    assert not torch.equal(outputs(reloaded, "llama"), outputs(momos, "llama"))  # the adapters were merged in
+
+
+@pytest.mark.parametrize(
+    "scaled, message",
+    [
+        ("model.layers.1.mlp.up_proj", r"^the motifs fitted to model.layers.1.mlp.up_proj overflow torch.float16"),
+        ("model.embed_tokens", r"^model.embed_tokens.weight overflows torch.float16"),
+    ],
+)
+def test_a_dtype_cast_that_would_overflow_is_refused_leaving_the_model_untouched(scaled, message):
+    model = build("llama")
+    with torch.no_grad():
+        model.get_submodule(scaled).weight.mul_(1e7)  # finite in float32, infinite in float16
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=1), dtype=torch.float16)
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[n], t) for n, t in before.items())
+    assert getattr(model.config, "quantization_config", None) is None
+    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    mm = get_momos_model(model, MoMosConfig(k=16, s=4, kmeans_iters=1))  # float32 holds them
+    assert torch.isfinite(outputs(mm, "llama")).all()
+
+
+def test_fit_errors_stay_the_conversions_through_project_and_reload(tmp_path):
+    mm = converted("llama")  # train_mode "motifs": project() refits each mosaic weight to itself
+    conversion = dict(mm.fit_errors)
+    assert set(conversion) == set(mm.momos_layers()) and all(0.1 < e < 1 for e in conversion.values())
+    refit = mm.project()
+    assert mm.fit_errors == conversion  # still the error against the dense weights
+    assert set(refit) == set(conversion) and all(refit[name] < conversion[name] for name in refit)
+    mm.save_pretrained(tmp_path)
+    assert MoMosModel.from_pretrained(tmp_path).fit_errors == pytest.approx(conversion, rel=1e-12)
+
+
 def test_saving_a_model_without_momos_layers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no MoMos layers to save"):
-        checkpoint.save_checkpoint(build("llama"), tmp_path, {})
+        save.save_checkpoint(build("llama"), tmp_path, {})
 
 
 def test_save_from_a_gathered_state_dict(tmp_path):
@@ -526,7 +599,7 @@ def test_the_plain_call_without_momos_hf_fails_and_says_what_to_install(saved):
 def test_q_bit_dictionaries_are_stored_at_q_bits(tmp_path, arch):
     mm = converted(arch, k=300, s=4, kmeans_iters=1, motif_scope="global", motif_bits=4, zero_motif=True)
     mm.save_pretrained(tmp_path)
-    owner = next(name for name, spec in checkpoint.layer_specs(mm.base_model).items() if spec.motifs == name)
+    owner = next(name for name, spec in schema.layer_specs(mm.base_model).items() if spec.motifs == name)
     tensors = load_file(weight_file(tmp_path))
     assert not any(key.endswith(".motifs") for key in tensors)
     assert (
@@ -545,13 +618,11 @@ def test_q_bit_dictionaries_are_stored_at_q_bits(tmp_path, arch):
         load_file(weight_file(tmp_path / "again"))[f"{owner}.motif_codes"], tensors[f"{owner}.motif_codes"]
     )
     layers = mm.momos_layers()
-    specs = checkpoint.parse_quantization(
-        read_config(tmp_path)["quantization_config"]
-    )  # the order the file is read in
+    specs = schema.parse_quantization(read_config(tmp_path)["quantization_config"])  # the order the file is read in
     weights = torch.cat(
         [layers[name].mosaic_weight().detach().flatten() for name, spec in specs.items() if spec.mosaic == name]
     )
-    assert torch.allclose(checkpoint.read_leading_weights(tmp_path, 5000), weights[:5000], atol=1e-6)
+    assert torch.allclose(info.read_leading_weights(tmp_path, 5000), weights[:5000], atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,12 @@
 """A save never loses anything: saving into `.` and `..`, saves that fail half way, real kill -9 at random
 points (seeded, bounded), two processes saving into one folder, files the save did not write, links."""
 
+import builtins
+import errno
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,11 +15,13 @@ import time
 import pytest
 import torch
 from conftest import build, model_inputs
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
-import momos_hf.checkpoint as checkpoint
+import momos_hf.checkpoint.save as save
 from momos_hf import MoMosConfig, MoMosModel, get_momos_model
 from momos_hf.app.text import byte_tokenizer
+from momos_hf.checkpoint.verify import read_checkpoint_config, weight_file_names
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,7 +77,7 @@ def test_a_save_that_fails_before_its_commit_changes_nothing(tmp_path, monkeypat
     converted(1).save_pretrained(tmp_path, tokenizer=byte_tokenizer())
     user_files(tmp_path)
     before = snapshot(tmp_path)
-    real_replace = checkpoint.os.replace
+    real_replace = save.os.replace
 
     def no_permission(*args, **kwargs):
         raise PermissionError("read-only file system")
@@ -88,19 +93,89 @@ def test_a_save_that_fails_before_its_commit_changes_nothing(tmp_path, monkeypat
         ("os.replace", commit_fails),
     ):
         with monkeypatch.context() as patch:
-            patch.setattr(checkpoint.os, "replace", fault) if target == "os.replace" else patch.setattr(
-                checkpoint, target, fault
-            )
-            with pytest.raises(PermissionError):
+            patch.setattr(save.os, "replace", fault) if target == "os.replace" else patch.setattr(save, target, fault)
+            with pytest.raises(save.SaveError, match=rf"^cannot write {tmp_path}\S*: read-only file system$"):
                 other_generation(converted(2), 99).save_pretrained(
                     tmp_path, tokenizer=byte_tokenizer(), max_shard_size=8000
                 )
         assert snapshot(tmp_path) == before  # generation config and tokenizer included
 
 
+WRITES = {  # each file a save writes: how it is named in the error, a name that only its write opens
+    "journal": (save.JOURNAL_NAME, ".momos-save.json"),
+    "weights": ("model-00001-of-00003.safetensors", None),  # written by safetensors (Rust), not open()
+    "index": ("model.safetensors.index.json", "model.safetensors.index.json"),
+    "generation config": ("generation_config.json", "generation_config.json"),
+    "tokenizer": (None, "tokenizer_config.json"),
+    "config": ("config.json", "config.json"),
+}
+
+
+@pytest.fixture(scope="module")
+def old_and_new():
+    return converted(1), other_generation(converted(2), 99)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+@pytest.mark.parametrize("file", list(WRITES))
+def test_a_write_the_system_refuses_is_named_in_one_line_and_loses_nothing(
+    tmp_path, monkeypatch, old_and_new, file, code
+):
+    old = tmp_path / "old"
+    old_and_new[0].save_pretrained(old, tokenizer=byte_tokenizer())
+    before = snapshot(old)
+    named, opened = WRITES[file]
+    real_open = builtins.open
+
+    def refusing_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(path) == opened:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    def refusing_save_file(*args, **kwargs):  # as safetensors reports it
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    if opened is None:
+        monkeypatch.setattr(save, "save_file", refusing_save_file)
+    what = re.escape(f"the tokenizer files into {old}" if named is None else str(old / named))
+    with pytest.raises(save.SaveError, match=rf"^cannot write {what}: {os.strerror(code)}$") as refused:
+        old_and_new[1].save_pretrained(old, tokenizer=byte_tokenizer(), max_shard_size=8000)
+    assert refused.value.errno == code and isinstance(refused.value, (OSError, ValueError))
+    monkeypatch.undo()
+    assert snapshot(old) == before  # the previous checkpoint, whole, and nothing left over
+
+
+@pytest.mark.slow
+def test_a_weight_file_over_the_file_size_limit_is_named(tmp_path):
+    """A real EFBIG: the saver runs under RLIMIT_FSIZE, below the size of its weight file only."""
+    converted(1).save_pretrained(tmp_path / "old")
+    before = snapshot(tmp_path / "old")
+    limit = max(len(data) for name, data in before.items() if not name.endswith(".safetensors")) + 1
+    assert limit < (tmp_path / "old" / "model.safetensors").stat().st_size
+    code = f"""
+import resource, sys
+sys.path.insert(0, {TESTS!r})
+from momos_hf import MoMosModel
+model = MoMosModel.from_pretrained(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+try:
+    model.save_pretrained(sys.argv[1])
+except OSError as err:
+    print(f"{{type(err).__name__}} {{err.errno}} {{err}}")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "old")], capture_output=True, text=True, timeout=300
+    )
+    weights = re.escape(str(tmp_path / "old")) + r"/model-momos-\w+\.safetensors"  # a fresh name beside the old
+    expected = rf"SaveError {errno.EFBIG} cannot write {weights}: File too large"
+    assert re.fullmatch(expected, done.stdout.strip()), done.stdout + done.stderr[-2000:]
+    assert snapshot(tmp_path / "old") == before
+
+
 def test_a_save_interrupted_after_its_commit_is_completed(tmp_path, monkeypatch):
     converted(1).save_pretrained(tmp_path)
-    real_replace = checkpoint.os.replace
+    real_replace = save.os.replace
     interrupted = []
 
     def dies_once_after_the_commit(src, dst):
@@ -109,7 +184,7 @@ def test_a_save_interrupted_after_its_commit_is_completed(tmp_path, monkeypatch)
             raise KeyboardInterrupt("power cut")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", dies_once_after_the_commit)
+    monkeypatch.setattr(save.os, "replace", dies_once_after_the_commit)
     second = other_generation(converted(2), 99)
     with pytest.raises(KeyboardInterrupt):
         second.save_pretrained(tmp_path)
@@ -209,18 +284,18 @@ def test_a_linked_target_stays_a_link_and_no_folder_is_replaced(tmp_path):
 SAVER = """
 import os, random, sys, time
 sys.path.insert(0, {tests!r})
-import momos_hf.checkpoint as checkpoint
+import momos_hf.checkpoint.save as save
 from momos_hf import MoMosModel
 from momos_hf.app.text import byte_tokenizer
 
 random.seed(int(sys.argv[3]))
-real_replace = checkpoint.os.replace
+real_replace = save.os.replace
 
 def slow_replace(src, dst):  # every rename takes a while, so that kills land between them
     time.sleep(random.uniform(0, {delay}))
     real_replace(src, dst)
 
-checkpoint.os.replace = slow_replace
+save.os.replace = slow_replace
 model = MoMosModel.from_pretrained(sys.argv[1])
 tokenizer = byte_tokenizer()
 print("ready", flush=True)
@@ -299,8 +374,8 @@ def test_two_processes_saving_into_one_folder_take_turns(tmp_path, two_checkpoin
     check_whole(target, two_checkpoints, mine)
     assert not leftovers(target)
     weights = [p.name for p in target.iterdir() if p.name.startswith("model") and "safetensors" in p.name]
-    quantization = checkpoint.read_checkpoint_config(target)["quantization_config"]
-    assert set(weights) == {quantization["weights"], *checkpoint.weight_file_names(target, quantization["weights"])}
+    quantization = read_checkpoint_config(target)["quantization_config"]
+    assert set(weights) == {quantization["weights"], *weight_file_names(target, quantization["weights"])}
     assert isinstance(
         AutoModelForCausalLM.from_pretrained(target).model.layers[0].mlp.up_proj,
         type(next(iter(MoMosModel.from_pretrained(target).momos_layers().values()))),

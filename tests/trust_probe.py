@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -84,12 +85,13 @@ if OWN_HF_HOME:
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
-from safetensors import safe_open  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-import momos_hf.checkpoint as ckpt  # noqa: E402
+import momos_hf.checkpoint.save as ckpt  # noqa: E402 (the save module: the probe patches its writes)
 from momos_hf import MoMosConfig, MoMosModel, get_momos_model  # noqa: E402
 from momos_hf.app.text import byte_tokenizer  # noqa: E402
+from momos_hf.checkpoint.verify import weight_file_names  # noqa: E402
 from momos_hf.train import ComplexityTracker, HardConcreteGate, kept_for_bits, top_masks  # noqa: E402
 
 T.utils.logging.set_verbosity_error()
@@ -454,7 +456,7 @@ def resign(folder: Path) -> None:
     q = config["quantization_config"]
     digest = ckpt.config_digest(config)
     sums = {}
-    for name in ckpt.weight_file_names(folder, q["weights"]):
+    for name in weight_file_names(folder, q["weights"]):
         path = folder / name
         with safe_open(path, "pt") as f:
             metadata = f.metadata() or {}
@@ -723,6 +725,9 @@ def add_config_cases() -> None:
         ),
     )
     add("config", "overflowing-fp16-motifs", overflow_case)
+    add("config", "overflowing-fp16-cast", lambda tmp: overflow_case(tmp, dtype=torch.float16))
+    add("config", "overflowing-fp16-cast-kept-embedding", lambda tmp: overflow_case(tmp, "embed", dtype=torch.float16))
+    add("config", "overflowing-fp16-cast-motifs-only", lambda tmp: overflow_case(tmp, "up_proj", dtype=torch.float16))
     add(
         "config",
         "model-is-not-a-module",
@@ -795,14 +800,16 @@ def nan_weights_case(tmp: Path) -> Verdict:
     )
 
 
-def overflow_case(tmp: Path) -> Verdict:
+def overflow_case(tmp: Path, scaled: str = "", dtype: Optional[torch.dtype] = None) -> Verdict:
+    """Parameters (those whose names contain `scaled`) finite in float32 but not in float16, converted with
+    float16 motifs, or cast to `dtype` after the conversion."""
     model = tiny("llama")
     with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(1e8)
-    v, mm = attempt(
-        lambda: get_momos_model(model, MoMosConfig(k=12, s=4, kmeans_iters=1, motif_dtype="float16")), r"overflow"
-    )
+        for name, p in model.named_parameters():
+            if scaled in name:
+                p.mul_(1e8)
+    config = MoMosConfig(k=12, s=4, kmeans_iters=1, motif_dtype=None if dtype else "float16")
+    v, mm = attempt(lambda: get_momos_model(model, config, dtype=dtype), r"overflow")
     if v:
         return v if untouched(model) else worst(v, ("wrong", "left the model converted"))
     return ("correct", "fitted") if torch.isfinite(outputs(mm)).all() else ("wrong", "inf motifs accepted")
@@ -1520,7 +1527,7 @@ def save_next_to_user_weights(tmp: Path) -> Verdict:
         return v
     owned = {p.name for p in folder.iterdir() if "safetensors" in p.name} - set(mine)
     q = read_json(folder / "config.json")["quantization_config"]
-    expected = {q["weights"], *ckpt.weight_file_names(folder, q["weights"])}
+    expected = {q["weights"], *weight_file_names(folder, q["weights"])}
     return worst(
         saved_as(folder, a, mine),
         None if owned == expected else ("wrong", f"stale weight files {sorted(owned - expected)}"),
@@ -1528,10 +1535,15 @@ def save_next_to_user_weights(tmp: Path) -> Verdict:
 
 
 def save_fault(
-    tmp: Path, target: str, when: Callable[[tuple], bool], exc=Injected("injected fault: disk full")
+    tmp: Path,
+    target: str,
+    when: Callable[[tuple], bool],
+    exc=Injected("injected fault: disk full"),
+    expect: str = "injected|power cut",
+    accept: tuple = (Injected, PowerCut, ckpt.SaveError),  # a system error comes back naming the file
 ) -> Verdict:
     """A save over a good checkpoint (with tokenizer and user files) that fails in `checkpoint.<target>`
-    when `when(args)`: the folder must be exactly as before."""
+    when `when(args)`: the folder must be exactly as before (a system error must name the file and its cause)."""
     folder = copy_base("A", tmp)
     plant(folder)
     before = snapshot(folder)
@@ -1548,9 +1560,9 @@ def save_fault(
         return refused_intact(
             folder,
             lambda: other.save_pretrained(folder, tokenizer=tokenizer_for("B"), max_shard_size=6000),
-            "injected|power cut",
+            expect,
             before,
-            accept=(Injected, PowerCut),
+            accept=accept,
         )
 
 
@@ -1688,7 +1700,7 @@ def concurrent_savers(tmp: Path) -> Verdict:
         return "raw", f"a concurrent saver failed: {errors}"
     q = read_json(target / "config.json")["quantization_config"]
     weights = {p.name for p in target.iterdir() if "safetensors" in p.name} - set(mine)
-    extra = weights - {q["weights"], *ckpt.weight_file_names(target, q["weights"])}
+    extra = weights - {q["weights"], *weight_file_names(target, q["weights"])}
     return worst(
         damaged(target, mine),
         whole_checkpoint(target),
@@ -1725,6 +1737,30 @@ def add_save_cases() -> None:
         "power-cut-after-first-shard",
         lambda tmp: save_fault(tmp, "save_file", lambda a: "00001" not in str(a[1]), PowerCut("power cut")),
     )
+    for name, target, when, code in [
+        ("disk-full-writing-weights", "save_file", lambda a: True, errno.ENOSPC),
+        ("read-only-writing-config", "write_text_synced", lambda a: Path(a[0]).name == "config.json", errno.EROFS),
+        ("too-large-journal", "write_text_synced", lambda a: Path(a[0]).name == ckpt.JOURNAL_NAME, errno.EFBIG),
+    ]:  # as the system reports them: safetensors as text, Python as an OSError with the staging path
+        add(
+            "save",
+            name,
+            functools.partial(
+                lambda tmp, t, w, c: save_fault(
+                    tmp,
+                    t,
+                    w,
+                    SafetensorError(f"Error while serializing: I/O error: {os.strerror(c)} (os error {c})")
+                    if t == "save_file"
+                    else OSError(c, os.strerror(c)),
+                    rf"^cannot write {re.escape(str(tmp))}/\S+: {os.strerror(c)}$",
+                    (ValueError,),
+                ),
+                t=target,
+                w=when,
+                c=code,
+            ),
+        )
     add("save", "tokenizer-not-a-tokenizer", save_bad_tokenizer)
     add("save", "over-forged-checksum-list", save_over_forged_checksums)
     add("save", "garbage-journal", lambda tmp: save_with_bad_journal(tmp, b"{garbage", r"journal|interrupted save"))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from transformers.utils import logging
@@ -44,6 +47,32 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 logger = logging.get_logger(__name__)
+
+
+class SaveError(OSError, ValueError):
+    """A write of a save that the system refused (disk full, file too large, read-only file system, ...), in one
+    line naming the file and the cause; `errno` is the system's. The folder keeps its previous checkpoint."""
+
+
+@contextlib.contextmanager
+def _writing(what: Union[str, Path]) -> Iterator[None]:
+    """Turn a failed write of `what` (a file, or a description) into a `SaveError` naming it."""
+    try:
+        yield
+    except SaveError:
+        raise
+    except (OSError, SafetensorError) as err:
+        code = err.errno if isinstance(err, OSError) else _os_error_code(str(err))
+        cause = os.strerror(code) if code else " ".join(str(err).split())
+        error = SaveError(f"cannot write {what}: {cause}")
+        error.errno = code
+        raise error from err
+
+
+def _os_error_code(message: str) -> Optional[int]:
+    # safetensors reports an I/O error as text: "... I/O error: File too large (os error 27)"
+    found = re.search(r"os error (\d+)", message)
+    return int(found.group(1)) if found else None
 
 
 def save_checkpoint(
@@ -151,35 +180,43 @@ def _write_and_commit(
     quantization = {**quantization, "weights": weights}
     metadata = {"format": "pt", "momos_config_sha256": config_digest({**config, "quantization_config": quantization})}
     staging = target / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
-    staging.mkdir()
+    with _writing(staging):
+        staging.mkdir()
     created = list(split.filename_to_tensors) + ([weights] if split.is_sharded else [])
-    write_json_atomic(
-        target / JOURNAL_NAME,
-        {"staging": staging.name, "create": created, "remove": sorted(previous - set(created))},
-        staging,
-    )
+    with _writing(target / JOURNAL_NAME):
+        write_json_atomic(
+            target / JOURNAL_NAME,
+            {"staging": staging.name, "create": created, "remove": sorted(previous - set(created))},
+            staging,
+        )
     checksums = {}
     for filename, names in split.filename_to_tensors.items():
-        save_file({n: state[n] for n in names}, staging / filename, metadata=metadata)
-        checksums[filename] = sha256_of(staging / filename, sync=True)
+        with _writing(target / filename):
+            save_file({n: state[n] for n in names}, staging / filename, metadata=metadata)
+            checksums[filename] = sha256_of(staging / filename, sync=True)
     if split.is_sharded:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
             "weight_map": split.tensor_to_filename,
         }
-        write_text_synced(staging / weights, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        with _writing(target / weights):
+            write_text_synced(staging / weights, json.dumps(index, indent=2, sort_keys=True) + "\n")
         checksums[weights] = sha256_of(staging / weights)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and model.can_generate():
-        generation_config.save_pretrained(staging)
+        with _writing(target / "generation_config.json"):
+            generation_config.save_pretrained(staging)
     if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
+        with _writing(f"the tokenizer files into {target}"):
+            tokenizer.save_pretrained(staging)
     config["quantization_config"] = {**quantization, "checksums": checksums}
-    write_text_synced(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in created:  # fresh names: nothing the current config.json refers to is touched
-        os.replace(staging / name, target / name)
-    os.replace(staging / "config.json", target / "config.json")  # the commit
-    sync_directory(target)
+    with _writing(target / "config.json"):
+        write_text_synced(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with _writing(target):
+        for name in created:  # fresh names: nothing the current config.json refers to is touched
+            os.replace(staging / name, target / name)
+        os.replace(staging / "config.json", target / "config.json")  # the commit
+        sync_directory(target)
     # The generation config and tokenizer follow the commit; if the process dies first, the next save moves
     # them from the staging folder (`recover_interrupted_save`), so they never sit beside the old weights.
 
@@ -195,6 +232,43 @@ def folder_lock(directory: Path) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        os.close(fd)
+
+
+_LOADING: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("momos_loading", default=frozenset())
+
+
+@contextlib.contextmanager
+def load_lock(directory: Union[str, os.PathLike]) -> Iterator[None]:
+    """Hold a shared lock on a local model folder for a whole load, so that a save into it (which holds the
+    exclusive `folder_lock`) is waited for and every file the load reads belongs to one save. A save that was
+    killed is first completed (or undone), so that the generation config and tokenizer match the weights.
+    Reentrant; a no-op for anything but a readable local folder."""
+    key = os.path.realpath(directory)
+    if fcntl is None or key in _LOADING.get() or not os.path.isdir(key):
+        yield
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened cannot be loaded either: the load says why
+        yield
+        return
+    token = _LOADING.set(_LOADING.get() | {key})
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        # Converting a flock lock drops it first; nothing is read yet, so another save may run meanwhile.
+        while (Path(key) / JOURNAL_NAME).exists():
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                recover_interrupted_save(Path(key))
+            except OSError as err:
+                _warn_unfinished(Path(key), err)
+                break
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        _LOADING.reset(token)
         os.close(fd)
 
 
@@ -236,16 +310,20 @@ def finish_interrupted_save(directory: Path) -> None:
     """Before a load: complete (or undo) a save into `directory` that was killed, so that the generation config
     and tokenizer read next belong to the weights, waiting for a save in progress. A folder the loader may not
     write is left as it is, with a warning."""
-    if not (directory / JOURNAL_NAME).exists():
-        return
+    if not (directory / JOURNAL_NAME).exists() or os.path.realpath(directory) in _LOADING.get():
+        return  # under `load_lock` the journal was dealt with before anything was read
     try:
         with folder_lock(directory):
             recover_interrupted_save(directory)
     except OSError as err:
-        logger.warning(
-            f"{directory} holds an interrupted save that could not be completed ({err.strerror or err}); "
-            "its weights are whole, but its tokenizer and generation config may be the previous save's"
-        )
+        _warn_unfinished(directory, err)
+
+
+def _warn_unfinished(directory: Path, err: OSError) -> None:
+    logger.warning(
+        f"{directory} holds an interrupted save that could not be completed ({err.strerror or err}); "
+        "its weights are whole, but its tokenizer and generation config may be the previous save's"
+    )
 
 
 def current_weights(directory: Path) -> Optional[str]:

@@ -43,13 +43,15 @@ class ConversionOptions:
     moments at a time; the hidden states between blocks stay in memory up to `activation_budget_bytes` and go
     to a temporary folder under `offload_folder` (default: the system's) past it. `resume_folder`: each
     block's fit is saved there as it finishes, and a rerun of the same conversion (model, settings,
-    calibration) reuses the blocks found there (`momos_hf.convert.resume`)."""
+    calibration) reuses the blocks found there (`momos_hf.convert.resume`). `dtype`: the dtype the model is cast
+    to after the conversion; motifs (unless the config sets `motif_dtype`) and scales are made, and checked, in it."""
 
     max_assign_bytes: int = DEFAULT_ASSIGN_BYTES
     sequential: bool = False
     activation_budget_bytes: int = DEFAULT_ACTIVATION_BYTES
     offload_folder: Optional[str] = None
     resume_folder: Optional[str] = None
+    dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         if self.resume_folder is not None and not self.sequential:
@@ -165,14 +167,16 @@ class Converter:
             fit = FIT_METHODS[config.fit](
                 normalised, None if moments is None else [moments[n] for n in group], options
             )
-            dtype = config.torch_motif_dtype or originals[0].dtype
+            dtype = config.torch_motif_dtype or self.options.dtype or originals[0].dtype
             motifs = nn.Parameter((fit.motifs.double() * unit).to(dtype))
-            scales = [None if s is None else nn.Parameter(s.to(dtype)) for s in fit.scales]
-            if not torch.isfinite(motifs).all() or any(s is not None and not torch.isfinite(s).all() for s in scales):
-                raise ValueError(
-                    f"the motifs fitted to {group[0]}{' ...' if len(group) > 1 else ''} overflow {dtype}: "
-                    "its weights are too large for it; set motif_dtype='float32'"
-                )
+            scale_dtype = self.options.dtype or dtype
+            scales = [None if s is None else nn.Parameter(s.to(scale_dtype)) for s in fit.scales]
+            for part, values, part_dtype in (("motifs", [motifs], dtype), ("scales", scales, scale_dtype)):
+                if any(v is not None and not torch.isfinite(v).all() for v in values):
+                    raise ValueError(
+                        f"the {part} fitted to {group[0]}{' ...' if len(group) > 1 else ''} overflow {part_dtype}: "
+                        "its weights are too large for it; keep them in float32"
+                    )
             for name, matrix, mosaic, scale in zip(group, originals, fit.mosaics, scales):
                 approx = reconstruct(
                     motifs.double(), mosaic, matrix.shape[1], None if scale is None else scale.double()

@@ -13,6 +13,8 @@ could not save atomically. `merge_and_unload` and `model.dequantize()` turn it b
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import re
 import tempfile
@@ -23,6 +25,9 @@ from typing import Any, Optional, Union
 import torch
 import transformers
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.auto import modeling_auto  # noqa: F401 (defines the Auto classes wrapped below)
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -30,10 +35,11 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..checkpoint.save import finish_interrupted_save, save_checkpoint
+from ..checkpoint.save import finish_interrupted_save, load_lock, save_checkpoint
 from ..checkpoint.schema import (
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -299,14 +305,26 @@ def merge_layers(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
 
 def mark_momos_model(model: nn.Module, momos_config: MoMosConfig, base_model: str = "") -> None:
     """Make a model whose layers were just converted look like one loaded from a MoMos checkpoint: its
-    config and quantizer say MoMos, and `save_pretrained` writes the compact checkpoint."""
+    config and quantizer say MoMos, and `save_pretrained` writes the compact checkpoint. The label goes on the
+    model's own copy of its config: the caller's config object may build other, dense, models."""
     specs = {name: spec.to_dict() for name, spec in layer_specs(model).items()}
     quantization = MoMosQuantizationConfig(momos_config.to_dict(), specs, base_model=base_model)
+    own_config(model)
     model.config.quantization_config = quantization
     model.hf_quantizer = MoMosHfQuantizer(quantization)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     enable_momos_save(model)
+
+
+def own_config(model: nn.Module) -> None:
+    """Give `model` a copy of its config (sub-configs included), which every submodule then refers to."""
+    copies: dict[int, Any] = {}
+    model.config = copy.deepcopy(model.config, copies)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in copies:
+            module.config = copies[id(config)]
 
 
 def unmark(model: nn.Module) -> None:
@@ -345,7 +363,24 @@ def save_momos_model(
     """`save_pretrained` of a MoMos model: the compact checkpoint (see `momos_hf.checkpoint`), with the
     arguments of `PreTrainedModel.save_pretrained`. `push_to_hub=True` then uploads it (`repo_id`,
     `commit_message`, `revision`, `private`: a new repository is private unless `private=False`) and returns
-    the commit URL."""
+    the commit URL. A model whose MoMos layers were all merged away (LoRA's `merge_and_unload`) is a plain
+    Transformers model: it is unmarked and saved by `PreTrainedModel.save_pretrained`."""
+    if not layer_specs(model):
+        return save_merged_model(
+            model,
+            save_directory,
+            tokenizer,
+            is_main_process=is_main_process,
+            state_dict=state_dict,
+            push_to_hub=push_to_hub,
+            max_shard_size=max_shard_size,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            token=token,
+            save_peft_format=save_peft_format,
+            save_original_format=save_original_format,
+            **hub_kwargs,
+        )
     if not safe_serialization:
         raise ValueError("MoMos checkpoints are safetensors only (safe_serialization=False is not supported)")
     if variant is not None or distributed_checkpoint:
@@ -384,6 +419,22 @@ def save_momos_model(
     )
 
 
+def save_merged_model(
+    model: nn.Module, save_directory: Union[str, os.PathLike], tokenizer: Any = None, **kwargs: Any
+) -> Optional[str]:
+    """Save a model that holds no MoMos layer any more as the plain model it is (no quantization config, so it
+    loads without momos-hf), its tokenizer beside it; a new Hub repository is private unless `private=False`."""
+    if kwargs.get("push_to_hub") and tokenizer is not None:
+        raise ValueError("a merged (dense) model is pushed without its tokenizer: push it with tokenizer.push_to_hub")
+    if kwargs.get("push_to_hub"):
+        kwargs.setdefault("private", True)
+    unmark(model)
+    url = model.save_pretrained(save_directory, **kwargs)
+    if tokenizer is not None and kwargs.get("is_main_process", True):
+        tokenizer.save_pretrained(save_directory)
+    return url
+
+
 def push_momos_model(
     model: nn.Module,
     repo_id: str,
@@ -414,11 +465,37 @@ def push_momos_model(
 
 
 def register() -> None:
-    """Make `from_pretrained` find the MoMos quantizer (idempotent)."""
+    """Make `from_pretrained` find the MoMos quantizer, and make every model and tokenizer `from_pretrained` of a
+    local folder wait for a save into it (idempotent)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(MoMosQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(MoMosHfQuantizer)
+    # Transformers reads config.json before any quantizer hook and generation_config.json after the weights:
+    # only a lock around the whole call keeps them from two different saves.
+    # Each Auto class holds its own copy of `_BaseAutoModelClass.from_pretrained`.
+    owners = (PreTrainedModel, PreTrainedTokenizerBase, transformers.AutoTokenizer, *_subclasses(_BaseAutoModelClass))
+    for owner in owners:
+        load = owner.__dict__.get("from_pretrained")
+        if isinstance(load, classmethod) and not getattr(load.__func__, "_momos_locked", False):
+            owner.from_pretrained = classmethod(_locked_load(load.__func__))
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [sub for direct in cls.__subclasses__() for sub in _subclasses(direct)]
+
+
+def _locked_load(load: Any) -> Any:
+    @functools.wraps(load)
+    def locked(cls, *args: Any, **kwargs: Any) -> Any:
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if not isinstance(path, (str, os.PathLike)):
+            return load(cls, *args, **kwargs)
+        with load_lock(os.path.join(path, kwargs.get("subfolder") or "")):
+            return load(cls, *args, **kwargs)
+
+    locked._momos_locked = True
+    return locked
 
 
 def architecture_class(config: Any) -> type:
