@@ -2,7 +2,8 @@
 
 Description length of one dictionary (the bound of Bakhtiarifard et al., arXiv 2602.14896):
     DL = k * s * b_motif + n_blocks * ceil(log2 k)   bits,
-plus the row scales of the layers that have them and every untouched parameter at its storage width.
+plus the row scales of the layers that have them and every untouched parameter at its storage width
+(`momos_hf.mosaic.description_bits`, the one place the formula lives).
 Complexity figures are measured on the float32 bytes of the converted layers' weights: lossless
 compression ratios (raw bytes / compressed bytes) and BDM over their sign bits (needs `pybdm`).
 """
@@ -23,7 +24,7 @@ import torch
 
 from ..checkpoint.schema import layer_specs
 from ..layer import MoMosLayer, momos_layers
-from ..mosaic import dictionary_bits, index_bits
+from ..mosaic import description_bits
 
 DEFAULT_MAX_BYTES = 4 * 2**20
 
@@ -224,10 +225,7 @@ def complexity_report(
     for name, layer in leaders.items():
         spec = specs[name]
         mosaic_bits, dictionary_bits, scale_bits = spec.description_bits(
-            name,
-            layer.motifs.element_size() * 8,
-            0 if layer.scale is None else _bits(layer.scale) // layer.out_features,
-            layer.motif_bits,
+            name, 0 if layer.scale is None else _bits(layer.scale) // layer.out_features
         )
         layers.append(
             LayerStats(
@@ -244,7 +242,8 @@ def complexity_report(
                 usage_entropy=usage_entropy(layer.mosaic, layer.k),
             )
         )
-    shared_bits = sum(_dictionary_bits(momos[owner]) for owner, count in users.items() if count > 1)
+    shared = [specs[owner] for owner, count in users.items() if count > 1]
+    shared_bits = sum(spec.dictionary.bits(spec.k, spec.s) for spec in shared)
     dictionary = next(iter(leaders.values()))  # constrain_vectors has one dictionary
     vectors = {name: model.get_parameter(name) for name in vector_mosaics}
     for name, mosaic in vector_mosaics.items():
@@ -256,7 +255,7 @@ def complexity_report(
                 blocks=mosaic.numel(),
                 k=dictionary.k,
                 s=dictionary.s,
-                mosaic_bits=mosaic.numel() * index_bits(dictionary.k),
+                mosaic_bits=description_bits(1, vectors[name].numel(), dictionary.k, dictionary.s, None)[0],
                 dictionary_bits=0,
                 scale_bits=0,
                 rel_error=None,
@@ -292,10 +291,6 @@ def _leading_weights(layers: Iterable[MoMosLayer], max_values: Optional[int]) ->
         parts.append(values if max_values is None else values[: max_values - count])
         count += parts[-1].numel()
     return torch.cat(parts)
-
-
-def _dictionary_bits(layer: MoMosLayer) -> int:
-    return dictionary_bits(layer.k, layer.s, layer.motifs.element_size() * 8, layer.motif_bits)
 
 
 def _bits(tensor: torch.Tensor) -> int:
