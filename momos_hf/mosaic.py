@@ -86,9 +86,10 @@ class DictionaryFormat:
         codes, step = motif_grid(motifs, self.q_bits)
         return {"motif_codes": pack_indices(codes, self.q_bits), "motif_step": step.reshape(1)}
 
-    def decode(self, stored: dict[str, torch.Tensor], k: int, s: int) -> torch.Tensor:
-        """`motifs[k, s]` in `dtype` from the tensors `encode` gave; codes beyond the grid, a step that is not a
-        finite number >= 0, and values that are not finite in `dtype` are refused."""
+    def decode(self, stored: dict[str, torch.Tensor], k: int, s: int, fan_in: int = 1) -> torch.Tensor:
+        """`motifs[k, s]` in `dtype` from the tensors `encode` gave. Refused: codes beyond the grid, a step that is
+        not a finite number >= 0, and values that are not finite in `dtype` or whose sum over `fan_in` inputs of
+        magnitude 1 would not be (a row of `fan_in` such weights overflows any product)."""
         if self.q_bits is None:
             motifs = stored["motifs"].to(self.dtype)
         else:
@@ -103,6 +104,9 @@ class DictionaryFormat:
             motifs = grid_values(codes, step, bits).reshape(k, s).to(self.dtype)
         if not torch.isfinite(motifs).all():
             raise ValueError(f"the motifs have values that are not finite in {self.dtype}")
+        largest = float(motifs.abs().amax()) if motifs.numel() else 0.0
+        if largest * fan_in > torch.finfo(self.dtype).max:
+            raise ValueError(f"the motifs reach {largest:.3g}: rows of {fan_in} such weights overflow {self.dtype}")
         return motifs
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from ..packing import unpack_indices
 from .schema import (
     DTYPE_BITS,
     check_signed,
-    config_digest,
     parse_quantization,
     stored_dictionary_formats,
     upgrade_quantization,
@@ -44,10 +43,10 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     if not quantization.get("weights"):
         raise ValueError(f"{directory}: config.json names no weight file")
     files = [checked_file(directory, name) for name in weight_file_names(directory, quantization["weights"])]
-    tensors, location, digest = {}, {}, config_digest(config)
+    tensors, location = {}, {}
     for path in files:
         header = safetensors_header(path)
-        check_signed(header, digest, path.name, quantization["format_version"])
+        check_signed(header, config, path.name)
         tensors.update((k, v) for k, v in header.items() if k != "__metadata__")
         location.update(dict.fromkeys(header, path))
     momos_config = MoMosConfig.from_dict(quantization["momos_config"])
@@ -56,7 +55,9 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     for name, spec in specs.items():  # a q-bit dictionary is a few bytes: decode it, as a load would
         if spec.motifs == name and spec.dictionary.q_bits is not None:
             try:
-                spec.dictionary.decode(_read_tensors(location, name, spec.dictionary.parts), spec.k, spec.s)
+                fan_in = max(other.in_features for other in specs.values() if other.motifs == name)
+                stored = _read_tensors(location, name, spec.dictionary.parts)
+                spec.dictionary.decode(stored, spec.k, spec.s, fan_in)
             except ValueError as err:
                 raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
 
@@ -81,6 +82,7 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
         "dictionaries": sum(spec.motifs == name for name, spec in specs.items()),
         "converted_params": converted,
         "other_params": sum(math.prod(meta["shape"]) for meta in other.values()),
+        "total_params": converted + sum(math.prod(meta["shape"]) for meta in other.values()),
         "other_bytes": sum(nbytes(meta) for meta in other.values()),
         "bits_per_weight": description_bits / converted,
         "description_length_bytes": description_bits / 8,
@@ -148,9 +150,9 @@ def format_info(info: dict[str, Any]) -> str:
             f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, "
             f"fit={settings['fit']}, scale={settings['scale']}"
             + (f", motif_bits={settings['motif_bits']}" if settings.get("motif_bits") else ""),
-            f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), "
-            f"{info['converted_params']:,d} weights; "
-            f"{info['other_params']:,d} other parameters stored as {info['dtype']}",
+            f"parameters           {info['total_params']:,d} ({info['converted_params']:,d} in mosaics, counted as "
+            f"the dense weights they stand for; {info['other_params']:,d} other, stored as {info['dtype']})",
+            f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries)",
             f"bits per weight      {info['bits_per_weight']:.4f} (mosaic, dictionaries and scales)",
             f"MoMos layers on disk {info['momos_bytes_on_disk'] / mib:.3f} MiB = "
             f"{info['momos_bytes_on_disk'] / info['description_length_bytes']:.4f}x their description length",

@@ -104,6 +104,7 @@ def upgrade_quantization(quantization: Any) -> Any:
     layers = quantization.get("layers")
     if isinstance(layers, dict):
         upgraded["layers"] = {name: _upgrade_layer(name, values) for name, values in layers.items()}
+    upgraded.setdefault("base_model", "")
     checksums = quantization.get("checksums")
     if version == 1 and "weights" not in quantization and isinstance(checksums, dict):
         upgraded["weights"] = next(iter(checksums)) if len(checksums) == 1 else f"model{INDEX_SUFFIX}"
@@ -211,14 +212,23 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def check_signed(header: dict[str, Any], digest: str, name: str, version: int = FORMAT_VERSION) -> None:
-    """The weight file `name` (whose safetensors header is `header`) was saved with the config.json whose
-    `config_digest` is `digest`; files of format version 1 carry no digest, and must not (a later save's files
-    under a config.json edited to say version 1)."""
+def check_signed(header: dict[str, Any], config: dict[str, Any], name: str) -> None:
+    """The weight file `name` (whose safetensors header is `header`) was saved with `config` (config.json as read):
+    it carries its `config_digest`. Files of format version 1 carry no digest, and must not (a later save's files
+    under a config.json edited to say version 1); early version 2 saves (before commit d31363c) digested the
+    quantization config alone."""
+    quantization = config["quantization_config"]
+    version = quantization["format_version"]
     signature = header.get("__metadata__", {}).get("momos_config_sha256")
-    if version <= UNSIGNED_VERSION and signature is not None:
-        raise ValueError(f"config.json says format_version {version} but {name} was saved by a later momos-hf")
-    if version > UNSIGNED_VERSION and signature != digest:
+    if version <= UNSIGNED_VERSION:
+        if signature is not None:
+            raise ValueError(f"config.json says format_version {version} but {name} was saved by a later momos-hf")
+        return
+    digests = {config_digest(config)}
+    if version == 2:
+        covered = {key: value for key, value in quantization.items() if key != "checksums"}
+        digests.add(hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest())
+    if signature not in digests:
         raise ValueError(f"config.json is not the one {name} was saved with (edited, or from another save)")
 
 

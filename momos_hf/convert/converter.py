@@ -53,6 +53,9 @@ class ConversionOptions:
             raise ValueError("resume_folder keeps the blocks of a sequential conversion: use sequential=True")
 
 
+VECTOR_MOSAICS = "_momos_vector_mosaics"  # the model attribute holding the mosaics of constrained vectors
+
+
 class Converter:
     """Converts the targets of `model` (in place) under `config`; `modules_to_save` stay dense and trainable.
 
@@ -67,7 +70,8 @@ class Converter:
     ) -> None:
         self.model, self.config, self.options = model, config, options
         self.modules_to_save = list(modules_to_save)
-        self.vector_mosaics: dict[str, torch.Tensor] = {}
+        # Kept on the model too, where `complexity_report` of the model alone finds them.
+        self.vector_mosaics: dict[str, torch.Tensor] = model.__dict__.setdefault(VECTOR_MOSAICS, {})
 
     def convert(self, calibration_data: Optional[Iterable[dict[str, Any]]]) -> dict[MoMosLayer, torch.Tensor]:
         """Fit and swap in every target layer; returns each new layer's original matrix `[out, in]`."""

@@ -151,7 +151,8 @@ class MoMosHfQuantizer(HfQuantizer):
             if layer.motif_bits is not None and spec.motifs == name:
                 stored = {"motif_codes": layer.motif_codes, "motif_step": layer.motif_step}
                 try:
-                    motifs = layer.dictionary_format.decode(stored, spec.k, spec.s)
+                    fan_in = max(other.in_features for other in specs.values() if other.motifs == name)
+                    motifs = layer.dictionary_format.decode(stored, spec.k, spec.s, fan_in)
                 except ValueError as err:
                     raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
                 layer.motifs = nn.Parameter(motifs, requires_grad=layer.motifs.requires_grad)

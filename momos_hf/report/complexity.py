@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.schema import layer_specs
+from ..convert.converter import VECTOR_MOSAICS
 from ..layer import MoMosLayer, momos_layers
 from ..mosaic import description_bits
 
@@ -82,6 +83,12 @@ class ComplexityReport:
         return self.converted_bits / self.converted_params
 
     @property
+    def total_params(self) -> int:
+        """Every parameter, each MoMos matrix (and constrained vector) counted as the dense weights it stands for:
+        the `all params` of `MoMosModel.print_trainable_parameters` and the parameters of `momos-hf info`."""
+        return self.converted_params + self.other_params
+
+    @property
     def total_bits(self) -> int:
         return self.converted_bits + self.other_bits
 
@@ -92,7 +99,7 @@ class ComplexityReport:
             "bits_per_weight": self.bits_per_weight,
             "ratio_vs_fp32": 32 / self.bits_per_weight,
             "ratio_vs_fp16": 16 / self.bits_per_weight,
-            "total_params": self.converted_params + self.other_params,
+            "total_params": self.total_params,
             "total_description_length_bits": self.total_bits,
         }
         layers = [
@@ -123,10 +130,11 @@ class ComplexityReport:
                 )
             lines.append("")
         mib = 8 * 2**20
-        total_params = self.converted_params + self.other_params
+        total_params = self.total_params
         lines += [
-            f"converted layers     {len(self.layers)} ({self.converted_params:,d} weights, "
-            f"{self.converted_params / total_params:.1%} of parameters)",
+            f"parameters           {total_params:,d} ({self.converted_params:,d} in mosaics, counted as the dense "
+            f"weights they stand for; {self.other_params:,d} other)",
+            f"converted layers     {len(self.layers)} ({self.converted_params / total_params:.1%} of parameters)",
             f"bits per weight      {self.bits_per_weight:.4f} (mosaic, dictionaries and scales)",
             f"converted size       {self.converted_bits / mib:.3f} MiB = {32 / self.bits_per_weight:.1f}x smaller "
             f"than fp32, {16 / self.bits_per_weight:.1f}x than fp16",
@@ -212,9 +220,9 @@ def complexity_report(
     layer records). Compressors and BDM read at most `max_bytes` of weights (`None`: all; `0`: skip them),
     rebuilt layer by layer until that much is there.
     """
-    vector_mosaics = getattr(model, "vector_mosaics", {})  # a MoMosModel's 1-D parameters (constrain_vectors)
     if callable(getattr(model, "get_base_model", None)):  # a MoMosModel, or a PEFT model around one
         model = model.get_base_model()
+    vector_mosaics = getattr(model, VECTOR_MOSAICS, {})  # the 1-D parameters under constrain_vectors
     momos = momos_layers(model)
     if not momos:
         raise ValueError(f"{type(model).__name__} has no MoMos layers to report on (convert it with get_momos_model)")
