@@ -283,11 +283,13 @@ def stored_dictionary_formats(
 ) -> dict[str, LayerSpec]:
     """`specs` with each layer's dictionary format: as recorded (format version 3), else the stored motifs' dtype,
     or for q-bit codes float32, the dtype they decode to. Float motifs must be stored in the recorded dtype.
-    `tensors`: the checkpoint's header entries, after `check_momos_tensors`."""
+    `tensors`: the checkpoint's header entries."""
     resolved = {}
     for name, spec in specs.items():
         entry = tensors.get(f"{spec.motifs}.motifs")
-        stored = None if entry is None else SAFETENSORS_DTYPES[entry["dtype"]]
+        stored = None if entry is None else SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if entry is not None and stored is None:
+            raise ValueError(f"MoMos tensor {spec.motifs}.motifs is {entry.get('dtype')}, not a float dtype")
         dictionary = spec.dictionary or DictionaryFormat(stored or torch.float32, config.motif_bits)
         if stored is not None and stored != dictionary.dtype:
             raise ValueError(
