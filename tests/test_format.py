@@ -192,3 +192,12 @@ def test_one_parameter_count_for_print_trainable_parameters_info_and_the_report(
     assert f"parameters           {total:,d} (" in format_info(info) and f"parameters           {total:,d} (" in (
         report.format()
     )
+
+
+def test_float_motifs_stored_in_another_dtype_than_recorded_are_refused(tmp_path):
+    path = fixture_copy(tmp_path, "v3")
+    owner = dictionary_owner(path)
+    rewrite(path, lambda t: t.update({f"{owner}.motifs": t[f"{owner}.motifs"].to(torch.bfloat16)}))
+    for read in (AutoModelForCausalLM.from_pretrained, checkpoint_info):
+        with pytest.raises(ValueError, match=rf"{owner}\.motifs is BF16 but layer .* records float32 motifs"):
+            read(path)
