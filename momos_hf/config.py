@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .fit.methods import FIT_METHODS, NEEDS_INPUT_MOMENTS
+from .mosaic import DictionaryFormat
 
 CONFIG_NAME = "momos_config.json"
 
@@ -182,6 +183,11 @@ class MoMosConfig:
     @property
     def torch_motif_dtype(self) -> Optional[torch.dtype]:
         return None if self.motif_dtype is None else getattr(torch, self.motif_dtype)
+
+    def dictionary_format(self, weight_dtype: torch.dtype) -> DictionaryFormat:
+        """The storage format of a dictionary fitted to weights of `weight_dtype`: motifs in `motif_dtype`
+        (default: the weights' dtype), as q-bit codes under `motif_bits`."""
+        return DictionaryFormat(self.torch_motif_dtype or weight_dtype, self.motif_bits)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

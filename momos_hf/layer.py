@@ -31,7 +31,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .kernels.products import PRODUCTS, select_product
 from .mosaic import (
-    dictionary_bits,
+    DictionaryFormat,
+    description_bits,
     fake_quantize_motifs,
     index_bits,
     index_dtype,
@@ -42,6 +43,7 @@ from .packing import pack_indices, packed_size, unpack_indices
 
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 MAX_K = 2**31 - 1  # mosaics are int32 at most
+OPTIONAL_FIELDS = ("fit_error", "dictionary")  # of LayerSpec: left out of config.json when not known
 
 
 def full_tensor(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -64,7 +66,8 @@ class LayerSpec:
     `kind` names the layer class (`LAYER_TYPES`); `in_features`/`out_features` are the shape of the fitted
     matrix; `motifs` names the layer that stores this one's dictionary (itself, unless shared); `mosaic` the
     layer that stores its mosaic and scale (itself, unless it is tied to another, as an LM head to its input
-    embeddings); `fit_error` is the relative weight error of the fit (absent when unknown)."""
+    embeddings); `fit_error` is the relative weight error of the fit (absent when unknown); `dictionary` is the
+    storage format of its dictionary (`None`: not recorded, as in format versions 1 and 2)."""
 
     kind: str
     in_features: int
@@ -75,6 +78,7 @@ class LayerSpec:
     motifs: str
     mosaic: str
     fit_error: Optional[float] = None
+    dictionary: Optional[DictionaryFormat] = None
 
     @classmethod
     def from_dict(cls, name: str, values: Any) -> "LayerSpec":
@@ -85,7 +89,7 @@ class LayerSpec:
         if not isinstance(values, dict):
             raise ValueError(f"{where} must be an object, got {type(values).__name__}")
         required = {"kind", "in_features", "out_features", "k", "s", "scale", "motifs", "mosaic"}
-        missing, unknown = required - set(values), set(values) - required - {"fit_error"}
+        missing, unknown = required - set(values), set(values) - required - {"fit_error", "dictionary"}
         if missing or unknown:
             raise ValueError(
                 f"{where} lacks {sorted(missing)}" if missing else f"{where} has unknown fields {sorted(unknown)}"
@@ -106,30 +110,35 @@ class LayerSpec:
             not isinstance(error, (int, float)) or isinstance(error, bool) or not math.isfinite(error)
         ):
             raise ValueError(f"{where}.fit_error must be a finite number, got {error!r}")
-        return cls(**values)
+        try:
+            dictionary = None if values.get("dictionary") is None else DictionaryFormat.from_dict(values["dictionary"])
+        except ValueError as err:
+            raise ValueError(f"{where}.dictionary: {err}") from None
+        return cls(**{**values, "dictionary": dictionary})
 
     def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        if self.fit_error is None:
-            del values["fit_error"]
-        return values
+        values = {**asdict(self), "dictionary": None if self.dictionary is None else self.dictionary.to_dict()}
+        return {key: value for key, value in values.items() if value is not None or key not in OPTIONAL_FIELDS}
 
     @property
     def num_blocks(self) -> int:
         return self.out_features * num_blocks_per_row(self.in_features, self.s)
 
-    def description_bits(
-        self, name: str, motif_bits: int, scale_bits: int, quantized_bits: Optional[int] = None
-    ) -> tuple[int, int, int]:
-        """Bits of what layer `name` stores itself (0 for what another layer stores): its mosaic
-        `n_blocks * ceil(log2 k)`, its dictionary (`k * s * b_motif`, see `fitting.dictionary_bits` for q-bit
-        motifs) and its scales `out * b_scale`."""
+    def description_bits(self, name: str, scale_bits: int) -> tuple[int, int, int]:
+        """Bits of what layer `name` stores itself (0 for what another layer stores), by
+        `momos_hf.mosaic.description_bits`: its mosaic, its dictionary (in its recorded format) and its scales
+        of `scale_bits` each."""
         if self.mosaic != name:  # tied to another layer: its mosaic, scales and dictionary are stored there
             return 0, 0, 0
-        return (
-            self.num_blocks * index_bits(self.k),
-            dictionary_bits(self.k, self.s, motif_bits, quantized_bits) if self.motifs == name else 0,
-            self.out_features * scale_bits if self.scale else 0,
+        if self.motifs == name and self.dictionary is None:
+            raise ValueError(f"layer {name!r} records no dictionary format to count its bits by")
+        return description_bits(
+            self.out_features,
+            self.in_features,
+            self.k,
+            self.s,
+            self.dictionary if self.motifs == name else None,
+            scale_bits if self.scale else 0,
         )
 
 
@@ -284,7 +293,13 @@ class MoMosLayer(nn.Module):
             motifs_owner,
             mosaic_owner,
             self.fit_error,
+            self.dictionary_format,
         )
+
+    @property
+    def dictionary_format(self) -> DictionaryFormat:
+        """The storage format of this layer's dictionary: its motifs' dtype, and q bits under `motif_bits`."""
+        return DictionaryFormat(self.motifs.dtype, self.motif_bits)
 
     @torch.no_grad()
     def set_mosaic(self, mosaic: torch.Tensor) -> None:

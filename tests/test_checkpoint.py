@@ -389,9 +389,9 @@ def test_malformed_layer_specs_are_named(saved, spec_edit, message):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda q: q.update(format_version=99), "format_version 99; this momos-hf reads 2: upgrade momos-hf"),
+        (lambda q: q.update(format_version=99), "format_version 99; this momos-hf reads versions 1 to 3: upgrade"),
         (lambda q: q.update(format_version="1"), "format_version must be a positive integer, got '1'"),
-        (lambda q: q.update(format_version=1), "format_version 1, which carries no integrity record"),
+        (lambda q: q.update(format_version=1), "records a dictionary format, which format_version 1 does not have"),
         (lambda q: q.update(layers=[1, 2]), "layers must list at least one MoMos layer"),
         (
             lambda q: q["layers"].update(

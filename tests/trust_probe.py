@@ -304,7 +304,9 @@ BASE_ARCH = {
     "t5": "t5",
     "A": "llama",
     "B": "llama",
+    "qbit": "llama",
 }
+BASE_SETTINGS = {"qbit": dict(motif_bits=4, motif_scope="global")}  # beyond the architecture's SETTINGS
 
 
 def tokenizer_for(name: str):
@@ -323,7 +325,7 @@ def build_bases() -> None:
     (WORK / "base" / "refs").mkdir(parents=True, exist_ok=True)
     for name, arch in BASE_ARCH.items():
         seed = {"A": 1, "B": 2}.get(name, 0)
-        mm = converted(arch, seed)
+        mm = converted(arch, seed, **BASE_SETTINGS.get(name, {}))
         if name in ("A", "B"):
             mm.base_model.generation_config.max_length = {"A": 21, "B": 99}[name]
         mm.save_pretrained(
@@ -1103,7 +1105,7 @@ LOAD_CASES = [  # (name, base, mutation, regex a refusal must match)
     ("qc-quant-method-gptq", "llama", qedit(lambda q: q.update(quant_method="gptq")), r"quant_method|momos|gptq"),
     ("qc-quant-method-removed", "llama", qedit(lambda q: q.pop("quant_method")), r"quant_method"),
     ("qc-format-version-1", "llama", qedit(lambda q: q.update(format_version=1)), r"format_version 1"),
-    ("qc-format-version-3", "llama", qedit(lambda q: q.update(format_version=3)), r"format_version 3.*upgrade"),
+    ("qc-format-version-4", "llama", qedit(lambda q: q.update(format_version=4)), r"format_version 4.*upgrade"),
     ("qc-format-version-string", "llama", qedit(lambda q: q.update(format_version="2")), r"format_version"),
     ("qc-format-version-float", "llama", qedit(lambda q: q.update(format_version=2.0)), r"format_version"),
     ("qc-format-version-bool", "llama", qedit(lambda q: q.update(format_version=True)), r"format_version"),
@@ -1227,6 +1229,24 @@ LOAD_CASES = [  # (name, base, mutation, regex a refusal must match)
         "llama",
         qedit(lambda q: q["momos_config"].update(target_modules=["nowhere"]), forge=True),
         r"target_modules",
+    ),
+    (  # version 1 files carry no digest: a later checkpoint relabelled 1 must not escape the digest check
+        "forged-format-version-1",
+        "llama",
+        qedit(
+            lambda q: (q.update(format_version=1), [spec.pop("dictionary") for spec in q["layers"].values()]),
+            forge=True,
+        ),
+        r"format_version 1 but .* later momos-hf",
+    ),
+    ("forged-qbit-step-huge", "qbit", tedit(lambda t: t[f"{L0}.motif_step"].fill_(1e37)), r"overflow"),
+    ("forged-qbit-step-negative", "qbit", tedit(lambda t: t[f"{L0}.motif_step"].fill_(-0.5)), r"step"),
+    ("forged-qbit-step-nan", "qbit", tedit(lambda t: t[f"{L0}.motif_step"].fill_(float("nan"))), r"step"),
+    (
+        "forged-qbit-bits-contradict",
+        "qbit",
+        qedit(lambda q: [spec["dictionary"].update(q_bits=8) for spec in q["layers"].values()], forge=True),
+        r"bits per motif value|motif_bits",
     ),
     ("forged-drop-motifs", "llama", tedit(lambda t: t.pop(f"{L0}.motifs")), rf"{L0}\.motifs"),
     ("forged-drop-mosaic", "llama", tedit(lambda t: t.pop(f"{L0}.mosaic_packed")), rf"{L0}\.mosaic_packed"),

@@ -5,14 +5,21 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import torch
 from safetensors import safe_open
 
+from ..config import MoMosConfig
 from ..mosaic import index_bits, num_blocks_per_row, reconstruct
 from ..packing import unpack_indices
-from .schema import DTYPE_BITS, check_signed, config_digest, parse_quantization, q_bit_dictionary
+from .schema import (
+    DTYPE_BITS,
+    check_signed,
+    parse_quantization,
+    stored_dictionary_formats,
+    upgrade_quantization,
+)
 from .verify import (
     check_momos_tensors,
     checked_file,
@@ -31,18 +38,28 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     """
     directory = Path(directory)
     config = read_checkpoint_config(directory)
-    quantization = config["quantization_config"]
+    quantization = upgrade_quantization(config["quantization_config"])
     specs = parse_quantization(quantization)
     if not quantization.get("weights"):
         raise ValueError(f"{directory}: config.json names no weight file")
     files = [checked_file(directory, name) for name in weight_file_names(directory, quantization["weights"])]
-    tensors, digest = {}, config_digest(config)
+    tensors, location = {}, {}
     for path in files:
         header = safetensors_header(path)
-        check_signed(header, digest, path.name)
+        check_signed(header, config, path.name)
         tensors.update((k, v) for k, v in header.items() if k != "__metadata__")
-    motif_bits = quantization["momos_config"].get("motif_bits")
-    check_momos_tensors(tensors, specs, motif_bits)
+        location.update(dict.fromkeys(header, path))
+    momos_config = MoMosConfig.from_dict(quantization["momos_config"])
+    check_momos_tensors(tensors, specs, momos_config.motif_bits)
+    specs = stored_dictionary_formats(specs, momos_config, tensors)
+    for name, spec in specs.items():  # a q-bit dictionary is a few bytes: decode it, as a load would
+        if spec.motifs == name and spec.dictionary.q_bits is not None:
+            try:
+                fan_in = max(other.in_features for other in specs.values() if other.motifs == name)
+                stored = _read_tensors(location, name, spec.dictionary.parts)
+                spec.dictionary.decode(stored, spec.k, spec.s, fan_in)
+            except ValueError as err:
+                raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
 
     def nbytes(meta: dict) -> int:
         return meta["data_offsets"][1] - meta["data_offsets"][0]
@@ -51,20 +68,21 @@ def checkpoint_info(directory: Union[str, os.PathLike]) -> dict[str, Any]:
     momos_names = {f"{n}.{part}" for n in specs for part in parts} & set(tensors)
     description_bits = 0
     for name, spec in specs.items():
-        value_bits = motif_bits or DTYPE_BITS[tensors[f"{spec.motifs}.motifs"]["dtype"]]
         scale_bits = DTYPE_BITS[tensors[f"{spec.mosaic}.scale"]["dtype"]] if spec.scale else 0
-        description_bits += sum(spec.description_bits(name, value_bits, scale_bits, motif_bits))
+        description_bits += sum(spec.description_bits(name, scale_bits))
     converted = sum(spec.out_features * spec.in_features for name, spec in specs.items() if spec.mosaic == name)
     other = {name: meta for name, meta in tensors.items() if name not in momos_names}
     return {
         "base_model": quantization.get("base_model", ""),
         "architecture": (config.get("architectures") or ["?"])[0],
         "momos_config": quantization["momos_config"],
+        "format_version": quantization["format_version"],
         "dtype": config.get("dtype"),
         "layers": len(specs),
         "dictionaries": sum(spec.motifs == name for name, spec in specs.items()),
         "converted_params": converted,
         "other_params": sum(math.prod(meta["shape"]) for meta in other.values()),
+        "total_params": converted + sum(math.prod(meta["shape"]) for meta in other.values()),
         "other_bytes": sum(nbytes(meta) for meta in other.values()),
         "bits_per_weight": description_bits / converted,
         "description_length_bytes": description_bits / 8,
@@ -81,32 +99,26 @@ def read_leading_weights(directory: Union[str, os.PathLike], max_values: int) ->
     """The first `max_values` values of a checkpoint's MoMos matrices (layer order, float32), rebuilt from
     the motif and packed mosaic tensors of as many layers as that takes: no model is built."""
     directory = Path(directory)
-    quantization = read_checkpoint_config(directory)["quantization_config"]
-    specs = parse_quantization(quantization)
-    motif_bits = quantization["momos_config"].get("motif_bits")
-    location = {}
+    quantization = upgrade_quantization(read_checkpoint_config(directory)["quantization_config"])
+    tensors, location = {}, {}
     for name in weight_file_names(directory, quantization["weights"]):
-        location.update(dict.fromkeys(safetensors_header(checked_file(directory, name)), directory / name))
-
-    def tensor(key: str) -> torch.Tensor:
-        with safe_open(location[key], "pt") as f:
-            return f.get_tensor(key)
-
+        header = safetensors_header(checked_file(directory, name))
+        tensors.update((k, v) for k, v in header.items() if k != "__metadata__")
+        location.update(dict.fromkeys(header, directory / name))
+    specs = stored_dictionary_formats(
+        parse_quantization(quantization), MoMosConfig.from_dict(quantization["momos_config"]), tensors
+    )
     parts, count = [], 0
     for name, spec in specs.items():
         if count >= max_values:
             break
         if spec.mosaic != name:  # a tied layer's matrix is its leader's
             continue
-        mosaic = unpack_indices(tensor(f"{name}.mosaic_packed"), index_bits(spec.k), spec.num_blocks)
-        scale = tensor(f"{name}.scale").float() if spec.scale else None
-        motifs = (
-            tensor(f"{spec.motifs}.motifs").float()
-            if motif_bits is None
-            else q_bit_dictionary(
-                tensor(f"{spec.motifs}.motif_codes"), tensor(f"{spec.motifs}.motif_step"), motif_bits, spec.k, spec.s
-            )
-        )
+        stored = _read_tensors(location, name, ("mosaic_packed",) + (("scale",) if spec.scale else ()))
+        mosaic = unpack_indices(stored["mosaic_packed"], index_bits(spec.k), spec.num_blocks)
+        scale = stored["scale"].float() if spec.scale else None
+        stored = _read_tensors(location, spec.motifs, spec.dictionary.parts)
+        motifs = spec.dictionary.decode(stored, spec.k, spec.s).float()
         matrix = reconstruct(
             motifs,
             mosaic.reshape(spec.out_features, num_blocks_per_row(spec.in_features, spec.s)),
@@ -116,6 +128,15 @@ def read_leading_weights(directory: Union[str, os.PathLike], max_values: int) ->
         parts.append(matrix.flatten()[: max_values - count])
         count += parts[-1].numel()
     return torch.cat(parts)
+
+
+def _read_tensors(location: dict[str, Path], layer: str, parts: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors `layer.part` of a checkpoint, by part, from the files `location` maps their names to."""
+    stored = {}
+    for part in parts:
+        with safe_open(location[f"{layer}.{part}"], "pt") as f:
+            stored[part] = f.get_tensor(f"{layer}.{part}")
+    return stored
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -129,9 +150,9 @@ def format_info(info: dict[str, Any]) -> str:
             f"MoMos settings       k={k}, s={settings['s']}, scope={settings['motif_scope']}, "
             f"fit={settings['fit']}, scale={settings['scale']}"
             + (f", motif_bits={settings['motif_bits']}" if settings.get("motif_bits") else ""),
-            f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries), "
-            f"{info['converted_params']:,d} weights; "
-            f"{info['other_params']:,d} other parameters stored as {info['dtype']}",
+            f"parameters           {info['total_params']:,d} ({info['converted_params']:,d} in mosaics, counted as "
+            f"the dense weights they stand for; {info['other_params']:,d} other, stored as {info['dtype']})",
+            f"MoMos layers         {info['layers']} ({info['dictionaries']} dictionaries)",
             f"bits per weight      {info['bits_per_weight']:.4f} (mosaic, dictionaries and scales)",
             f"MoMos layers on disk {info['momos_bytes_on_disk'] / mib:.3f} MiB = "
             f"{info['momos_bytes_on_disk'] / info['description_length_bytes']:.4f}x their description length",

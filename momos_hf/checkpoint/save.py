@@ -21,8 +21,6 @@ from transformers.utils import logging
 
 from ..config import MoMosConfig
 from ..layer import LayerSpec
-from ..mosaic import motif_grid
-from ..packing import pack_indices
 from .schema import (
     FORMAT_VERSION,
     INDEX_SUFFIX,
@@ -133,18 +131,14 @@ def save_checkpoint(
 
 
 def store_q_bit_dictionaries(state: dict[str, torch.Tensor], specs: dict[str, LayerSpec], config: MoMosConfig) -> None:
-    """Replace each dictionary's `motifs` in `state` by its q-bit form, `motif_codes` and `motif_step` (as
-    forward uses it: motif 0 zero under `zero_motif`), when the config has `motif_bits`."""
-    if config.motif_bits is None:
-        return
+    """Replace each q-bit dictionary's `motifs` in `state` by what its format stores, `motif_codes` and
+    `motif_step` (as forward uses it: motif 0 zero under `zero_motif`)."""
     for name, spec in specs.items():
-        if spec.motifs == name:
-            motifs = state.pop(f"{name}.motifs").float()
+        if spec.motifs == name and spec.dictionary.q_bits is not None:
+            motifs = state.pop(f"{name}.motifs").float().clone()  # not the model's own motifs, zeroed below
             if config.zero_motif:
                 motifs[0] = 0.0
-            codes, step = motif_grid(motifs, config.motif_bits)
-            state[f"{name}.motif_codes"] = pack_indices(codes, config.motif_bits)
-            state[f"{name}.motif_step"] = step.reshape(1)
+            state.update({f"{name}.{part}": tensor for part, tensor in spec.dictionary.encode(motifs).items()})
 
 
 def plan_weight_files(

@@ -1,20 +1,29 @@
 """Compact MoMos checkpoints on disk: the format, a save that never loses anything, and the checks a load
 makes before any weight is used.
 
-Format (version 2). A checkpoint folder holds:
+Format (version 3). A checkpoint folder holds:
 - `config.json`: the model's config, its `dtype` (storage dtype of the untouched weights), and a
   `quantization_config` with `quant_method: "momos"`, `format_version`, `momos_config`, one `LayerSpec` per
-  MoMos layer, `weights` (the weight file, or the index of the shards) and `checksums` (sha256 of every
-  weight file and of the index). Its top-level `transformers_weights` holds `LOAD_MARKER`: Transformers reads
-  that key as the name of the weight file, so without `import momos_hf` a plain `from_pretrained` stops with
-  an error saying what to install instead of loading random weights; the MoMos quantizer points it at
-  `weights`.
+  MoMos layer (with its dictionary's storage format, `momos_hf.mosaic.DictionaryFormat`), `weights` (the weight
+  file, or the index of the shards) and `checksums` (sha256 of every weight file and of the index). Its top-level
+  `transformers_weights` holds `LOAD_MARKER`: Transformers reads that key as the name of the weight file, so
+  without `import momos_hf` a plain `from_pretrained` stops with an error saying what to install instead of
+  loading random weights; the MoMos quantizer points it at `weights`.
 - `model.safetensors` (or shards `model-0000i-of-0000n.safetensors` and their index
   `model.safetensors.index.json`; saved over an earlier checkpoint, `model-momos-<id>...`): each layer's `motifs`
   (once per dictionary), `mosaic_packed` and `scale`, and every other weight. With q-bit motifs (`motif_bits`) a
   dictionary is stored as `motif_codes` (its values' grid codes, packed at q bits each) and `motif_step` (the grid's
-  float32 step). Every file's metadata carries the sha256 of the quantization config, so an edited config.json is
-  caught as surely as an edited weight file. Safetensors only: nothing is ever unpickled.
+  float32 step), decoded at load into motifs of the recorded dtype. Every file's metadata carries the sha256 of the
+  quantization config, so an edited config.json is caught as surely as an edited weight file. Safetensors only:
+  nothing is ever unpickled.
+
+Earlier versions, all still read (`upgrade_quantization` maps their fields onto today's):
+- 1 (commit 6bfc96e): sha256 of each weight file, but no `weights` entry (`model.safetensors`), no config digest in
+  the files' metadata, no load marker; layers marked `conv1d: true/false` instead of a `kind`, no `mosaic` (no tied
+  layers); `momos_config` named the fit `init` and held `max_assign_bytes`.
+- 2 (commit 33f4807): today's layout without a recorded dictionary format; from commit 913cd9d it may hold q-bit
+  dictionaries (`motif_codes`, `motif_step`), which decode to float32 motifs.
+- 3: the dictionary format recorded per layer; q-bit dictionaries load in the recorded dtype.
 
 Saving. `config.json` is the commit point. New weight files take Transformers' usual names where the folder has none
 of them (a new folder, as for Trainer's checkpoints), else fresh ones, so they never overwrite those the current
@@ -27,6 +36,7 @@ never moved or deleted, and a folder holding another kind of model is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,11 +48,11 @@ from torch import nn
 
 from ..config import MoMosConfig
 from ..layer import LayerSpec, momos_layers
-from ..mosaic import grid_values
-from ..packing import unpack_indices
+from ..mosaic import DictionaryFormat
 
 QUANT_METHOD = "momos"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+UNSIGNED_VERSION = 1  # the last version whose weight files carry no config digest
 LOAD_MARKER = (
     "this is a MoMos checkpoint: run `pip install momos-hf`, then `import momos_hf` before "
     "from_pretrained (transformers_weights is not a file name here)"
@@ -80,11 +90,41 @@ def layer_specs(model: nn.Module) -> dict[str, LayerSpec]:
     }
 
 
+def upgrade_quantization(quantization: Any) -> Any:
+    """A `quantization_config` of format version 1 or 2 in today's fields (see the versions above); any other
+    value is returned as it is, for `parse_quantization` to judge."""
+    version = quantization.get("format_version") if isinstance(quantization, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < FORMAT_VERSION:
+        return quantization
+    upgraded = dict(quantization)
+    momos_config = quantization.get("momos_config")
+    if isinstance(momos_config, dict) and "init" in momos_config:
+        renamed = {("fit" if key == "init" else key): value for key, value in momos_config.items()}
+        upgraded["momos_config"] = {key: value for key, value in renamed.items() if key != "max_assign_bytes"}
+    layers = quantization.get("layers")
+    if isinstance(layers, dict):
+        upgraded["layers"] = {name: _upgrade_layer(name, values) for name, values in layers.items()}
+    upgraded.setdefault("base_model", "")
+    checksums = quantization.get("checksums")
+    if version == 1 and "weights" not in quantization and isinstance(checksums, dict):
+        upgraded["weights"] = next(iter(checksums)) if len(checksums) == 1 else f"model{INDEX_SUFFIX}"
+    return upgraded
+
+
+def _upgrade_layer(name: str, values: Any) -> Any:
+    if not isinstance(values, dict) or "conv1d" not in values:
+        return values
+    conv1d = values["conv1d"]
+    kind = ("conv1d" if conv1d else "linear") if isinstance(conv1d, bool) else conv1d
+    return {"kind": kind, "mosaic": name, **{key: value for key, value in values.items() if key != "conv1d"}}
+
+
 def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
-    """Validate a `quantization_config` dict against the format before anything is built from it; returns
-    its layer specs. Every error names the field."""
+    """Validate a `quantization_config` dict (of any format version this library reads) against the format before
+    anything is built from it; returns its layer specs. Every error names the field."""
     if not isinstance(quantization, dict):
         raise ValueError(f"quantization_config must be an object, got {type(quantization).__name__}")
+    quantization = upgrade_quantization(quantization)
     unknown = set(quantization) - QUANTIZATION_FIELDS
     if unknown:
         raise ValueError(f"quantization_config has unknown fields {sorted(unknown)}")
@@ -97,13 +137,8 @@ def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
         raise ValueError(f"quantization_config.format_version must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"this checkpoint uses momos format_version {version}; this momos-hf reads {FORMAT_VERSION}: upgrade "
-            "momos-hf"
-        )
-    if version < FORMAT_VERSION:
-        raise ValueError(
-            f"this checkpoint uses momos format_version {version}, which carries no integrity record; "
-            f"this momos-hf reads {FORMAT_VERSION}: load it with momos-hf 0.1 and save it again"
+            f"this checkpoint uses momos format_version {version}; this momos-hf reads versions 1 to "
+            f"{FORMAT_VERSION}: upgrade momos-hf"
         )
     if not isinstance(quantization.get("base_model", ""), str):
         raise ValueError("quantization_config.base_model must be a string")
@@ -115,6 +150,17 @@ def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
         raise ValueError("quantization_config.layers must list at least one MoMos layer")
     specs = {name: LayerSpec.from_dict(name, values) for name, values in layers.items()}
     for name, spec in specs.items():
+        recorded = spec.dictionary is not None
+        if recorded != (version >= 3):
+            raise ValueError(
+                f"layer {name!r} {'records' if recorded else 'lacks'} a dictionary format, which format_version "
+                f"{version} {'does not have' if recorded else 'requires'}"
+            )
+        if recorded and spec.dictionary.q_bits != config.motif_bits:
+            raise ValueError(
+                f"layer {name!r} records {spec.dictionary.q_bits} bits per motif value but momos_config has "
+                f"motif_bits={config.motif_bits}"
+            )
         if spec.s != config.s or (config.k is not None and spec.k != config.k) or spec.scale != config.scale:
             raise ValueError(
                 f"layer {name!r} (k={spec.k}, s={spec.s}, scale={spec.scale}) contradicts momos_config "
@@ -131,6 +177,8 @@ def parse_quantization(quantization: Any) -> dict[str, LayerSpec]:
         leader = specs.get(spec.mosaic)
         if leader is None or leader.mosaic != spec.mosaic:
             raise ValueError(f"layer {name!r} is tied to {spec.mosaic!r}, which does not store a mosaic")
+        if owner.dictionary != spec.dictionary:
+            raise ValueError(f"layer {name!r} records another dictionary format than its dictionary {spec.motifs!r}")
         same = ("in_features", "out_features", "k", "s", "scale", "motifs")
         if spec.mosaic != name and any(getattr(spec, f) != getattr(leader, f) for f in same):
             raise ValueError(
@@ -164,10 +212,23 @@ def config_digest(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def check_signed(header: dict[str, Any], digest: str, name: str) -> None:
-    """The weight file `name` (whose safetensors header is `header`) was saved with the config.json whose
-    `config_digest` is `digest`."""
-    if header.get("__metadata__", {}).get("momos_config_sha256") != digest:
+def check_signed(header: dict[str, Any], config: dict[str, Any], name: str) -> None:
+    """The weight file `name` (whose safetensors header is `header`) was saved with `config` (config.json as read):
+    it carries its `config_digest`. Files of format version 1 carry no digest, and must not (a later save's files
+    under a config.json edited to say version 1); early version 2 saves (before commit d31363c) digested the
+    quantization config alone."""
+    quantization = config["quantization_config"]
+    version = quantization["format_version"]
+    signature = header.get("__metadata__", {}).get("momos_config_sha256")
+    if version <= UNSIGNED_VERSION:
+        if signature is not None:
+            raise ValueError(f"config.json says format_version {version} but {name} was saved by a later momos-hf")
+        return
+    digests = {config_digest(config)}
+    if version == 2:
+        covered = {key: value for key, value in quantization.items() if key != "checksums"}
+        digests.add(hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest())
+    if signature not in digests:
         raise ValueError(f"config.json is not the one {name} was saved with (edited, or from another save)")
 
 
@@ -217,17 +278,26 @@ def storage_dtype(state: dict[str, torch.Tensor], specs: dict[str, LayerSpec]) -
     return str(next(t for t in state.values() if t.is_floating_point()).dtype).removeprefix("torch.")
 
 
-def q_bit_dictionary(codes: torch.Tensor, step: torch.Tensor, bits: int, k: int, s: int) -> torch.Tensor:
-    """The float32 `motifs[k, s]` of a stored q-bit dictionary; codes beyond the grid or a step that is not a
-    finite number >= 0 are refused."""
-    values = unpack_indices(codes, bits, k * s)
-    if len(values) and values.max() > 2**bits - 2:
-        raise ValueError(
-            f"motif codes reach {int(values.max())}, beyond the {2**bits - 1} levels of a {bits}-bit grid"
-        )
-    if step.numel() != 1 or not torch.isfinite(step).all() or step.item() < 0:
-        raise ValueError(f"the motif grid step is {step.tolist()}, not a finite number >= 0")
-    return grid_values(values, step, bits).reshape(k, s)
+def stored_dictionary_formats(
+    specs: dict[str, LayerSpec], config: MoMosConfig, tensors: dict[str, dict]
+) -> dict[str, LayerSpec]:
+    """`specs` with each layer's dictionary format: as recorded (format version 3), else the stored motifs' dtype,
+    or for q-bit codes float32, the dtype they decode to. Float motifs must be stored in the recorded dtype.
+    `tensors`: the checkpoint's header entries."""
+    resolved = {}
+    for name, spec in specs.items():
+        entry = tensors.get(f"{spec.motifs}.motifs")
+        stored = None if entry is None else SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if entry is not None and stored is None:
+            raise ValueError(f"MoMos tensor {spec.motifs}.motifs is {entry.get('dtype')}, not a float dtype")
+        dictionary = spec.dictionary or DictionaryFormat(stored or torch.float32, config.motif_bits)
+        if stored is not None and stored != dictionary.dtype:
+            raise ValueError(
+                f"MoMos tensor {spec.motifs}.motifs is {entry['dtype']} but layer {name!r} records "
+                f"{dictionary.to_dict()['dtype']} motifs"
+            )
+        resolved[name] = dataclasses.replace(spec, dictionary=dictionary)
+    return resolved
 
 
 def sha256_of(path: Union[str, os.PathLike], sync: bool = False) -> str:

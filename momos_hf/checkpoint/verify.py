@@ -19,10 +19,10 @@ from .schema import (
     INDEX_SUFFIX,
     QUANT_METHOD,
     check_signed,
-    config_digest,
     parse_quantization,
     plain_file_name,
     sha256_of,
+    upgrade_quantization,
 )
 
 
@@ -134,7 +134,7 @@ def verify_checkpoint(directory: Union[str, os.PathLike], config: dict[str, Any]
     right dtypes and shapes. `config` is the folder's config.json as read. Returns the header entry of every
     tensor."""
     directory = Path(directory)
-    quantization = config.get("quantization_config")
+    quantization = upgrade_quantization(config.get("quantization_config"))
     specs = parse_quantization(quantization)
     checksums, weights = quantization.get("checksums"), quantization.get("weights")
     if not checksums or not weights:
@@ -150,7 +150,6 @@ def verify_checkpoint(directory: Union[str, os.PathLike], config: dict[str, Any]
         raise ValueError(
             f"{weights} is corrupted: its sha256 differs from the one recorded in config.json at save time"
         )
-    digest = config_digest(config)
     tensors: dict[str, dict] = {}
     for name in files:
         path = checked_file(directory, name)
@@ -159,7 +158,7 @@ def verify_checkpoint(directory: Union[str, os.PathLike], config: dict[str, Any]
             raise ValueError(
                 f"{name} is corrupted: its sha256 differs from the one recorded in config.json at save time"
             )
-        check_signed(header, digest, name)
+        check_signed(header, config, name)
         tensors.update((key, value) for key, value in header.items() if key != "__metadata__")
     check_momos_tensors(tensors, specs, quantization["momos_config"].get("motif_bits"))
     return tensors

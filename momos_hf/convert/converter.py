@@ -22,7 +22,7 @@ from ..config import MoMosConfig
 from ..fit.methods import FIT_METHODS, NEEDS_INPUT_MOMENTS, FitResult
 from ..fit.weight_space import FitOptions
 from ..layer import MoMosLayer, assign_, layer_class_for, replace_with_momos
-from ..mosaic import dictionary_bits, index_bits, num_blocks_per_row, quantize_motifs, reconstruct, relative_error
+from ..mosaic import description_bits, num_blocks_per_row, quantize_motifs, reconstruct, relative_error
 from .calibration import ActivationStore, block_by_block, input_moments
 from .resume import BlockResults, conversion_key
 from .targets import block_stack, drop_momos_ties, find_targets, tie_groups
@@ -58,6 +58,9 @@ class ConversionOptions:
             raise ValueError("resume_folder keeps the blocks of a sequential conversion: use sequential=True")
 
 
+VECTOR_MOSAICS = "_momos_vector_mosaics"  # the model attribute holding the mosaics of constrained vectors
+
+
 class Converter:
     """Converts the targets of `model` (in place) under `config`; `modules_to_save` stay dense and trainable.
 
@@ -72,7 +75,8 @@ class Converter:
     ) -> None:
         self.model, self.config, self.options = model, config, options
         self.modules_to_save = list(modules_to_save)
-        self.vector_mosaics: dict[str, torch.Tensor] = {}
+        # Kept on the model too, where `complexity_report` of the model alone finds them.
+        self.vector_mosaics: dict[str, torch.Tensor] = model.__dict__.setdefault(VECTOR_MOSAICS, {})
 
     def convert(self, calibration_data: Optional[Iterable[dict[str, Any]]]) -> dict[MoMosLayer, torch.Tensor]:
         """Fit and swap in every target layer; returns each new layer's original matrix `[out, in]`."""
@@ -327,15 +331,12 @@ class Converter:
         config = self.config
         for group in self._groups(list(matrices)):
             k = self._num_motifs(group, matrices)
-            value_bits = torch.finfo(config.torch_motif_dtype or matrices[group[0]].dtype).bits
+            dictionary = config.dictionary_format(matrices[group[0]].dtype)
+            scale_bits = torch.finfo(dictionary.dtype).bits if config.scale else 0
             dense = sum(matrices[n].numel() * matrices[n].element_size() * 8 for n in group)
-            momos = dictionary_bits(k, config.s, value_bits, config.motif_bits) + sum(
-                matrices[n].shape[0]
-                * (
-                    num_blocks_per_row(matrices[n].shape[1], config.s) * index_bits(k)
-                    + (value_bits if config.scale else 0)
-                )
-                for n in group
+            momos = sum(  # the dictionary is counted with the group's first matrix
+                sum(description_bits(*matrices[n].shape, k, config.s, None if i else dictionary, scale_bits))
+                for i, n in enumerate(group)
             )
             if momos > dense:
                 raise ValueError(

@@ -46,7 +46,8 @@ from ..checkpoint.schema import (
     SAFETENSORS_DTYPES,
     layer_specs,
     parse_quantization,
-    q_bit_dictionary,
+    stored_dictionary_formats,
+    upgrade_quantization,
 )
 from ..checkpoint.verify import (
     checkpoint_folder,
@@ -95,6 +96,7 @@ class MoMosQuantizationConfig(QuantizationConfigMixin):
         self.weights = weights
         self.checksums = checksums
         parse_quantization(self.to_dict())
+        self.__dict__.update(upgrade_quantization(self.to_dict()))  # an older version's fields as today's
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in super().to_dict().items() if value is not None}
@@ -131,7 +133,7 @@ class MoMosHfQuantizer(HfQuantizer):
         directory = checkpoint_folder(getattr(model.config, "name_or_path", None), checkpoint_files)
         finish_interrupted_save(directory)  # the generation config and tokenizer, read next, then match the weights
         saved = read_checkpoint_config(directory)
-        if saved["quantization_config"] != config.to_dict():
+        if upgrade_quantization(saved["quantization_config"]) != config.to_dict():
             raise ValueError(
                 f"the config given to from_pretrained describes other MoMos layers than {directory}/config.json"
             )
@@ -150,17 +152,16 @@ class MoMosHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         specs = self.quantization_config.specs
-        bits = self.quantization_config.config.motif_bits
-        for name, spec in specs.items():  # q-bit dictionaries: the float motifs from their codes and step
+        for name, spec in specs.items():  # q-bit dictionaries: the motifs from their codes and step
             layer = model.get_submodule(name)
-            if bits is not None and spec.motifs == name:
+            if layer.motif_bits is not None and spec.motifs == name:
+                stored = {"motif_codes": layer.motif_codes, "motif_step": layer.motif_step}
                 try:
-                    motifs = q_bit_dictionary(layer.motif_codes, layer.motif_step.float(), bits, spec.k, spec.s)
+                    fan_in = max(other.in_features for other in specs.values() if other.motifs == name)
+                    motifs = layer.dictionary_format.decode(stored, spec.k, spec.s, fan_in)
                 except ValueError as err:
                     raise ValueError(f"corrupted MoMos checkpoint: layer {name}: {err}") from err
-                layer.motifs = nn.Parameter(
-                    motifs.to(layer.motif_codes.device, layer.motifs.dtype), requires_grad=layer.motifs.requires_grad
-                )
+                layer.motifs = nn.Parameter(motifs, requires_grad=layer.motifs.requires_grad)
                 del layer.motif_codes, layer.motif_step
         for name, spec in specs.items():  # the loader fills each name separately: share the owner's again
             layer = model.get_submodule(name)
@@ -215,6 +216,7 @@ def build_skeleton(
     device of the module it replaces, usually meta), its motifs and scale in the dtypes they are stored in
     (`tensors`: the checkpoint's header entries), sharing dictionaries as recorded; tied layers are tied
     once their leader's mosaic is loaded."""
+    specs = stored_dictionary_formats(specs, momos_config, tensors)
     motifs: dict[str, nn.Parameter] = {}
     for name, spec in sorted(specs.items(), key=lambda item: item[1].mosaic != item[0]):  # leaders first
         try:
@@ -236,13 +238,8 @@ def build_skeleton(
                 f"config builds it as {expected[0]}x{expected[1]}: the checkpoint and its config.json disagree"
             )
         device = cls.matrix_of(module).device
-        if spec.motifs not in motifs:  # q-bit motifs are in the configured dtype, else the weights' (as converted)
-            dtype = (
-                momos_config.torch_motif_dtype or cls.matrix_of(module).dtype
-                if momos_config.motif_bits is not None
-                else SAFETENSORS_DTYPES[tensors[f"{spec.motifs}.motifs"]["dtype"]]
-            )
-            motifs[spec.motifs] = nn.Parameter(torch.empty(spec.k, spec.s, device=device, dtype=dtype))
+        if spec.motifs not in motifs:  # in the dtype they were saved in, whatever dtype the model loads in
+            motifs[spec.motifs] = nn.Parameter(torch.empty(spec.k, spec.s, device=device, dtype=spec.dictionary.dtype))
         mosaic = torch.empty(spec.out_features, num_blocks_per_row(spec.in_features, spec.s), device=device)
         scale = None
         if spec.scale and spec.mosaic == name:
@@ -257,12 +254,12 @@ def build_skeleton(
             mosaic=mosaic,
             scale=scale,
             zero_motif=momos_config.zero_motif,
-            motif_bits=momos_config.motif_bits,
+            motif_bits=spec.dictionary.q_bits,
         )
-        if momos_config.motif_bits is not None and spec.motifs == name:  # what the loader fills, decoded after it
+        if spec.dictionary.q_bits is not None and spec.motifs == name:  # what the loader fills, decoded after it
             layer.register_buffer(
                 "motif_codes",
-                torch.empty(packed_size(spec.k * spec.s, momos_config.motif_bits), dtype=torch.uint8, device=device),
+                torch.empty(packed_size(spec.k * spec.s, spec.dictionary.q_bits), dtype=torch.uint8, device=device),
             )
             layer.register_buffer("motif_step", torch.empty(1, dtype=torch.float32, device=device))
     drop_momos_ties(model)

@@ -2,7 +2,8 @@
 
 Description length of one dictionary (the bound of Bakhtiarifard et al., arXiv 2602.14896):
     DL = k * s * b_motif + n_blocks * ceil(log2 k)   bits,
-plus the row scales of the layers that have them and every untouched parameter at its storage width.
+plus the row scales of the layers that have them and every untouched parameter at its storage width
+(`momos_hf.mosaic.description_bits`, the one place the formula lives).
 Complexity figures are measured on the float32 bytes of the converted layers' weights: lossless
 compression ratios (raw bytes / compressed bytes) and BDM over their sign bits (needs `pybdm`).
 """
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from ..checkpoint.schema import layer_specs
+from ..convert.converter import VECTOR_MOSAICS
 from ..layer import MoMosLayer, momos_layers
-from ..mosaic import dictionary_bits, index_bits
+from ..mosaic import description_bits
 
 DEFAULT_MAX_BYTES = 4 * 2**20
 
@@ -81,6 +83,12 @@ class ComplexityReport:
         return self.converted_bits / self.converted_params
 
     @property
+    def total_params(self) -> int:
+        """Every parameter, each MoMos matrix (and constrained vector) counted as the dense weights it stands for:
+        the `all params` of `MoMosModel.print_trainable_parameters` and the parameters of `momos-hf info`."""
+        return self.converted_params + self.other_params
+
+    @property
     def total_bits(self) -> int:
         return self.converted_bits + self.other_bits
 
@@ -91,7 +99,7 @@ class ComplexityReport:
             "bits_per_weight": self.bits_per_weight,
             "ratio_vs_fp32": 32 / self.bits_per_weight,
             "ratio_vs_fp16": 16 / self.bits_per_weight,
-            "total_params": self.converted_params + self.other_params,
+            "total_params": self.total_params,
             "total_description_length_bits": self.total_bits,
         }
         layers = [
@@ -122,10 +130,11 @@ class ComplexityReport:
                 )
             lines.append("")
         mib = 8 * 2**20
-        total_params = self.converted_params + self.other_params
+        total_params = self.total_params
         lines += [
-            f"converted layers     {len(self.layers)} ({self.converted_params:,d} weights, "
-            f"{self.converted_params / total_params:.1%} of parameters)",
+            f"parameters           {total_params:,d} ({self.converted_params:,d} in mosaics, counted as the dense "
+            f"weights they stand for; {self.other_params:,d} other)",
+            f"converted layers     {len(self.layers)} ({self.converted_params / total_params:.1%} of parameters)",
             f"bits per weight      {self.bits_per_weight:.4f} (mosaic, dictionaries and scales)",
             f"converted size       {self.converted_bits / mib:.3f} MiB = {32 / self.bits_per_weight:.1f}x smaller "
             f"than fp32, {16 / self.bits_per_weight:.1f}x than fp16",
@@ -211,9 +220,9 @@ def complexity_report(
     layer records). Compressors and BDM read at most `max_bytes` of weights (`None`: all; `0`: skip them),
     rebuilt layer by layer until that much is there.
     """
-    vector_mosaics = getattr(model, "vector_mosaics", {})  # a MoMosModel's 1-D parameters (constrain_vectors)
     if callable(getattr(model, "get_base_model", None)):  # a MoMosModel, or a PEFT model around one
         model = model.get_base_model()
+    vector_mosaics = getattr(model, VECTOR_MOSAICS, {})  # the 1-D parameters under constrain_vectors
     momos = momos_layers(model)
     if not momos:
         raise ValueError(f"{type(model).__name__} has no MoMos layers to report on (convert it with get_momos_model)")
@@ -224,10 +233,7 @@ def complexity_report(
     for name, layer in leaders.items():
         spec = specs[name]
         mosaic_bits, dictionary_bits, scale_bits = spec.description_bits(
-            name,
-            layer.motifs.element_size() * 8,
-            0 if layer.scale is None else _bits(layer.scale) // layer.out_features,
-            layer.motif_bits,
+            name, 0 if layer.scale is None else _bits(layer.scale) // layer.out_features
         )
         layers.append(
             LayerStats(
@@ -244,7 +250,8 @@ def complexity_report(
                 usage_entropy=usage_entropy(layer.mosaic, layer.k),
             )
         )
-    shared_bits = sum(_dictionary_bits(momos[owner]) for owner, count in users.items() if count > 1)
+    shared = [specs[owner] for owner, count in users.items() if count > 1]
+    shared_bits = sum(spec.dictionary.bits(spec.k, spec.s) for spec in shared)
     dictionary = next(iter(leaders.values()))  # constrain_vectors has one dictionary
     vectors = {name: model.get_parameter(name) for name in vector_mosaics}
     for name, mosaic in vector_mosaics.items():
@@ -256,7 +263,7 @@ def complexity_report(
                 blocks=mosaic.numel(),
                 k=dictionary.k,
                 s=dictionary.s,
-                mosaic_bits=mosaic.numel() * index_bits(dictionary.k),
+                mosaic_bits=description_bits(1, vectors[name].numel(), dictionary.k, dictionary.s, None)[0],
                 dictionary_bits=0,
                 scale_bits=0,
                 rel_error=None,
@@ -292,10 +299,6 @@ def _leading_weights(layers: Iterable[MoMosLayer], max_values: Optional[int]) ->
         parts.append(values if max_values is None else values[: max_values - count])
         count += parts[-1].numel()
     return torch.cat(parts)
-
-
-def _dictionary_bits(layer: MoMosLayer) -> int:
-    return dictionary_bits(layer.k, layer.s, layer.motifs.element_size() * 8, layer.motif_bits)
 
 
 def _bits(tensor: torch.Tensor) -> int:
