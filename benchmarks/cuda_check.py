@@ -98,7 +98,9 @@ def time_fit(device: str) -> tuple[float, float]:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("cuda_check.py: error: no CUDA device here (it checks the GPU paths; run it on a GPU machine)")
+        raise SystemExit(
+            "cuda_check.py: error: no CUDA device here (it checks the GPU paths; run it on a GPU machine)"
+        )
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for dtype in (torch.float32, torch.bfloat16):
         check_model(dtype)

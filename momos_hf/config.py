@@ -14,6 +14,8 @@ import torch
 from .fit.methods import FIT_METHODS, NEEDS_INPUT_MOMENTS
 from .mosaic import DictionaryFormat
 
+__all__ = ["FITS", "MOTIF_DTYPES", "SCOPES", "TRAIN_MODES", "MoMosConfig"]
+
 CONFIG_NAME = "momos_config.json"
 
 FITS = tuple(FIT_METHODS)

@@ -132,8 +132,8 @@ class MoMosModel(nn.Module):
             if dtype is not None:
                 cast_parameters(model, dtype, config.torch_motif_dtype)
         if self.momos_config.train_mode != "motifs":
-            self._enable_latents(originals)
-        self._mark_trainable()
+            _enable_latents(self.momos_layers().values(), self.momos_config.train_mode, originals)
+        _mark_trainable(model, self.momos_config.train_mode, self.modules_to_save)
 
     @property
     def fit_errors(self) -> dict[str, float]:
@@ -323,32 +323,6 @@ class MoMosModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    # -- plumbing ----------------------------------------------------------------------------------
-
-    def _enable_latents(self, originals: dict[MoMosLayer, torch.Tensor]) -> None:
-        """Latent weights for `projected`/`ste`, starting from the dense weights where known; a tied layer
-        shares its leader's."""
-        layers = self.momos_layers().values()
-        for layer in layers:
-            if layer.latent is None and layer.leader is None:
-                layer.enable_latent(self.momos_config.train_mode, originals.get(layer))
-        for layer in layers:
-            if layer.leader is not None:
-                layer.latent, layer.train_mode = layer.leader.latent, layer.leader.train_mode
-
-    def _mark_trainable(self) -> None:
-        """`motifs` mode: motifs, scales and modules_to_save train. `projected`/`ste`: every parameter
-        trains except motifs and scales, which projections refit."""
-        latent_mode = self.momos_config.train_mode != "motifs"
-        for param in self.base_model.parameters():
-            param.requires_grad_(latent_mode)
-        for layer in self.momos_layers().values():
-            layer.motifs.requires_grad_(not latent_mode)
-            if layer.scale is not None:
-                layer.scale.requires_grad_(not latent_mode)
-        for name in self.modules_to_save:
-            self.base_model.get_submodule(name).requires_grad_(True)
-
 
 def get_momos_model(
     model: nn.Module,
@@ -407,3 +381,29 @@ def _check_same_fit(recorded: MoMosConfig, requested: MoMosConfig) -> None:
             f"({', '.join(f'{f}={a!r}, not {b!r}' for f, (a, b) in changed.items())}); "
             "converting twice would mislabel them: convert the dense model instead"
         )
+
+
+def _enable_latents(layers: Iterable[MoMosLayer], train_mode: str, originals: dict[MoMosLayer, torch.Tensor]) -> None:
+    """Latent weights for `projected`/`ste`, starting from the dense weights where known; a tied layer shares
+    its leader's."""
+    layers = list(layers)
+    for layer in layers:
+        if layer.latent is None and layer.leader is None:
+            layer.enable_latent(train_mode, originals.get(layer))
+    for layer in layers:
+        if layer.leader is not None:
+            layer.latent, layer.train_mode = layer.leader.latent, layer.leader.train_mode
+
+
+def _mark_trainable(model: nn.Module, train_mode: str, modules_to_save: list[str]) -> None:
+    """`motifs` mode: motifs, scales and modules_to_save train. `projected`/`ste`: every parameter trains except
+    motifs and scales, which projections refit."""
+    latent_mode = train_mode != "motifs"
+    for param in model.parameters():
+        param.requires_grad_(latent_mode)
+    for layer in momos_layers(model).values():
+        layer.motifs.requires_grad_(not latent_mode)
+        if layer.scale is not None:
+            layer.scale.requires_grad_(not latent_mode)
+    for name in modules_to_save:
+        model.get_submodule(name).requires_grad_(True)

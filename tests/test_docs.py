@@ -13,7 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAIN_JOB = 'python -c "import torch" 2>/dev/null || pip install torch==2.13.0; pip install -e . && momos-hf'
-TESTS = 'python -c "import torch" 2>/dev/null || pip install torch==2.13.0; pip install -e ".[test]" && python -m pytest'
+TESTS = (
+    'python -c "import torch" 2>/dev/null || pip install torch==2.13.0; pip install -e ".[test]" && python -m pytest'
+)
 README_MAX_LINES = 250
 
 
@@ -32,8 +34,9 @@ def load_hooks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path, code", EXAMPLES,
-                         ids=[f"{path.relative_to(ROOT)}:{i}" for i, (path, _) in enumerate(EXAMPLES)])
+@pytest.mark.parametrize(
+    "path, code", EXAMPLES, ids=[f"{path.relative_to(ROOT)}:{i}" for i, (path, _) in enumerate(EXAMPLES)]
+)
 def test_example_runs(path, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples write checkpoints to relative paths
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

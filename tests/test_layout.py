@@ -32,8 +32,16 @@ def test_recipes_import_only_public_names(recipe):
 
 
 def test_every_public_name_resolves():
-    for module in ("momos_hf", "momos_hf.app", "momos_hf.checkpoint", "momos_hf.convert", "momos_hf.fit",
-                   "momos_hf.metrics", "momos_hf.report", "momos_hf.train"):
+    for module in (
+        "momos_hf",
+        "momos_hf.app",
+        "momos_hf.checkpoint",
+        "momos_hf.convert",
+        "momos_hf.fit",
+        "momos_hf.metrics",
+        "momos_hf.report",
+        "momos_hf.train",
+    ):
         loaded = importlib.import_module(module)
         for name in loaded.__all__:
             assert getattr(loaded, name) is not None, f"{module}.{name}"
