@@ -37,10 +37,18 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
 
 from momos_hf import ComplexityTracker, MoMosConfig, complexity_report, get_lora_model, get_momos_model, momos_layers
-from momos_hf.app import OneLineParser, byte_tokenizer, load_text_datasets, tiny_llama, tokenize_and_group
+from momos_hf.app import (
+    OneLineParser,
+    add_token_arguments,
+    byte_tokenizer,
+    load_text_datasets,
+    tiny_llama,
+    tokenize_and_group,
+)
 from momos_hf.checkpoint import sha256_of
 from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fit import NEEDS_INPUT_MOMENTS
+from momos_hf.integrations.hub import push_folder, read_token_file
 from momos_hf.metrics import load_metric, token_losses
 from momos_hf.report import is_generated_card, render_card
 from momos_hf.train import (
@@ -152,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--push_to_hub", action="store_true", help="upload the checkpoint, tokenizer and card at the end"
     )
     train.add_argument("--hub_model_id")
-    train.add_argument("--hub_token", help="never logged or written anywhere")
+    add_token_arguments(train, "--hub_token")
     train.add_argument(
         "--hub_public",
         action="store_true",
@@ -188,6 +196,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --model_name_or_path or --model_config, not both")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
+    if args.hub_token_file and not args.push_to_hub:
+        p.error("--hub_token_file is used with --push_to_hub only")
+    if args.hub_token_file:
+        try:
+            read_token_file(args.hub_token_file)  # checked now, not after training; read again to push
+        except ValueError as err:
+            p.error(str(err))
     if args.push_to_hub and (args.train_mode == "dense" or args.lora_r):
         p.error("--push_to_hub publishes MoMos checkpoints; upload a dense run or an adapter with `hf upload`")
     if args.lora_r and not args.model_name_or_path:
@@ -506,13 +521,11 @@ def main(argv=None) -> dict:
             if not readme.exists() or is_generated_card(readme):  # a README of the user's is kept
                 readme.write_text(render_card(args.output_dir, args.hub_model_id, results=metrics), encoding="utf-8")
             if args.push_to_hub:
-                from momos_hf.integrations.hub import push_folder
-
                 push_folder(
                     args.output_dir,
                     args.hub_model_id,
                     private=not args.hub_public,
-                    token=args.hub_token,
+                    token=read_token_file(args.hub_token_file) if args.hub_token_file else None,
                     commit_message=f"MoMos training, step {step}",
                 )
     accelerator.wait_for_everyone()

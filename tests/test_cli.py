@@ -102,10 +102,13 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
             "argument --calibration_samples: must be >= 1",
         ),
         (["report", "--max_bytes", "-5"], "argument --max_bytes: must be >= 0, got -5"),
+        (["push", "x", "me/x", "--token", "hf_X"], "--token takes no value on the command line"),
+        (["push", "x", "me/x", "--token_file", "/nope/token"], "token file /nope/token: No such file"),
     ],
 )
 def test_argument_errors_are_one_line_too(argv, message, capsys):
-    assert message in fails(argv, capsys)
+    err = fails(argv, capsys)
+    assert message in err and "hf_X" not in err  # a refused token is never repeated
 
 
 def test_version_and_defaults_in_help(capsys):

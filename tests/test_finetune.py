@@ -436,6 +436,7 @@ def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_
 def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
     from hub_server import HubServer
 
+    (text_files / "token.txt").write_text("hf_SECRET42\n")
     with HubServer() as hub:
         run = run_recipe(
             text_files,
@@ -458,15 +459,17 @@ def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
             "--push_to_hub",
             "--hub_model_id",
             "me/run",
-            "--hub_token",
-            "hf_SECRET42",
+            "--hub_token_file",
+            "token.txt",
             env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(text_files / "hf")},
         )
         out, err = finish(run)
         assert run.returncode == 0, err[-3000:]
+        assert "hf_SECRET42" not in out + err
         files = hub.state.repos["me/run"]
         assert hub.state.private["me/run"] and set(hub.state.tokens_seen) == {"hf_SECRET42"}
     written = [p for p in (text_files / "out").rglob("*") if p.is_file()]
+    assert (text_files / "token.txt").read_text() == "hf_SECRET42\n"
     assert any("events" in p.name for p in written)  # the tracker wrote its logs...
     assert not [p for p in written if b"hf_SECRET42" in p.read_bytes()]  # ...and no file holds the token
     weights = json.loads(files["config.json"])["quantization_config"]["weights"]
@@ -480,3 +483,63 @@ def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
         "tokenizer_config.json",
     }
     assert not any(b"hf_SECRET42" in data for data in files.values())
+
+
+@pytest.mark.parametrize("argv", [["--hub_token", "hf_SECRET42"], ["--hub_token=hf_SECRET42"], ["--hub_token"]])
+def test_a_token_on_the_command_line_is_refused_without_repeating_it(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(["--push_to_hub", "--hub_model_id", "me/x", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "hf_SECRET42" not in err
+    assert "--hub_token takes no value on the command line" in err and "HF_TOKEN" in err and "--hub_token_file" in err
+
+
+def test_token_files_are_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "two").write_text("hf_a hf_b\n")
+    for name, message in (
+        ("missing", "token file .*missing: No such file"),
+        ("empty", "token file .*empty does not hold one token"),
+        ("two", "token file .*two does not hold one token"),
+    ):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--push_to_hub", "--hub_model_id", "me/x", "--hub_token_file", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1 and "hf_a" not in err
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--hub_token_file", str(tmp_path / "two")])
+    assert "--hub_token_file is used with --push_to_hub only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_failed_accelerate_launch_prints_no_token(tmp_path):
+    """Accelerate prints a failed child's whole command line: with the token in a file, that line holds a path."""
+    (tmp_path / "token.txt").write_text("hf_SECRET42")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(RECIPE),
+            "--train_file",
+            "missing.txt",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/x",
+            "--hub_token_file",
+            "token.txt",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert done.returncode != 0 and "missing.txt is not a file" in done.stderr
+    assert "hf_SECRET42" not in done.stdout + done.stderr

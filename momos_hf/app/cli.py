@@ -9,7 +9,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
@@ -19,7 +19,7 @@ from ..checkpoint.info import checkpoint_info, format_info
 from ..config import FITS, SCOPES, MoMosConfig
 from ..convert.converter import DEFAULT_ACTIVATION_BYTES
 from ..fit.methods import NEEDS_INPUT_MOMENTS
-from ..integrations.hub import push_folder
+from ..integrations.hub import push_folder, read_token_file
 from ..integrations.quantizer import architecture_class
 from ..model import get_momos_model
 from ..report.complexity import complexity_report
@@ -36,6 +36,34 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog.split()[0]}: error: {message} (see --help)\n")
+
+
+class _RefuseSecretValue(argparse.Action):
+    """A token flag that refuses any value: a secret on the command line is shown whole by process lists and by
+    launchers (`accelerate launch` prints a failed child's command line). It names the ways that keep it
+    private, and never repeats the value."""
+
+    def __init__(self, option_strings: list[str], dest: str, file_flag: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.file_flag = file_flag
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(
+            f"{option_string} takes no value on the command line, where process lists and launchers show it: "
+            f"set HF_TOKEN, log in with `hf auth login`, or give {self.file_flag} PATH (a file holding the token)"
+        )
+
+
+def add_token_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
+    """`FLAG_file PATH` for a Hub token kept in a file, and `FLAG` itself refusing a literal token."""
+    file_flag = f"{flag}_file"
+    parser.add_argument(
+        file_flag,
+        default=None,
+        help="file holding the Hub token (default: HF_TOKEN, else the login of `hf auth login`); "
+        "tokens are never taken on the command line",
+    )
+    parser.add_argument(flag, action=_RefuseSecretValue, file_flag=file_flag, dest=f"refused_{flag.lstrip('-')}")
 
 
 def positive_int(text: str) -> int:
@@ -252,7 +280,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         args.directory,
         args.repo_id,
         private=not args.public,
-        token=args.token,
+        token=read_token_file(args.token_file) if args.token_file else None,
         revision=args.revision,
         commit_message=args.commit_message,
     )
@@ -321,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("directory", help="MoMos checkpoint folder")
     push.add_argument("repo_id", help="repository, as owner/name")
     push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
-    push.add_argument("--token", default=None, help="Hub token (default: the one huggingface_hub finds)")
+    add_token_arguments(push, "--token")
     push.add_argument("--revision", default=None, help="branch to commit to (created if needed)")
     push.add_argument("--commit_message", default="Upload MoMos model", help="commit message")
     push.set_defaults(func=cmd_push)
