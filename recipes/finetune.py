@@ -10,8 +10,10 @@ Trains in one of the `MoMosConfig.train_mode`s (`motifs`, `projected`, `ste`) or
 baseline), optionally distilling from the dense starting model, evaluates validation loss and perplexity,
 logs them with bits per weight and complexity figures, and writes the compact MoMos checkpoint with a model
 card holding the evaluation results. With `--lora_r` it trains LoRA adapters on a MoMos checkpoint instead
-(`momos_hf.integrations.lora`; the base stays frozen and compact) and writes the adapter alone, with PEFT's card naming
-the base checkpoint. Where no GPU exists it runs on CPU processes (gloo), so
+(`momos_hf.integrations.lora`; the base stays frozen and compact) and writes the adapter alone, with a card naming
+the base checkpoint and how to load the adapter onto it. --output_dir is a new or empty folder, or the output of an
+earlier run of the same kind (a README or notes of yours in it are kept). Where no GPU exists it runs on CPU
+processes (gloo), so
 `accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py` gives two real ranks.
 """
 
@@ -27,6 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -48,7 +51,7 @@ from momos_hf.app import (
 from momos_hf.checkpoint import sha256_of
 from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fit import NEEDS_INPUT_MOMENTS
-from momos_hf.integrations.hub import push_folder, read_token_file
+from momos_hf.integrations.hub import UPLOADABLE, push_folder, read_token_file
 from momos_hf.metrics import load_metric, token_losses
 from momos_hf.report import is_generated_card, render_card
 from momos_hf.train import (
@@ -60,6 +63,9 @@ from momos_hf.train import (
 )
 
 STEP_FILE = "momos_step.json"
+# What a run writes into --output_dir besides step_N folders and a README (a user's README is kept).
+RUN_FILES = (UPLOADABLE - {"README.md"}) | {"config.json", "adapter_config.json", "complexity.json"}
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -214,6 +220,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_kind(args: argparse.Namespace) -> str:
+    return "LoRA" if args.lora_r else ("dense" if args.train_mode == "dense" else "MoMos")
+
+
+def finished_run_kind(folder: Path) -> Optional[str]:
+    """The kind of the finished run of this recipe whose output `folder` holds (None: none)."""
+    if not (folder / "eval_results.json").is_file():
+        return None
+    if (folder / "adapter_config.json").is_file():
+        return "LoRA"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return "MoMos" if isinstance(quantization, dict) and quantization.get("quant_method") == "momos" else "dense"
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --output_dir whose files the run would overwrite, unless it holds a finished run
+    of the same kind (a rerun). Files a run does not write (a README, notes) are kept as they are."""
+    folder, kind = Path(args.output_dir), run_kind(args)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output_dir {folder} is a file, not a folder")
+    if args.model_name_or_path and folder.resolve() == Path(args.model_name_or_path).resolve():
+        raise ValueError(f"--output_dir {folder} is the --model_name_or_path folder: give a folder of its own")
+    if not folder.is_dir():
+        return
+    clashes = sorted(p.name for p in folder.iterdir() if p.name in RUN_FILES or p.name.endswith(WEIGHT_SUFFIXES))
+    if clashes and finished_run_kind(folder) != kind:
+        raise ValueError(
+            f"--output_dir {folder} holds files a {kind} run would overwrite ({', '.join(clashes[:4])}) and is not "
+            f"the output of a finished {kind} run of this recipe: give a new or empty folder"
+        )
+
+
 def load_model_and_tokenizer(args: argparse.Namespace):
     if args.tokenizer_name or args.model_name_or_path:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
@@ -319,6 +361,7 @@ def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_output_dir(args)
     # Without a GPU, Accelerate must be told to use the CPU, or each launched process silently runs alone.
     # The data order is a function of (seed, epoch), so a resumed run sees the batches the interrupted one would have.
     accelerator = Accelerator(
@@ -509,7 +552,7 @@ def main(argv=None) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         if momos_mode:
             unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer, state_dict=state_dict)
-        elif args.lora_r:  # the adapter alone (PEFT's files and card, which names the base checkpoint)
+        elif args.lora_r:  # the adapter alone, with a card naming the base checkpoint and how to load it
             unwrapped.save_pretrained(args.output_dir)
             tokenizer.save_pretrained(args.output_dir)
         else:

@@ -543,3 +543,46 @@ def test_a_failed_accelerate_launch_prints_no_token(tmp_path):
     )
     assert done.returncode != 0 and "missing.txt is not a file" in done.stderr
     assert "hf_SECRET42" not in done.stdout + done.stderr
+
+
+def test_lora_output_keeps_user_files_reruns_and_refuses_foreign_folders(text_files, monkeypatch):
+    from momos_hf import load_lora
+
+    monkeypatch.chdir(text_files)
+    common = ["--train_file", "train.txt", "--block_size", "64", "--max_eval_samples", "8", "--k", "64"]
+    finetune.main([*common, "--max_steps", "2", "--output_dir", "base"])
+    adapter = text_files / "adapter"
+    adapter.mkdir()
+    (adapter / "README.md").write_bytes(b"# my adapter notes\n")
+    (adapter / "notes.txt").write_bytes(b"mine")
+    lora = [*common, "--model_name_or_path", "base", "--lora_r", "4", "--max_steps", "2"]
+    finetune.main([*lora, "--output_dir", "adapter"])
+    finetune.main([*lora, "--output_dir", "adapter"])  # a rerun into its own output
+    assert (adapter / "README.md").read_bytes() == b"# my adapter notes\n"
+    assert (adapter / "notes.txt").read_bytes() == b"mine"
+    model = load_lora(AutoModelForCausalLM.from_pretrained("base"), adapter)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+    def never_loaded(args):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(finetune, "load_model_and_tokenizer", never_loaded)
+    with pytest.raises(ValueError, match="--output_dir base is the --model_name_or_path folder"):
+        finetune.main([*lora, "--output_dir", "base"])
+    with pytest.raises(ValueError, match="holds files a MoMos run would overwrite .*adapter_config.json"):
+        finetune.main([*common, "--max_steps", "2", "--output_dir", "adapter"])
+    (text_files / "mine").mkdir()
+    (text_files / "mine" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds files a LoRA run would overwrite \(tokenizer.json\)"):
+        finetune.main([*lora, "--output_dir", "mine"])
+    assert (text_files / "mine" / "tokenizer.json").read_text() == "{}"
+
+
+def test_an_adapter_card_says_what_the_base_is_and_how_to_load_it(text_files, monkeypatch):
+    monkeypatch.chdir(text_files)
+    common = ["--train_file", "train.txt", "--block_size", "64", "--max_eval_samples", "8", "--k", "64"]
+    finetune.main([*common, "--max_steps", "2", "--output_dir", "base"])
+    finetune.main([*common, "--model_name_or_path", "base", "--lora_r", "4", "--max_steps", "1", "--output_dir", "a"])
+    card = (text_files / "a" / "README.md").read_text()
+    assert "from momos_hf import load_lora" in card and "`base`" in card and "LlamaForCausalLM" in card
+    assert 'AutoModelForCausalLM.from_pretrained("base")' in card and "[More Information Needed]" not in card

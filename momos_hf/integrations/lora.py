@@ -18,6 +18,7 @@ MoMos form (a low-rank update does not map onto the motifs); `merge_lora` offers
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 
 from ..layer import MoMosLayer, assign_, momos_layers
 from ..mosaic import relative_error
+from ..report.card import CARD_MARKER, HUB_ID, is_generated_card, load_class_for
 
 __all__ = ["MoMosLoraLinear", "get_lora_model", "load_lora", "merge_lora"]
 
@@ -143,6 +145,43 @@ def _with_momos_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
     return config
 
 
+def write_adapter_card(folder: Union[str, os.PathLike], base_model: str, architecture: str) -> None:
+    """README.md of an adapter folder: what the MoMos base is and how to load the adapter onto it (PEFT's own card
+    is a blank template, and plain `PeftModel.from_pretrained` does not know MoMos layers). A README that momos-hf
+    did not write is the user's and is kept byte for byte."""
+    readme = Path(folder) / "README.md"
+    if readme.exists() and not is_generated_card(readme):
+        return
+    base_is_hub_id = bool(HUB_ID.match(base_model)) and not Path(base_model).exists()
+    metadata = f"base_model: {base_model}\n" if base_is_hub_id else ""
+    load_class = load_class_for(architecture)
+    readme.write_text(
+        f"---\nlibrary_name: peft\n{metadata}tags:\n- momos\n- mosaic-of-motifs\n- lora\n---\n\n"
+        f"# LoRA adapter on a MoMos base\n\n"
+        f"LoRA adapters (PEFT) trained on the frozen Mosaic-of-Motifs checkpoint `{base_model}` "
+        f"({architecture}). This folder holds the adapters only: load the MoMos base, then the adapter onto it "
+        f"with momos-hf, which tells PEFT how to adapt MoMos layers:\n\n"
+        f"```python\nfrom transformers import {load_class}\nfrom momos_hf import load_lora\n\n"
+        f'base = {load_class}.from_pretrained("{base_model}")\n'
+        f'model = load_lora(base, "PATH_OR_REPO_OF_THIS_ADAPTER")\n```\n\n'
+        f'`momos_hf.merge_lora(model, into="dense")` merges exactly into dense layers; `into="motifs"` keeps the '
+        f"compact form and reports the error of refitting the motifs.\n\n<!-- {CARD_MARKER} -->\n",
+        encoding="utf-8",
+    )
+
+
+def _with_momos_card(model: PeftModel) -> PeftModel:
+    """`model`, whose `save_pretrained` writes `write_adapter_card` instead of PEFT's blank card."""
+
+    def card(output_dir: str) -> None:
+        config = model.peft_config[model.active_adapter]
+        architecture = (model.get_base_model().config.architectures or [type(model.get_base_model()).__name__])[0]
+        write_adapter_card(output_dir, config.base_model_name_or_path or "the MoMos checkpoint", architecture)
+
+    model.create_or_update_model_card = card
+    return model
+
+
 def _base_of(model: nn.Module) -> nn.Module:
     """A `MoMosModel` from `get_momos_model` adapts its Transformers model; anything else adapts itself."""
     from ..model import MoMosModel
@@ -156,7 +195,9 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     model = _base_of(model)
     if not momos_layers(model):
         raise ValueError("the model has no MoMos layers: use peft.get_peft_model for a dense model")
-    return get_peft_model(model, _with_momos_layers(config, model), adapter_name=adapter_name, **kwargs)
+    return _with_momos_card(
+        get_peft_model(model, _with_momos_layers(config, model), adapter_name=adapter_name, **kwargs)
+    )
 
 
 def load_lora(
@@ -165,8 +206,10 @@ def load_lora(
     """`PeftModel.from_pretrained` of an adapter saved from `get_lora_model` onto a freshly loaded MoMos base."""
     model = _base_of(model)
     config = LoraConfig.from_pretrained(adapter, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
-    return PeftModel.from_pretrained(
-        model, adapter, adapter_name=adapter_name, config=_with_momos_layers(config, model), **kwargs
+    return _with_momos_card(
+        PeftModel.from_pretrained(
+            model, adapter, adapter_name=adapter_name, config=_with_momos_layers(config, model), **kwargs
+        )
     )
 
 
