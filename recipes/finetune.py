@@ -37,7 +37,14 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import LoraConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    SchedulerType,
+    default_data_collator,
+    get_scheduler,
+)
 
 from momos_hf import ComplexityTracker, MoMosConfig, complexity_report, get_lora_model, get_momos_model, momos_layers
 from momos_hf.app import (
@@ -48,6 +55,7 @@ from momos_hf.app import (
     tiny_llama,
     tokenize_and_group,
 )
+from momos_hf.app.cli import motif_bits_int, non_negative_int, number_in, positive_int, seed_int
 from momos_hf.checkpoint import sha256_of
 from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fit import NEEDS_INPUT_MOMENTS
@@ -81,25 +89,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--dataset_config_name")
     data.add_argument("--train_file", help=".txt, .json/.jsonl or .csv")
     data.add_argument("--validation_file")
-    data.add_argument("--validation_split_percentage", type=int, default=10)
+    data.add_argument("--validation_split_percentage", type=number_in(int, 1, 99, name="percentage"), default=10)
     data.add_argument("--text_column")
-    data.add_argument("--block_size", type=int, default=128, help="tokens per training example")
-    data.add_argument("--max_train_samples", type=int, help="use only the first N training blocks")
-    data.add_argument("--max_eval_samples", type=int, help="evaluate on the first N validation blocks only")
-    data.add_argument("--preprocessing_num_workers", type=int)
+    data.add_argument("--block_size", type=positive_int, default=128, help="tokens per training example")
+    data.add_argument("--max_train_samples", type=positive_int, help="use only the first N training blocks")
+    data.add_argument("--max_eval_samples", type=positive_int, help="evaluate on the first N validation blocks only")
+    data.add_argument("--preprocessing_num_workers", type=number_in(int, 1, 256, name="workers"))
     momos = p.add_argument_group("MoMos")
-    momos.add_argument("--k", type=int, default=256)
-    momos.add_argument("--s", type=int, default=16)
+    momos.add_argument("--k", type=positive_int, default=256)
+    momos.add_argument("--s", type=positive_int, default=16)
     momos.add_argument("--motif_scope", choices=SCOPES, default="layer")
     momos.add_argument(
         "--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fit.methods)"
     )
     momos.add_argument("--scale", action="store_true")
     momos.add_argument(
-        "--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
+        "--motif_bits", type=motif_bits_int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
     )
     momos.add_argument(
-        "--calibration_batches", type=int, default=16, help="training batches whose inputs calibrate --fit data-aware"
+        "--calibration_batches",
+        type=positive_int,
+        default=16,
+        help="training batches whose inputs calibrate --fit data-aware",
     )
     momos.add_argument(
         "--train_mode",
@@ -109,21 +120,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     momos.add_argument(
         "--project_every",
-        type=int,
+        type=non_negative_int,
         default=50,
         help="optimizer steps between projections in projected/ste modes (0: each epoch end, as the paper)",
     )
     momos.add_argument("--modules_to_save", nargs="*", default=None, help="dense modules trained in `motifs` mode")
     momos.add_argument("--distill", action="store_true", help="distil from the dense starting model")
     momos.add_argument(
-        "--distill_alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on the LM loss)"
+        "--distill_alpha",
+        type=number_in(float, 0, 1),
+        default=0.5,
+        help="weight of the KL term (1 - alpha on the LM loss)",
     )
-    momos.add_argument("--distill_temperature", type=float, default=2.0)
-    momos.add_argument("--distill_hidden_weight", type=float, default=0.0, help="weight of a hidden-state MSE term")
+    momos.add_argument("--distill_temperature", type=number_in(float, 0, 100, low_open=True), default=2.0)
+    momos.add_argument(
+        "--distill_hidden_weight",
+        type=number_in(float, 0, 1000),
+        default=0.0,
+        help="weight of a hidden-state MSE term",
+    )
     lora = p.add_argument_group("LoRA adapters on a MoMos checkpoint (--model_name_or_path)")
-    lora.add_argument("--lora_r", type=int, help="train LoRA adapters of this rank; the MoMos base stays frozen")
-    lora.add_argument("--lora_alpha", type=float, help="LoRA scaling numerator (default: 2 * --lora_r)")
-    lora.add_argument("--lora_dropout", type=float, default=0.05)
+    lora.add_argument(
+        "--lora_r",
+        type=number_in(int, 1, 4096, name="lora_r"),
+        help="train LoRA adapters of this rank; the MoMos base stays frozen",
+    )
+    lora.add_argument(
+        "--lora_alpha",
+        type=number_in(float, 0, 65536, low_open=True),
+        help="LoRA scaling numerator (default: 2 * --lora_r)",
+    )
+    lora.add_argument("--lora_dropout", type=number_in(float, 0, 1, high_open=True), default=0.05)
     lora.add_argument(
         "--lora_target_modules",
         nargs="+",
@@ -131,36 +158,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="module names, or all-linear (every MoMos matrix layer and dense linear layer, not the head)",
     )
     train = p.add_argument_group("training")
-    train.add_argument("--per_device_train_batch_size", type=int, default=8)
-    train.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=1e-3)
-    train.add_argument("--weight_decay", type=float, default=0.0)
-    train.add_argument("--lr_scheduler_type", default="linear")
-    train.add_argument("--num_warmup_steps", type=int, default=0)
-    train.add_argument("--num_train_epochs", type=int, default=1)
-    train.add_argument("--max_steps", type=int, default=None, help="overrides --num_train_epochs")
+    train.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
+    train.add_argument("--per_device_eval_batch_size", type=positive_int, default=8)
+    train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    train.add_argument("--learning_rate", type=number_in(float, 0, 1, low_open=True), default=1e-3)
+    train.add_argument("--weight_decay", type=number_in(float, 0, 1), default=0.0)
+    train.add_argument("--lr_scheduler_type", default="linear", choices=[kind.value for kind in SchedulerType])
+    train.add_argument("--num_warmup_steps", type=non_negative_int, default=0)
+    train.add_argument("--num_train_epochs", type=positive_int, default=1)
+    train.add_argument("--max_steps", type=positive_int, default=None, help="overrides --num_train_epochs")
     train.add_argument(
-        "--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end only)"
+        "--eval_steps", type=non_negative_int, default=0, help="evaluate every N optimizer steps (0: at the end only)"
     )
-    train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--logging_steps", type=positive_int, default=10)
     train.add_argument(
         "--complexity_every",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="log compressibility, BDM and entropy of the weights every N steps (0: off); written to complexity.json",
     )
     train.add_argument(
         "--complexity_budget",
-        type=float,
+        type=number_in(float, 0, 1),
         default=0.1,
         help="largest share of the wall time tracking may take (a due measurement that would exceed it "
         "is skipped; 0: no limit)",
     )
-    train.add_argument("--checkpointing_steps", type=int, default=0, help="save the training state every N steps")
+    train.add_argument(
+        "--checkpointing_steps", type=non_negative_int, default=0, help="save the training state every N steps"
+    )
     train.add_argument("--resume_from_checkpoint", help="a step_N folder written by --checkpointing_steps")
     train.add_argument("--output_dir", default="momos-out")
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--seed", type=seed_int, default=42)
     train.add_argument("--report_to", default="none", help="an Accelerate tracker (tensorboard, wandb, ...) or 'none'")
     train.add_argument(
         "--push_to_hub", action="store_true", help="upload the checkpoint, tokenizer and card at the end"
@@ -174,30 +203,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "model is a decision about its license, not a default)",
     )
     args = p.parse_args(argv)
-    positive = [
-        "k",
-        "s",
-        "block_size",
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "num_train_epochs",
-        "logging_steps",
-        "calibration_batches",
-        "max_steps",
-        "max_train_samples",
-        "max_eval_samples",
-        "lora_r",
-    ]
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be >= 1, got {value}")
-    for name in ("eval_steps", "checkpointing_steps", "complexity_every", "project_every", "num_warmup_steps"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.complexity_budget <= 1:
-        p.error(f"--complexity_budget must be a share of the time in [0, 1], got {args.complexity_budget}")
     if args.model_name_or_path and args.model_config:
         p.error("give --model_name_or_path or --model_config, not both")
     if args.push_to_hub and not args.hub_model_id:
@@ -215,8 +220,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path")
     if args.lora_r and args.distill:
         p.error("--lora_r and --distill: distillation needs the dense model, which a MoMos checkpoint does not hold")
-    if not 0 <= args.lora_dropout < 1:
-        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     return args
 
 

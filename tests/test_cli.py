@@ -102,6 +102,17 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
             "argument --calibration_samples: must be >= 1",
         ),
         (["report", "--max_bytes", "-5"], "argument --max_bytes: must be >= 0, got -5"),
+        (["compress", "x", "--output_dir", "y", "--finetune_lr", "nan"], "argument --finetune_lr: must be a finite"),
+        (["compress", "x", "--output_dir", "y", "--finetune_lr", "inf"], "argument --finetune_lr: must be a finite"),
+        (["compress", "x", "--output_dir", "y", "--finetune_lr", "-1"], "argument --finetune_lr: must be a finite"),
+        (["compress", "x", "--output_dir", "y", "--seed", "-1"], "argument --seed: must be in [0, 4294967295]"),
+        (["compress", "x", "--output_dir", "y", "--motif_bits", "1"], "argument --motif_bits: must be in [2, 16]"),
+        (["report", "--kmeans_iters", "1000000"], "argument --kmeans_iters: must be in [0, 10000]"),
+        (["report", "--activation_budget_mb", "-1"], "argument --activation_budget_mb: must be >= 0"),
+        (["report", "--calibration_seq_len", "0"], "argument --calibration_seq_len: must be >= 1"),
+        (["demo", "--steps", "0"], "argument --steps: must be >= 1"),
+        (["demo", "--seed", "-5"], "argument --seed: must be in [0, 4294967295]"),
+        (["demo", "--k", "nan"], "argument --k: invalid positive_int value: 'nan'"),
         (["push", "x", "me/x", "--token", "hf_X"], "--token takes no value on the command line"),
         (["push", "x", "me/x", "--token_file", "/nope/token"], "token file /nope/token: No such file"),
     ],
@@ -231,8 +242,8 @@ def test_compress_fine_tunes_towards_the_dense_model(tmp_path, capsys):
     assert "--finetune_lr is used with --finetune_steps only" in fails(
         args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1e-4"], capsys
     )
-    assert "--finetune_lr must be a positive number" in fails(
-        args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4", "--finetune_lr", "-1"],
+    assert "argument --finetune_lr: must be a finite number in (0, 1], got -1" in fails(
+        args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4", "--finetune_lr=-1"],
         capsys,
     )
     assert not (tmp_path / "x").exists()

@@ -259,13 +259,16 @@ def test_distillation_from_the_dense_model(text_files, monkeypatch):
     [
         (["--model_name_or_path", "a", "--model_config", "b.json"], "not both"),
         (["--push_to_hub", "--hub_model_id", "me/x", "--train_mode", "dense"], "publishes MoMos checkpoints"),
-        (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
-        (["--block_size", "0"], "--block_size must be >= 1, got 0"),
-        (["--checkpointing_steps", "-2"], "--checkpointing_steps must be >= 0"),
+        (["--max_steps", "0"], "argument --max_steps: must be >= 1, got 0"),
+        (["--block_size", "0"], "argument --block_size: must be >= 1, got 0"),
+        (["--checkpointing_steps", "-2"], "argument --checkpointing_steps: must be >= 0"),
         (["--lora_r", "8"], "--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path"),
         (["--lora_r", "8", "--model_name_or_path", "m", "--distill"], "distillation needs the dense model"),
-        (["--lora_r", "0", "--model_name_or_path", "m"], "--lora_r must be >= 1, got 0"),
-        (["--lora_r", "8", "--model_name_or_path", "m", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+        (["--lora_r", "0", "--model_name_or_path", "m"], "argument --lora_r: must be in [1, 4096], got 0"),
+        (
+            ["--lora_r", "8", "--model_name_or_path", "m", "--lora_dropout", "1"],
+            "argument --lora_dropout: must be a finite number in [0, 1), got 1",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(argv, message, capsys):
@@ -273,6 +276,48 @@ def test_bad_arguments_are_refused(argv, message, capsys):
         finetune.parse_args(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lora_alpha", "nan"),
+        ("--lora_alpha", "0"),
+        ("--lora_dropout", "-0.1"),
+        ("--lora_r", "100000"),
+        ("--learning_rate", "inf"),
+        ("--learning_rate", "-0.001"),
+        ("--learning_rate", "100"),
+        ("--weight_decay", "nan"),
+        ("--validation_split_percentage", "-10"),
+        ("--validation_split_percentage", "100"),
+        ("--distill_alpha", "2"),
+        ("--distill_temperature", "0"),
+        ("--distill_hidden_weight", "inf"),
+        ("--complexity_budget", "nan"),
+        ("--seed", "-1"),
+        ("--seed", str(2**40)),
+        ("--motif_bits", "1"),
+        ("--motif_bits", "17"),
+        ("--k", "-3"),
+        ("--s", "0"),
+        ("--preprocessing_num_workers", "0"),
+        ("--eval_steps", "-1"),
+        ("--project_every", "-1"),
+        ("--complexity_every", "-1"),
+        ("--num_warmup_steps", "-1"),
+        ("--per_device_train_batch_size", "0"),
+        ("--max_train_samples", "-5"),
+        ("--calibration_batches", "0"),
+        ("--lr_scheduler_type", "linearr"),
+    ],
+)
+def test_nan_inf_negative_and_absurd_numbers_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(["--model_name_or_path", "m", "--lora_r", "4", flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"finetune.py: error: argument {flag}: ") and value in err
 
 
 def test_bad_data_files_are_named(tmp_path):

@@ -9,7 +9,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
@@ -66,20 +66,40 @@ def add_token_arguments(parser: argparse.ArgumentParser, flag: str) -> None:
     parser.add_argument(flag, action=_RefuseSecretValue, file_flag=file_flag, dest=f"refused_{flag.lstrip('-')}")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def number_in(
+    kind: Callable[[str], float],
+    low: float,
+    high: Optional[float] = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    name: Optional[str] = None,
+) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` (int or float) in `[low, high]` (open ends as asked; no `high`: no upper
+    bound). NaN, infinities and values out of range are refused with the range, naming the flag."""
+    if high is None:
+        wanted = f"{'>' if low_open else '>='} {low}"
+    else:
+        wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def parse(text: str):
+        value = kind(text)
+        below = value < low or (low_open and value == low)
+        above = high is not None and (value > high or (high_open and value == high))
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(
+                f"must be {'a finite number ' if kind is float else ''}{wanted}, got {text}"
+            )
+        return value
+
+    parse.__name__ = name or kind.__name__
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = number_in(int, 1, name="positive_int")
+non_negative_int = number_in(int, 0, name="non_negative_int")
+seed_int = number_in(int, 0, 2**32 - 1, name="seed")  # numpy's seeds, which Accelerate's set_seed also sets
+motif_bits_int = number_in(int, 2, 16, name="motif_bits")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,10 +113,15 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fit.methods)"
     )
-    parser.add_argument("--kmeans_iters", type=non_negative_int, default=15, help="Lloyd steps of the k-means fits")
+    parser.add_argument(
+        "--kmeans_iters",
+        type=number_in(int, 0, 10_000, name="kmeans_iters"),
+        default=15,
+        help="Lloyd steps of the k-means fits",
+    )
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
     parser.add_argument(
-        "--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
+        "--motif_bits", type=motif_bits_int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
     )
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument(
@@ -106,7 +131,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="module names, or all-linear (default: the attention and MLP projections)",
     )
     targets.add_argument("--target_regex", default=None, help="regular expression over full module names")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice of the fit")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of every random choice of the fit")
     parser.add_argument(
         "--torch_dtype",
         choices=TORCH_DTYPES,
@@ -154,7 +179,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--finetune_lr",
-        type=float,
+        type=number_in(float, 0, 1, low_open=True),
         default=None,
         help=f"peak learning rate of --finetune_steps (cosine to 0; default {DEFAULT_FINETUNE_LR})",
     )
@@ -222,8 +247,6 @@ def convert_from_args(args: argparse.Namespace, model, tokenizer):
     if not args.finetune_steps and args.finetune_lr is not None:
         raise ValueError("--finetune_lr is used with --finetune_steps only")
     lr = DEFAULT_FINETUNE_LR if args.finetune_lr is None else args.finetune_lr
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--finetune_lr must be a positive number, got {lr}")
     calibration = calibration_from_args(args, model, tokenizer)
     targets = teacher_targets(model, calibration) if args.finetune_steps else None
     mm = get_momos_model(model, config, calibration if args.fit in NEEDS_INPUT_MOMENTS else None, **options)
@@ -306,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--motif_scope", choices=SCOPES, default="global", help="one dictionary for all layers, or one per layer"
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the model, the fit and the batches")
+    demo.add_argument("--seed", type=seed_int, default=0, help="seed of the model, the fit and the batches")
     demo.add_argument("--layers", action="store_true", help="print the per-layer table")
     demo.set_defaults(func=cmd_demo)
 
