@@ -272,6 +272,11 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     else:
         model = tiny_llama(args.seed, vocab_size=len(tokenizer))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        if momos_layers(model):  # a MoMos embedding has no rows to add
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens and the MoMos checkpoint {args.model_name_or_path} "
+                f"{model.get_input_embeddings().num_embeddings} embeddings: give the checkpoint's own tokenizer"
+            )
         model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer
 

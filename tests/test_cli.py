@@ -1,10 +1,12 @@
 import json
+import re
 
 import pytest
 from conftest import build
 from transformers import AutoModelForCausalLM
 
 from momos_hf.app.cli import main
+from momos_hf.app.text import byte_tokenizer, calibration_batches
 
 
 def test_demo_trains_and_reports(capsys):
@@ -321,3 +323,34 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     assert "used with --sequential only" in fails(args + calibration + ["--offload_folder", str(offload)], capsys)
     assert "used with --sequential only" in fails(args + calibration + ["--activation_budget_mb", "2048"], capsys)
     assert "--sequential calibrates --fit data-aware" in fails(args[:-2] + ["--sequential"], capsys)
+
+
+def test_flags_are_checked_before_the_model_is_loaded(tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text " * 50)
+    missing = str(tmp_path / "missing-model")  # were the model loaded first, this would be the error
+    data_aware = ["--fit", "data-aware", "--calibration_file", str(text)]
+    for flags, message in (
+        (["--output_dir", missing], "is the model folder: give the MoMos checkpoint a folder of its own"),
+        (
+            ["--output_dir", "o", *data_aware, "--calibration_samples", "100000000"],
+            "need 190.7 GiB .* over the 1.0 GiB",
+        ),
+        (["--output_dir", "o", "--sequential"], "--sequential calibrates --fit data-aware"),
+        (["--output_dir", "o", "--finetune_lr", "0.1"], "--finetune_lr is used with --finetune_steps only"),
+        (["--output_dir", "o", "--fit", "data-aware"], "--fit data-aware needs --calibration_file"),
+    ):
+        err = fails(["compress", missing, *flags], capsys)
+        assert re.search(message, err) and "not a local model folder" not in err, err
+
+
+def test_calibration_is_bounded_by_the_text_and_the_vocabulary(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("abcdefgh" * 8)  # 64 byte tokens: 57 distinct windows of 8
+    assert len(calibration_batches(byte_tokenizer(), str(text), 57, 8)) == 8
+    with pytest.raises(ValueError, match="gives 57 distinct windows of 8 tokens, fewer than the 58 calibration"):
+        calibration_batches(byte_tokenizer(), str(text), 58, 8)
+    with pytest.raises(ValueError, match=r"gives token id \d+ .* the model has 10 embeddings: the tokenizer is not"):
+        calibration_batches(byte_tokenizer(), str(text), 4, 8, vocab_size=10)
+    with pytest.raises(ValueError, match="100000000 calibration windows of 128 tokens need 190.7 GiB"):
+        calibration_batches(byte_tokenizer(), str(tmp_path / "never-read.txt"), 10**8, 128)

@@ -25,7 +25,7 @@ from ..model import get_momos_model
 from ..report.complexity import complexity_report
 from ..train.distill import DEFAULT_FINETUNE_LR, finetune_to_teacher, teacher_targets
 from .demo import run_demo, tiny_llama
-from .text import byte_tokenizer, calibration_batches
+from .text import byte_tokenizer, calibration_batches, check_calibration_size, check_text_file
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_ACTIVATION_MB = DEFAULT_ACTIVATION_BYTES // 2**20
@@ -185,21 +185,48 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def calibration_from_args(args: argparse.Namespace, model, tokenizer):
-    """Calibration batches for `--fit data-aware` and `--finetune_steps` (`None` without them), checking the
-    flags agree."""
-    needed_by = [f"--fit {args.fit}"] * (args.fit in NEEDS_INPUT_MOMENTS) + ["--finetune_steps"] * (
-        args.finetune_steps > 0
-    )
-    if not needed_by:
-        if args.calibration_file:
-            raise ValueError("--calibration_file is used by --fit data-aware and --finetune_steps only")
-        return None
-    if not args.calibration_file:
+def calibration_users(args: argparse.Namespace) -> list[str]:
+    """The flags that need calibration windows."""
+    return [f"--fit {args.fit}"] * (args.fit in NEEDS_INPUT_MOMENTS) + ["--finetune_steps"] * (args.finetune_steps > 0)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that disagree, and calibration that cannot fit in memory, before anything is loaded."""
+    conversion_options(args), config_from_args(args)
+    if not args.finetune_steps and args.finetune_lr is not None:
+        raise ValueError("--finetune_lr is used with --finetune_steps only")
+    needed_by = calibration_users(args)
+    if not needed_by and args.calibration_file:
+        raise ValueError("--calibration_file is used by --fit data-aware and --finetune_steps only")
+    if needed_by and not args.calibration_file:
         raise ValueError(f"{needed_by[0]} needs --calibration_file TEXT")
+    if needed_by:
+        check_calibration_size(args.calibration_samples, args.calibration_seq_len)
+        check_text_file(args.calibration_file)
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir is not None and Path(output_dir).is_file():
+        raise ValueError(f"--output_dir {output_dir}: it is a file, not a folder")
+    if output_dir is not None and args.model_path and Path(output_dir).resolve() == Path(args.model_path).resolve():
+        raise ValueError(
+            f"--output_dir {output_dir} is the model folder: give the MoMos checkpoint a folder of its own"
+        )
+
+
+def calibration_from_args(args: argparse.Namespace, model, tokenizer):
+    """Calibration batches for `--fit data-aware` and `--finetune_steps` (`None` without them); `check_flags`
+    has checked the flags."""
+    needed_by = calibration_users(args)
+    if not needed_by:
+        return None
     if tokenizer is None:
         raise ValueError(f"{needed_by[0]} needs a tokenizer in the model folder to tokenize --calibration_file")
-    batches = calibration_batches(tokenizer, args.calibration_file, args.calibration_samples, args.calibration_seq_len)
+    batches = calibration_batches(
+        tokenizer,
+        args.calibration_file,
+        args.calibration_samples,
+        args.calibration_seq_len,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+    )
     if model.config.is_encoder_decoder:
         batches = [dict(b, decoder_input_ids=b["input_ids"]) for b in batches]
     return batches
@@ -244,8 +271,6 @@ def config_from_args(args: argparse.Namespace):
 def convert_from_args(args: argparse.Namespace, model, tokenizer):
     """Calibrate, convert and, with `--finetune_steps`, fine-tune towards the dense model, as the flags say."""
     options, config = conversion_options(args), config_from_args(args)
-    if not args.finetune_steps and args.finetune_lr is not None:
-        raise ValueError("--finetune_lr is used with --finetune_steps only")
     lr = DEFAULT_FINETUNE_LR if args.finetune_lr is None else args.finetune_lr
     calibration = calibration_from_args(args, model, tokenizer)
     targets = teacher_targets(model, calibration) if args.finetune_steps else None
@@ -278,6 +303,7 @@ def load_tokenizer(path: Optional[str]):
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    check_flags(args)
     model = tiny_llama(args.seed) if args.model_path is None else load_model(args.model_path, args.torch_dtype)
     mm = convert_from_args(args, model, load_tokenizer(args.model_path))
     report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
@@ -287,6 +313,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
+    check_flags(args)
     model = load_model(args.model_path, args.torch_dtype)
     tokenizer = load_tokenizer(args.model_path)
     mm = convert_from_args(args, model, tokenizer)
