@@ -74,6 +74,26 @@ STEP_FILE = "momos_step.json"
 # What a run writes into --output_dir besides step_N folders and a README (a user's README is kept).
 RUN_FILES = (UPLOADABLE - {"README.md"}) | {"config.json", "adapter_config.json", "complexity.json"}
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
+# Flags that leave the trained weights as they are; every other one is part of a training checkpoint's settings,
+# and a resume with other values is refused.
+RESULT_NEUTRAL = {
+    "output_dir",
+    "resume_from_checkpoint",
+    "report_to",
+    "logging_steps",
+    "eval_steps",
+    "per_device_eval_batch_size",
+    "max_eval_samples",
+    "complexity_every",
+    "complexity_budget",
+    "checkpointing_steps",
+    "preprocessing_num_workers",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token_file",
+    "refused_hub_token",
+    "hub_public",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -319,7 +339,15 @@ def momos_figures(model) -> dict[str, float]:
     return figures
 
 
-def save_training_state(accelerator: Accelerator, output_dir: Path, step: int) -> Path:
+def result_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """Every setting that changes what a run trains (as JSON values): the flags outside RESULT_NEUTRAL, the world
+    size and the mixed precision."""
+    settings = {name: value for name, value in vars(args).items() if name not in RESULT_NEUTRAL}
+    settings.update(world_size=accelerator.num_processes, mixed_precision=str(accelerator.mixed_precision))
+    return json.loads(json.dumps(settings))
+
+
+def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, settings: dict) -> Path:
     """`accelerator.save_state` into `step_N`, made whole before it gets its name: written as `step_N.partial`,
     then the sha256 of every file goes into momos_step.json, then the rename. A kill leaves at most a
     `.partial` folder, which the next save of that step replaces."""
@@ -336,18 +364,19 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, step: int) -
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.relative_to(partial).as_posix(): sha256_of(p) for p in sorted(partial.rglob("*")) if p.is_file()}
-        (partial / STEP_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        record = {"step": step, "files": files, "settings": settings}
+        (partial / STEP_FILE).write_text(json.dumps(record, indent=1))
         os.replace(partial, folder)
     accelerator.wait_for_everyone()
     return folder
 
 
-def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) -> int:
-    """Check a `step_N` folder whole (every file's sha256, before any of its pickles is read) and load it;
-    returns its step."""
+def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int, settings: dict) -> int:
+    """Check a `step_N` folder whole (every file's sha256, before any of its pickles is read) and that it was saved
+    with these `settings`, and load it; returns its step."""
     try:
         record = json.loads((folder / STEP_FILE).read_text())
-        step, files = int(record["step"]), dict(record["files"])
+        step, files, saved = int(record["step"]), dict(record["files"]), dict(record["settings"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{folder} is not a complete training checkpoint ({STEP_FILE}: {err})") from None
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {STEP_FILE}
@@ -357,6 +386,12 @@ def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) 
         )
     if step >= max_steps:
         raise ValueError(f"{folder} is at step {step}, and --max_steps is {max_steps}: nothing is left to train")
+    differing = sorted(name for name in saved.keys() | settings.keys() if saved.get(name) != settings.get(name))
+    if differing:
+        raise ValueError(
+            f"{folder} was saved by a run with other settings: "
+            + "; ".join(f"{name} {saved.get(name)!r} there, {settings.get(name)!r} here" for name in differing)
+        )
     try:
         accelerator.load_state(folder)
     except (RuntimeError, KeyError, ValueError) as err:  # a model or optimizer of another shape
@@ -460,9 +495,9 @@ def main(argv=None) -> dict:
     logged = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
     accelerator.init_trackers("momos-finetune", logged)  # secrets are never logged
 
-    step, skip_batches = 0, 0
+    step, skip_batches, settings = 0, 0, result_settings(args, accelerator)
     if args.resume_from_checkpoint:
-        step = load_training_state(accelerator, Path(args.resume_from_checkpoint), max_steps)
+        step = load_training_state(accelerator, Path(args.resume_from_checkpoint), max_steps, settings)
         skip_batches = (step % steps_per_epoch) * args.gradient_accumulation_steps
         accelerator.print(f"resumed from step {step}")
     initial = evaluate(model, eval_dl, accelerator)
@@ -511,7 +546,7 @@ def main(argv=None) -> dict:
                     f"step {step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
                 )
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_training_state(accelerator, Path(args.output_dir), step)
+                save_training_state(accelerator, Path(args.output_dir), step, settings)
             if step >= max_steps:
                 break
         if schedule is not None:

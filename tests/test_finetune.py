@@ -455,10 +455,24 @@ def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_
             finetune.main(
                 [*common, "--max_steps", max_steps, "--output_dir", "again", "--resume_from_checkpoint", str(step)]
             )
-    with pytest.raises(ValueError, match="step_4 was saved by a run with other settings"):
-        finetune.main(
-            [*common, "--max_steps", "6", "--k", "8", "--output_dir", "again", "--resume_from_checkpoint", str(step)]
-        )
+    resume = [
+        "--max_steps",
+        "4",
+        "--output_dir",
+        "again",
+        "--resume_from_checkpoint",
+        str(text_files / "run" / "step_2"),
+    ]
+    for flags, differing in (
+        (["--k", "8"], "k 64 there, 8 here"),
+        (["--motif_bits", "8"], "motif_bits None there, 8 here"),
+        (["--learning_rate", "0.01", "--seed", "1"], "learning_rate 0.001 there, 0.01 here; seed 42 there, 1 here"),
+        (["--validation_split_percentage", "20"], "validation_split_percentage 10 there, 20 here"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"step_2 was saved by a run with other settings: {re.escape(differing)}$"
+        ):
+            finetune.main([*common, *flags, *resume])
     optimizer_file = next(p for p in step.iterdir() if p.name.startswith("optimizer"))
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:-8])
     with pytest.raises(ValueError, match="step_4 is corrupted"):
