@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -240,7 +241,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path")
     if args.lora_r and args.distill:
         p.error("--lora_r and --distill: distillation needs the dense model, which a MoMos checkpoint does not hold")
+    for flag in ("model_name_or_path", "tokenizer_name", "dataset_name"):
+        if getattr(args, flag) is not None and not is_present_or_hub_id(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)} is neither a local path nor a Hub id (owner/name)")
+    for flag in ("model_config", "resume_from_checkpoint"):
+        if getattr(args, flag) is not None and not Path(getattr(args, flag)).exists():
+            p.error(f"--{flag} {getattr(args, flag)} does not exist")
     return args
+
+
+def is_present_or_hub_id(name: str) -> bool:
+    """Whether `name` exists here or could be a Hub id (`name` or `owner/name`, no path syntax)."""
+    return Path(name).exists() or (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith("."))
+
+
+def momos_config(args: argparse.Namespace) -> MoMosConfig:
+    return MoMosConfig(
+        k=args.k,
+        s=args.s,
+        motif_scope=args.motif_scope,
+        fit=args.fit,
+        scale=args.scale,
+        motif_bits=args.motif_bits,
+        train_mode=args.train_mode,
+        project_every=args.project_every,
+        modules_to_save=args.modules_to_save,
+        seed=args.seed,
+    )
 
 
 def run_kind(args: argparse.Namespace) -> str:
@@ -279,13 +306,28 @@ def check_output_dir(args: argparse.Namespace) -> None:
         )
 
 
+def from_local_or_hub(loader, flag: str, name: str):
+    """`loader(name)`, its failure to find `name` (offline, missing, no such repository) one line naming the flag."""
+    try:
+        return loader(name)
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {name} cannot be loaded: {str(err).splitlines()[0] if str(err) else err!r}"
+        ) from None
+
+
 def load_model_and_tokenizer(args: argparse.Namespace):
     if args.tokenizer_name or args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+        flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+        tokenizer = from_local_or_hub(
+            AutoTokenizer.from_pretrained, flag, args.tokenizer_name or args.model_name_or_path
+        )
     else:
         tokenizer = byte_tokenizer()
     if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        model = from_local_or_hub(
+            AutoModelForCausalLM.from_pretrained, "--model_name_or_path", args.model_name_or_path
+        )
     elif args.model_config:
         config = AutoConfig.for_model(**json.loads(Path(args.model_config).read_text()))
         model = AutoModelForCausalLM.from_config(config)
@@ -405,6 +447,8 @@ def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int, 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_output_dir(args)
+    momos_mode = args.train_mode != "dense" and not args.lora_r  # MoMos layers are converted and trained here
+    config = momos_config(args) if momos_mode else None  # its checks, before anything is loaded
     # Without a GPU, Accelerate must be told to use the CPU, or each launched process silently runs alone.
     # The data order is a function of (seed, epoch), so a resumed run sees the batches the interrupted one would have.
     accelerator = Accelerator(
@@ -440,7 +484,6 @@ def main(argv=None) -> dict:
     )
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None
-    momos_mode = args.train_mode != "dense" and not args.lora_r  # MoMos layers are converted and trained here
     if args.lora_r:
         if not momos_layers(model):
             raise ValueError(
@@ -457,18 +500,6 @@ def main(argv=None) -> dict:
             ),
         )
     if momos_mode:
-        config = MoMosConfig(
-            k=args.k,
-            s=args.s,
-            motif_scope=args.motif_scope,
-            fit=args.fit,
-            scale=args.scale,
-            motif_bits=args.motif_bits,
-            train_mode=args.train_mode,
-            project_every=args.project_every,
-            modules_to_save=args.modules_to_save,
-            seed=args.seed,
-        )
         calibration = (
             list(itertools.islice(train_dl, args.calibration_batches)) if args.fit in NEEDS_INPUT_MOMENTS else None
         )
@@ -628,6 +659,6 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main()
-    except ValueError as err:  # bad input: one line, no traceback, exit status 2 as for bad arguments
+    except (ValueError, OSError) as err:  # bad input or a missing file/model: one line, exit status 2
         print(f"finetune.py: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)

@@ -134,6 +134,13 @@ def test_version_and_defaults_in_help(capsys):
         main(["compress", "--help"])
     help_text = capsys.readouterr().out
     assert "(default: 256)" in help_text and "(default: auto)" in help_text and "--motif_scope" in help_text
+    options = re.split(r"\n  -", help_text)[1:]
+    assert len(options) > 20 and all(option.count("default") <= 1 for option in options)  # each default once
+    assert "(default: None)" not in help_text
+
+
+def test_demo_flags_before_the_command_suggest_the_demo(capsys):
+    assert "options go after a command: for the demo, `momos-hf demo --steps 3`" in fails(["--steps", "3"], capsys)
 
 
 def test_compress_then_info(tmp_path, capsys):

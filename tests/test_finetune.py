@@ -645,3 +645,30 @@ def test_an_adapter_card_says_what_the_base_is_and_how_to_load_it(text_files, mo
     card = (text_files / "a" / "README.md").read_text()
     assert "from momos_hf import load_lora" in card and "`base`" in card and "LlamaForCausalLM" in card
     assert 'AutoModelForCausalLM.from_pretrained("base")' in card and "[More Information Needed]" not in card
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--model_name_or_path", "./no/such/model", "is neither a local path nor a Hub id"),
+        ("--tokenizer_name", "/no/such/tokenizer", "is neither a local path nor a Hub id"),
+        ("--dataset_name", "../no/such/data", "is neither a local path nor a Hub id"),
+        ("--model_config", "no-such-config.json", "--model_config no-such-config.json does not exist"),
+        ("--resume_from_checkpoint", "run/step_9", "--resume_from_checkpoint run/step_9 does not exist"),
+    ],
+)
+def test_missing_local_paths_are_one_line(flag, value, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args([flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.slow
+def test_a_missing_model_is_one_line_from_the_command_line(text_files):
+    run = run_recipe(text_files, "--model_name_or_path", "no-such-model", "--train_file", "train.txt")
+    out, err = finish(run)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("finetune.py: error:"), err
+    assert "no-such-model" in lines[0]

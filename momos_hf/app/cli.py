@@ -29,10 +29,26 @@ from .text import byte_tokenizer, calibration_batches, check_calibration_size, c
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_ACTIVATION_MB = DEFAULT_ACTIVATION_BYTES // 2**20
+DEMO_FLAGS = ("--steps", "--k", "--s", "--motif_scope", "--seed", "--layers")
+
+
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each default once: not where the help text already speaks of it, nor for None or off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False):
+            return text
+        return super()._get_help_string(action)
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, `PROG: error: ...`, exit status 2 (`--help` shows usage)."""
+    """An argument parser whose errors are one line, `PROG: error: ...`, exit status 2 (`--help` shows usage), and
+    whose help shows each default once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsOnceFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog.split()[0]}: error: {message} (see --help)\n")
@@ -338,16 +354,12 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = OneLineParser(
-        prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models", formatter_class=formatter
-    )
+    parser = OneLineParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models")
     parser.add_argument("--version", action="version", version=f"momos-hf {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     demo = sub.add_parser(
         "demo",
-        formatter_class=formatter,
         help="convert a small Llama, train it on embedded text, print the report (default)",
     )
     demo.add_argument("--steps", type=positive_int, default=60, help="training steps")
@@ -360,9 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--layers", action="store_true", help="print the per-layer table")
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser(
-        "report", formatter_class=formatter, help="convert a local model and print its size/complexity report"
-    )
+    report = sub.add_parser("report", help="convert a local model and print its size/complexity report")
     report.add_argument(
         "model_path", nargs="?", help="local Hugging Face model folder (default: a small Llama built from a config)"
     )
@@ -377,23 +387,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", help="also write the report as JSON to this file")
     report.set_defaults(func=cmd_report)
 
-    compress = sub.add_parser(
-        "compress", formatter_class=formatter, help="convert a local model and save the compact MoMos checkpoint"
-    )
+    compress = sub.add_parser("compress", help="convert a local model and save the compact MoMos checkpoint")
     compress.add_argument("model_path", help="local Hugging Face model folder")
     compress.add_argument("--output_dir", required=True, help="folder of the MoMos checkpoint (created if needed)")
     add_fit_arguments(compress)
     compress.set_defaults(func=cmd_compress)
 
-    info = sub.add_parser(
-        "info", formatter_class=formatter, help="settings and sizes of a MoMos checkpoint folder (reads no weights)"
-    )
+    info = sub.add_parser("info", help="settings and sizes of a MoMos checkpoint folder (reads no weights)")
     info.add_argument("directory", help="MoMos checkpoint folder")
     info.set_defaults(func=cmd_info)
 
     push = sub.add_parser(
         "push",
-        formatter_class=formatter,
         help="upload a MoMos checkpoint folder to a Hub repository (HF_ENDPOINT); private unless --public",
     )
     push.add_argument("directory", help="MoMos checkpoint folder")
@@ -409,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    if (
+        argv and argv[0].split("=")[0] in DEMO_FLAGS
+    ):  # the demo is the default command, but its flags come after its name
+        parser.error(f"options go after a command: for the demo, `momos-hf demo {' '.join(argv)}`")
     args = parser.parse_args(argv or ["demo"])
     try:
         args.func(args)
