@@ -56,7 +56,7 @@ from momos_hf.app import (
     tiny_llama,
     tokenize_and_group,
 )
-from momos_hf.app.cli import motif_bits_int, non_negative_int, number_in, positive_int, seed_int
+from momos_hf.app.args import motif_bits_int, non_negative_int, number_in, positive_int, seed_int
 from momos_hf.checkpoint import sha256_of
 from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fit import NEEDS_INPUT_MOMENTS
