@@ -188,8 +188,8 @@ def test_compress_then_info(tmp_path, capsys):
         ],
         capsys,
     )
-    # Compressing into the dense model's own folder would overwrite its config.json: refused.
-    assert "already holds a model that is not a MoMos checkpoint" in fails(
+    # Compressing into the model's own folder would overwrite its config.json: refused before loading it.
+    assert "is the model folder: give the MoMos checkpoint a folder of its own" in fails(
         ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "dense"), "--k", "16", "--s", "4"], capsys
     )
 
