@@ -10,8 +10,10 @@ Trains in one of the `MoMosConfig.train_mode`s (`motifs`, `projected`, `ste`) or
 baseline), optionally distilling from the dense starting model, evaluates validation loss and perplexity,
 logs them with bits per weight and complexity figures, and writes the compact MoMos checkpoint with a model
 card holding the evaluation results. With `--lora_r` it trains LoRA adapters on a MoMos checkpoint instead
-(`momos_hf.integrations.lora`; the base stays frozen and compact) and writes the adapter alone, with PEFT's card naming
-the base checkpoint. Where no GPU exists it runs on CPU processes (gloo), so
+(`momos_hf.integrations.lora`; the base stays frozen and compact) and writes the adapter alone, with a card naming
+the base checkpoint and how to load the adapter onto it. --output_dir is a new or empty folder, or the output of an
+earlier run of the same kind (a README or notes of yours in it are kept). Where no GPU exists it runs on CPU
+processes (gloo), so
 `accelerate launch --multi_gpu --num_processes 2 recipes/finetune.py` gives two real ranks.
 """
 
@@ -23,10 +25,12 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -34,13 +38,29 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import LoraConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, get_scheduler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    SchedulerType,
+    default_data_collator,
+    get_scheduler,
+)
 
 from momos_hf import ComplexityTracker, MoMosConfig, complexity_report, get_lora_model, get_momos_model, momos_layers
-from momos_hf.app import OneLineParser, byte_tokenizer, load_text_datasets, tiny_llama, tokenize_and_group
+from momos_hf.app import (
+    OneLineParser,
+    add_token_arguments,
+    byte_tokenizer,
+    load_text_datasets,
+    tiny_llama,
+    tokenize_and_group,
+)
+from momos_hf.app.args import motif_bits_int, non_negative_int, number_in, positive_int, seed_int
 from momos_hf.checkpoint import sha256_of
 from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fit import NEEDS_INPUT_MOMENTS
+from momos_hf.integrations.hub import UPLOADABLE, push_folder, read_token_file
 from momos_hf.metrics import load_metric, token_losses
 from momos_hf.report import is_generated_card, render_card
 from momos_hf.train import (
@@ -52,6 +72,29 @@ from momos_hf.train import (
 )
 
 STEP_FILE = "momos_step.json"
+# What a run writes into --output_dir besides step_N folders and a README (a user's README is kept).
+RUN_FILES = (UPLOADABLE - {"README.md"}) | {"config.json", "adapter_config.json", "complexity.json"}
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin")
+# Flags that leave the trained weights as they are; every other one is part of a training checkpoint's settings,
+# and a resume with other values is refused.
+RESULT_NEUTRAL = {
+    "output_dir",
+    "resume_from_checkpoint",
+    "report_to",
+    "logging_steps",
+    "eval_steps",
+    "per_device_eval_batch_size",
+    "max_eval_samples",
+    "complexity_every",
+    "complexity_budget",
+    "checkpointing_steps",
+    "preprocessing_num_workers",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token_file",
+    "refused_hub_token",
+    "hub_public",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,25 +110,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--dataset_config_name")
     data.add_argument("--train_file", help=".txt, .json/.jsonl or .csv")
     data.add_argument("--validation_file")
-    data.add_argument("--validation_split_percentage", type=int, default=10)
+    data.add_argument("--validation_split_percentage", type=number_in(int, 1, 99, name="percentage"), default=10)
     data.add_argument("--text_column")
-    data.add_argument("--block_size", type=int, default=128, help="tokens per training example")
-    data.add_argument("--max_train_samples", type=int, help="use only the first N training blocks")
-    data.add_argument("--max_eval_samples", type=int, help="evaluate on the first N validation blocks only")
-    data.add_argument("--preprocessing_num_workers", type=int)
+    data.add_argument("--block_size", type=positive_int, default=128, help="tokens per training example")
+    data.add_argument("--max_train_samples", type=positive_int, help="use only the first N training blocks")
+    data.add_argument("--max_eval_samples", type=positive_int, help="evaluate on the first N validation blocks only")
+    data.add_argument("--preprocessing_num_workers", type=number_in(int, 1, 256, name="workers"))
     momos = p.add_argument_group("MoMos")
-    momos.add_argument("--k", type=int, default=256)
-    momos.add_argument("--s", type=int, default=16)
+    momos.add_argument("--k", type=positive_int, default=256)
+    momos.add_argument("--s", type=positive_int, default=16)
     momos.add_argument("--motif_scope", choices=SCOPES, default="layer")
     momos.add_argument(
         "--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fit.methods)"
     )
     momos.add_argument("--scale", action="store_true")
     momos.add_argument(
-        "--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
+        "--motif_bits", type=motif_bits_int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
     )
     momos.add_argument(
-        "--calibration_batches", type=int, default=16, help="training batches whose inputs calibrate --fit data-aware"
+        "--calibration_batches",
+        type=positive_int,
+        default=16,
+        help="training batches whose inputs calibrate --fit data-aware",
     )
     momos.add_argument(
         "--train_mode",
@@ -95,21 +141,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     momos.add_argument(
         "--project_every",
-        type=int,
+        type=non_negative_int,
         default=50,
         help="optimizer steps between projections in projected/ste modes (0: each epoch end, as the paper)",
     )
     momos.add_argument("--modules_to_save", nargs="*", default=None, help="dense modules trained in `motifs` mode")
     momos.add_argument("--distill", action="store_true", help="distil from the dense starting model")
     momos.add_argument(
-        "--distill_alpha", type=float, default=0.5, help="weight of the KL term (1 - alpha on the LM loss)"
+        "--distill_alpha",
+        type=number_in(float, 0, 1),
+        default=0.5,
+        help="weight of the KL term (1 - alpha on the LM loss)",
     )
-    momos.add_argument("--distill_temperature", type=float, default=2.0)
-    momos.add_argument("--distill_hidden_weight", type=float, default=0.0, help="weight of a hidden-state MSE term")
+    momos.add_argument("--distill_temperature", type=number_in(float, 0, 100, low_open=True), default=2.0)
+    momos.add_argument(
+        "--distill_hidden_weight",
+        type=number_in(float, 0, 1000),
+        default=0.0,
+        help="weight of a hidden-state MSE term",
+    )
     lora = p.add_argument_group("LoRA adapters on a MoMos checkpoint (--model_name_or_path)")
-    lora.add_argument("--lora_r", type=int, help="train LoRA adapters of this rank; the MoMos base stays frozen")
-    lora.add_argument("--lora_alpha", type=float, help="LoRA scaling numerator (default: 2 * --lora_r)")
-    lora.add_argument("--lora_dropout", type=float, default=0.05)
+    lora.add_argument(
+        "--lora_r",
+        type=number_in(int, 1, 4096, name="lora_r"),
+        help="train LoRA adapters of this rank; the MoMos base stays frozen",
+    )
+    lora.add_argument(
+        "--lora_alpha",
+        type=number_in(float, 0, 65536, low_open=True),
+        help="LoRA scaling numerator (default: 2 * --lora_r)",
+    )
+    lora.add_argument("--lora_dropout", type=number_in(float, 0, 1, high_open=True), default=0.05)
     lora.add_argument(
         "--lora_target_modules",
         nargs="+",
@@ -117,42 +179,44 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="module names, or all-linear (every MoMos matrix layer and dense linear layer, not the head)",
     )
     train = p.add_argument_group("training")
-    train.add_argument("--per_device_train_batch_size", type=int, default=8)
-    train.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=1e-3)
-    train.add_argument("--weight_decay", type=float, default=0.0)
-    train.add_argument("--lr_scheduler_type", default="linear")
-    train.add_argument("--num_warmup_steps", type=int, default=0)
-    train.add_argument("--num_train_epochs", type=int, default=1)
-    train.add_argument("--max_steps", type=int, default=None, help="overrides --num_train_epochs")
+    train.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
+    train.add_argument("--per_device_eval_batch_size", type=positive_int, default=8)
+    train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    train.add_argument("--learning_rate", type=number_in(float, 0, 1, low_open=True), default=1e-3)
+    train.add_argument("--weight_decay", type=number_in(float, 0, 1), default=0.0)
+    train.add_argument("--lr_scheduler_type", default="linear", choices=[kind.value for kind in SchedulerType])
+    train.add_argument("--num_warmup_steps", type=non_negative_int, default=0)
+    train.add_argument("--num_train_epochs", type=positive_int, default=1)
+    train.add_argument("--max_steps", type=positive_int, default=None, help="overrides --num_train_epochs")
     train.add_argument(
-        "--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0: at the end only)"
+        "--eval_steps", type=non_negative_int, default=0, help="evaluate every N optimizer steps (0: at the end only)"
     )
-    train.add_argument("--logging_steps", type=int, default=10)
+    train.add_argument("--logging_steps", type=positive_int, default=10)
     train.add_argument(
         "--complexity_every",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="log compressibility, BDM and entropy of the weights every N steps (0: off); written to complexity.json",
     )
     train.add_argument(
         "--complexity_budget",
-        type=float,
+        type=number_in(float, 0, 1),
         default=0.1,
         help="largest share of the wall time tracking may take (a due measurement that would exceed it "
         "is skipped; 0: no limit)",
     )
-    train.add_argument("--checkpointing_steps", type=int, default=0, help="save the training state every N steps")
+    train.add_argument(
+        "--checkpointing_steps", type=non_negative_int, default=0, help="save the training state every N steps"
+    )
     train.add_argument("--resume_from_checkpoint", help="a step_N folder written by --checkpointing_steps")
     train.add_argument("--output_dir", default="momos-out")
-    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--seed", type=seed_int, default=42)
     train.add_argument("--report_to", default="none", help="an Accelerate tracker (tensorboard, wandb, ...) or 'none'")
     train.add_argument(
         "--push_to_hub", action="store_true", help="upload the checkpoint, tokenizer and card at the end"
     )
     train.add_argument("--hub_model_id")
-    train.add_argument("--hub_token", help="never logged or written anywhere")
+    add_token_arguments(train, "--hub_token")
     train.add_argument(
         "--hub_public",
         action="store_true",
@@ -160,58 +224,121 @@ def parse_args(argv=None) -> argparse.Namespace:
         "model is a decision about its license, not a default)",
     )
     args = p.parse_args(argv)
-    positive = [
-        "k",
-        "s",
-        "block_size",
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "num_train_epochs",
-        "logging_steps",
-        "calibration_batches",
-        "max_steps",
-        "max_train_samples",
-        "max_eval_samples",
-        "lora_r",
-    ]
-    for name in positive:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be >= 1, got {value}")
-    for name in ("eval_steps", "checkpointing_steps", "complexity_every", "project_every", "num_warmup_steps"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.complexity_budget <= 1:
-        p.error(f"--complexity_budget must be a share of the time in [0, 1], got {args.complexity_budget}")
     if args.model_name_or_path and args.model_config:
         p.error("give --model_name_or_path or --model_config, not both")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
+    if args.hub_token_file and not args.push_to_hub:
+        p.error("--hub_token_file is used with --push_to_hub only")
+    if args.hub_token_file:
+        try:
+            read_token_file(args.hub_token_file)  # checked now, not after training; read again to push
+        except ValueError as err:
+            p.error(str(err))
     if args.push_to_hub and (args.train_mode == "dense" or args.lora_r):
         p.error("--push_to_hub publishes MoMos checkpoints; upload a dense run or an adapter with `hf upload`")
     if args.lora_r and not args.model_name_or_path:
         p.error("--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path")
     if args.lora_r and args.distill:
         p.error("--lora_r and --distill: distillation needs the dense model, which a MoMos checkpoint does not hold")
-    if not 0 <= args.lora_dropout < 1:
-        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    for flag in ("model_name_or_path", "tokenizer_name", "dataset_name"):
+        if getattr(args, flag) is not None and not is_present_or_hub_id(getattr(args, flag)):
+            p.error(f"--{flag} {getattr(args, flag)} is neither a local path nor a Hub id (owner/name)")
+    for flag in ("model_config", "resume_from_checkpoint"):
+        if getattr(args, flag) is not None and not Path(getattr(args, flag)).exists():
+            p.error(f"--{flag} {getattr(args, flag)} does not exist")
     return args
+
+
+def is_present_or_hub_id(name: str) -> bool:
+    """Whether `name` exists here or could be a Hub id (`name` or `owner/name`, no path syntax)."""
+    return Path(name).exists() or (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not name.startswith("."))
+
+
+def momos_config(args: argparse.Namespace) -> MoMosConfig:
+    return MoMosConfig(
+        k=args.k,
+        s=args.s,
+        motif_scope=args.motif_scope,
+        fit=args.fit,
+        scale=args.scale,
+        motif_bits=args.motif_bits,
+        train_mode=args.train_mode,
+        project_every=args.project_every,
+        modules_to_save=args.modules_to_save,
+        seed=args.seed,
+    )
+
+
+def run_kind(args: argparse.Namespace) -> str:
+    return "LoRA" if args.lora_r else ("dense" if args.train_mode == "dense" else "MoMos")
+
+
+def finished_run_kind(folder: Path) -> Optional[str]:
+    """The kind of the finished run of this recipe whose output `folder` holds (None: none)."""
+    if not (folder / "eval_results.json").is_file():
+        return None
+    if (folder / "adapter_config.json").is_file():
+        return "LoRA"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return "MoMos" if isinstance(quantization, dict) and quantization.get("quant_method") == "momos" else "dense"
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an --output_dir whose files the run would overwrite, unless it holds a finished run
+    of the same kind (a rerun). Files a run does not write (a README, notes) are kept as they are."""
+    folder, kind = Path(args.output_dir), run_kind(args)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output_dir {folder} is a file, not a folder")
+    if args.model_name_or_path and folder.resolve() == Path(args.model_name_or_path).resolve():
+        raise ValueError(f"--output_dir {folder} is the --model_name_or_path folder: give a folder of its own")
+    if not folder.is_dir():
+        return
+    clashes = sorted(p.name for p in folder.iterdir() if p.name in RUN_FILES or p.name.endswith(WEIGHT_SUFFIXES))
+    if clashes and finished_run_kind(folder) != kind:
+        raise ValueError(
+            f"--output_dir {folder} holds files a {kind} run would overwrite ({', '.join(clashes[:4])}) and is not "
+            f"the output of a finished {kind} run of this recipe: give a new or empty folder"
+        )
+
+
+def from_local_or_hub(loader, flag: str, name: str):
+    """`loader(name)`, its failure to find `name` (offline, missing, no such repository) one line naming the flag."""
+    try:
+        return loader(name)
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {name} cannot be loaded: {str(err).splitlines()[0] if str(err) else err!r}"
+        ) from None
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
     if args.tokenizer_name or args.model_name_or_path:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+        flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+        tokenizer = from_local_or_hub(
+            AutoTokenizer.from_pretrained, flag, args.tokenizer_name or args.model_name_or_path
+        )
     else:
         tokenizer = byte_tokenizer()
     if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        model = from_local_or_hub(
+            AutoModelForCausalLM.from_pretrained, "--model_name_or_path", args.model_name_or_path
+        )
     elif args.model_config:
         config = AutoConfig.for_model(**json.loads(Path(args.model_config).read_text()))
         model = AutoModelForCausalLM.from_config(config)
     else:
         model = tiny_llama(args.seed, vocab_size=len(tokenizer))
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        if momos_layers(model):  # a MoMos embedding has no rows to add
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens and the MoMos checkpoint {args.model_name_or_path} "
+                f"{model.get_input_embeddings().num_embeddings} embeddings: give the checkpoint's own tokenizer"
+            )
         model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer
 
@@ -254,7 +381,15 @@ def momos_figures(model) -> dict[str, float]:
     return figures
 
 
-def save_training_state(accelerator: Accelerator, output_dir: Path, step: int) -> Path:
+def result_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    """Every setting that changes what a run trains (as JSON values): the flags outside RESULT_NEUTRAL, the world
+    size and the mixed precision."""
+    settings = {name: value for name, value in vars(args).items() if name not in RESULT_NEUTRAL}
+    settings.update(world_size=accelerator.num_processes, mixed_precision=str(accelerator.mixed_precision))
+    return json.loads(json.dumps(settings))
+
+
+def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, settings: dict) -> Path:
     """`accelerator.save_state` into `step_N`, made whole before it gets its name: written as `step_N.partial`,
     then the sha256 of every file goes into momos_step.json, then the rename. A kill leaves at most a
     `.partial` folder, which the next save of that step replaces."""
@@ -271,18 +406,19 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, step: int) -
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.relative_to(partial).as_posix(): sha256_of(p) for p in sorted(partial.rglob("*")) if p.is_file()}
-        (partial / STEP_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        record = {"step": step, "files": files, "settings": settings}
+        (partial / STEP_FILE).write_text(json.dumps(record, indent=1))
         os.replace(partial, folder)
     accelerator.wait_for_everyone()
     return folder
 
 
-def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) -> int:
-    """Check a `step_N` folder whole (every file's sha256, before any of its pickles is read) and load it;
-    returns its step."""
+def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int, settings: dict) -> int:
+    """Check a `step_N` folder whole (every file's sha256, before any of its pickles is read) and that it was saved
+    with these `settings`, and load it; returns its step."""
     try:
         record = json.loads((folder / STEP_FILE).read_text())
-        step, files = int(record["step"]), dict(record["files"])
+        step, files, saved = int(record["step"]), dict(record["files"]), dict(record["settings"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{folder} is not a complete training checkpoint ({STEP_FILE}: {err})") from None
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {STEP_FILE}
@@ -292,6 +428,12 @@ def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) 
         )
     if step >= max_steps:
         raise ValueError(f"{folder} is at step {step}, and --max_steps is {max_steps}: nothing is left to train")
+    differing = sorted(name for name in saved.keys() | settings.keys() if saved.get(name) != settings.get(name))
+    if differing:
+        raise ValueError(
+            f"{folder} was saved by a run with other settings: "
+            + "; ".join(f"{name} {saved.get(name)!r} there, {settings.get(name)!r} here" for name in differing)
+        )
     try:
         accelerator.load_state(folder)
     except (RuntimeError, KeyError, ValueError) as err:  # a model or optimizer of another shape
@@ -304,6 +446,9 @@ def load_training_state(accelerator: Accelerator, folder: Path, max_steps: int) 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_output_dir(args)
+    momos_mode = args.train_mode != "dense" and not args.lora_r  # MoMos layers are converted and trained here
+    config = momos_config(args) if momos_mode else None  # its checks, before anything is loaded
     # Without a GPU, Accelerate must be told to use the CPU, or each launched process silently runs alone.
     # The data order is a function of (seed, epoch), so a resumed run sees the batches the interrupted one would have.
     accelerator = Accelerator(
@@ -339,7 +484,6 @@ def main(argv=None) -> dict:
     )
 
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None
-    momos_mode = args.train_mode != "dense" and not args.lora_r  # MoMos layers are converted and trained here
     if args.lora_r:
         if not momos_layers(model):
             raise ValueError(
@@ -356,18 +500,6 @@ def main(argv=None) -> dict:
             ),
         )
     if momos_mode:
-        config = MoMosConfig(
-            k=args.k,
-            s=args.s,
-            motif_scope=args.motif_scope,
-            fit=args.fit,
-            scale=args.scale,
-            motif_bits=args.motif_bits,
-            train_mode=args.train_mode,
-            project_every=args.project_every,
-            modules_to_save=args.modules_to_save,
-            seed=args.seed,
-        )
         calibration = (
             list(itertools.islice(train_dl, args.calibration_batches)) if args.fit in NEEDS_INPUT_MOMENTS else None
         )
@@ -394,9 +526,9 @@ def main(argv=None) -> dict:
     logged = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
     accelerator.init_trackers("momos-finetune", logged)  # secrets are never logged
 
-    step, skip_batches = 0, 0
+    step, skip_batches, settings = 0, 0, result_settings(args, accelerator)
     if args.resume_from_checkpoint:
-        step = load_training_state(accelerator, Path(args.resume_from_checkpoint), max_steps)
+        step = load_training_state(accelerator, Path(args.resume_from_checkpoint), max_steps, settings)
         skip_batches = (step % steps_per_epoch) * args.gradient_accumulation_steps
         accelerator.print(f"resumed from step {step}")
     initial = evaluate(model, eval_dl, accelerator)
@@ -445,7 +577,7 @@ def main(argv=None) -> dict:
                     f"step {step}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
                 )
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_training_state(accelerator, Path(args.output_dir), step)
+                save_training_state(accelerator, Path(args.output_dir), step, settings)
             if step >= max_steps:
                 break
         if schedule is not None:
@@ -494,7 +626,7 @@ def main(argv=None) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         if momos_mode:
             unwrapped.save_pretrained(args.output_dir, tokenizer=tokenizer, state_dict=state_dict)
-        elif args.lora_r:  # the adapter alone (PEFT's files and card, which names the base checkpoint)
+        elif args.lora_r:  # the adapter alone, with a card naming the base checkpoint and how to load it
             unwrapped.save_pretrained(args.output_dir)
             tokenizer.save_pretrained(args.output_dir)
         else:
@@ -506,13 +638,11 @@ def main(argv=None) -> dict:
             if not readme.exists() or is_generated_card(readme):  # a README of the user's is kept
                 readme.write_text(render_card(args.output_dir, args.hub_model_id, results=metrics), encoding="utf-8")
             if args.push_to_hub:
-                from momos_hf.integrations.hub import push_folder
-
                 push_folder(
                     args.output_dir,
                     args.hub_model_id,
                     private=not args.hub_public,
-                    token=args.hub_token,
+                    token=read_token_file(args.hub_token_file) if args.hub_token_file else None,
                     commit_message=f"MoMos training, step {step}",
                 )
     accelerator.wait_for_everyone()
@@ -529,6 +659,6 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main()
-    except ValueError as err:  # bad input: one line, no traceback, exit status 2 as for bad arguments
+    except (ValueError, OSError) as err:  # bad input or a missing file/model: one line, exit status 2
         print(f"finetune.py: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)

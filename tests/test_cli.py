@@ -1,10 +1,12 @@
 import json
+import re
 
 import pytest
 from conftest import build
 from transformers import AutoModelForCausalLM
 
 from momos_hf.app.cli import main
+from momos_hf.app.text import byte_tokenizer, calibration_batches
 
 
 def test_demo_trains_and_reports(capsys):
@@ -102,10 +104,24 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
             "argument --calibration_samples: must be >= 1",
         ),
         (["report", "--max_bytes", "-5"], "argument --max_bytes: must be >= 0, got -5"),
+        (["compress", "x", "--output_dir", "y", "--finetune_lr", "nan"], "argument --finetune_lr: must be a finite"),
+        (["compress", "x", "--output_dir", "y", "--finetune_lr", "inf"], "argument --finetune_lr: must be a finite"),
+        (["compress", "x", "--output_dir", "y", "--finetune_lr", "-1"], "argument --finetune_lr: must be a finite"),
+        (["compress", "x", "--output_dir", "y", "--seed", "-1"], "argument --seed: must be in [0, 4294967295]"),
+        (["compress", "x", "--output_dir", "y", "--motif_bits", "1"], "argument --motif_bits: must be in [2, 16]"),
+        (["report", "--kmeans_iters", "1000000"], "argument --kmeans_iters: must be in [0, 10000]"),
+        (["report", "--activation_budget_mb", "-1"], "argument --activation_budget_mb: must be >= 0"),
+        (["report", "--calibration_seq_len", "0"], "argument --calibration_seq_len: must be >= 1"),
+        (["demo", "--steps", "0"], "argument --steps: must be >= 1"),
+        (["demo", "--seed", "-5"], "argument --seed: must be in [0, 4294967295]"),
+        (["demo", "--k", "nan"], "argument --k: invalid positive_int value: 'nan'"),
+        (["push", "x", "me/x", "--token", "hf_X"], "--token takes no value on the command line"),
+        (["push", "x", "me/x", "--token_file", "/nope/token"], "token file /nope/token: No such file"),
     ],
 )
 def test_argument_errors_are_one_line_too(argv, message, capsys):
-    assert message in fails(argv, capsys)
+    err = fails(argv, capsys)
+    assert message in err and "hf_X" not in err  # a refused token is never repeated
 
 
 def test_version_and_defaults_in_help(capsys):
@@ -118,6 +134,13 @@ def test_version_and_defaults_in_help(capsys):
         main(["compress", "--help"])
     help_text = capsys.readouterr().out
     assert "(default: 256)" in help_text and "(default: auto)" in help_text and "--motif_scope" in help_text
+    options = re.split(r"\n  -", help_text)[1:]
+    assert len(options) > 20 and all(option.count("default") <= 1 for option in options)  # each default once
+    assert "(default: None)" not in help_text
+
+
+def test_demo_flags_before_the_command_suggest_the_demo(capsys):
+    assert "options go after a command: for the demo, `momos-hf demo --steps 3`" in fails(["--steps", "3"], capsys)
 
 
 def test_compress_then_info(tmp_path, capsys):
@@ -165,8 +188,8 @@ def test_compress_then_info(tmp_path, capsys):
         ],
         capsys,
     )
-    # Compressing into the dense model's own folder would overwrite its config.json: refused.
-    assert "already holds a model that is not a MoMos checkpoint" in fails(
+    # Compressing into the model's own folder would overwrite its config.json: refused before loading it.
+    assert "is the model folder: give the MoMos checkpoint a folder of its own" in fails(
         ["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "dense"), "--k", "16", "--s", "4"], capsys
     )
 
@@ -228,8 +251,8 @@ def test_compress_fine_tunes_towards_the_dense_model(tmp_path, capsys):
     assert "--finetune_lr is used with --finetune_steps only" in fails(
         args + ["--output_dir", str(tmp_path / "x"), "--finetune_lr", "1e-4"], capsys
     )
-    assert "--finetune_lr must be a positive number" in fails(
-        args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4", "--finetune_lr", "-1"],
+    assert "argument --finetune_lr: must be a finite number in (0, 1], got -1" in fails(
+        args + calibration + ["--output_dir", str(tmp_path / "x"), "--finetune_steps", "4", "--finetune_lr=-1"],
         capsys,
     )
     assert not (tmp_path / "x").exists()
@@ -311,3 +334,34 @@ def test_compress_data_aware_from_a_calibration_file(tmp_path, capsys):
     assert "used with --sequential only" in fails(args + calibration + ["--offload_folder", str(offload)], capsys)
     assert "used with --sequential only" in fails(args + calibration + ["--activation_budget_mb", "2048"], capsys)
     assert "--sequential calibrates --fit data-aware" in fails(args[:-2] + ["--sequential"], capsys)
+
+
+def test_flags_are_checked_before_the_model_is_loaded(tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text " * 50)
+    missing = str(tmp_path / "missing-model")  # were the model loaded first, this would be the error
+    data_aware = ["--fit", "data-aware", "--calibration_file", str(text)]
+    for flags, message in (
+        (["--output_dir", missing], "is the model folder: give the MoMos checkpoint a folder of its own"),
+        (
+            ["--output_dir", "o", *data_aware, "--calibration_samples", "100000000"],
+            "need 190.7 GiB .* over the 1.0 GiB",
+        ),
+        (["--output_dir", "o", "--sequential"], "--sequential calibrates --fit data-aware"),
+        (["--output_dir", "o", "--finetune_lr", "0.1"], "--finetune_lr is used with --finetune_steps only"),
+        (["--output_dir", "o", "--fit", "data-aware"], "--fit data-aware needs --calibration_file"),
+    ):
+        err = fails(["compress", missing, *flags], capsys)
+        assert re.search(message, err) and "not a local model folder" not in err, err
+
+
+def test_calibration_is_bounded_by_the_text_and_the_vocabulary(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("abcdefgh" * 8)  # 64 byte tokens: 57 distinct windows of 8
+    assert len(calibration_batches(byte_tokenizer(), str(text), 57, 8)) == 8
+    with pytest.raises(ValueError, match="gives 57 distinct windows of 8 tokens, fewer than the 58 calibration"):
+        calibration_batches(byte_tokenizer(), str(text), 58, 8)
+    with pytest.raises(ValueError, match=r"gives token id \d+ .* the model has 10 embeddings: the tokenizer is not"):
+        calibration_batches(byte_tokenizer(), str(text), 4, 8, vocab_size=10)
+    with pytest.raises(ValueError, match="100000000 calibration windows of 128 tokens need 190.7 GiB"):
+        calibration_batches(byte_tokenizer(), str(tmp_path / "never-read.txt"), 10**8, 128)

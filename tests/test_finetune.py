@@ -259,13 +259,16 @@ def test_distillation_from_the_dense_model(text_files, monkeypatch):
     [
         (["--model_name_or_path", "a", "--model_config", "b.json"], "not both"),
         (["--push_to_hub", "--hub_model_id", "me/x", "--train_mode", "dense"], "publishes MoMos checkpoints"),
-        (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
-        (["--block_size", "0"], "--block_size must be >= 1, got 0"),
-        (["--checkpointing_steps", "-2"], "--checkpointing_steps must be >= 0"),
+        (["--max_steps", "0"], "argument --max_steps: must be >= 1, got 0"),
+        (["--block_size", "0"], "argument --block_size: must be >= 1, got 0"),
+        (["--checkpointing_steps", "-2"], "argument --checkpointing_steps: must be >= 0"),
         (["--lora_r", "8"], "--lora_r trains adapters on a MoMos checkpoint: give it with --model_name_or_path"),
         (["--lora_r", "8", "--model_name_or_path", "m", "--distill"], "distillation needs the dense model"),
-        (["--lora_r", "0", "--model_name_or_path", "m"], "--lora_r must be >= 1, got 0"),
-        (["--lora_r", "8", "--model_name_or_path", "m", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+        (["--lora_r", "0", "--model_name_or_path", "m"], "argument --lora_r: must be in [1, 4096], got 0"),
+        (
+            ["--lora_r", "8", "--model_name_or_path", "m", "--lora_dropout", "1"],
+            "argument --lora_dropout: must be a finite number in [0, 1), got 1",
+        ),
     ],
 )
 def test_bad_arguments_are_refused(argv, message, capsys):
@@ -273,6 +276,48 @@ def test_bad_arguments_are_refused(argv, message, capsys):
         finetune.parse_args(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--lora_alpha", "nan"),
+        ("--lora_alpha", "0"),
+        ("--lora_dropout", "-0.1"),
+        ("--lora_r", "100000"),
+        ("--learning_rate", "inf"),
+        ("--learning_rate", "-0.001"),
+        ("--learning_rate", "100"),
+        ("--weight_decay", "nan"),
+        ("--validation_split_percentage", "-10"),
+        ("--validation_split_percentage", "100"),
+        ("--distill_alpha", "2"),
+        ("--distill_temperature", "0"),
+        ("--distill_hidden_weight", "inf"),
+        ("--complexity_budget", "nan"),
+        ("--seed", "-1"),
+        ("--seed", str(2**40)),
+        ("--motif_bits", "1"),
+        ("--motif_bits", "17"),
+        ("--k", "-3"),
+        ("--s", "0"),
+        ("--preprocessing_num_workers", "0"),
+        ("--eval_steps", "-1"),
+        ("--project_every", "-1"),
+        ("--complexity_every", "-1"),
+        ("--num_warmup_steps", "-1"),
+        ("--per_device_train_batch_size", "0"),
+        ("--max_train_samples", "-5"),
+        ("--calibration_batches", "0"),
+        ("--lr_scheduler_type", "linearr"),
+    ],
+)
+def test_nan_inf_negative_and_absurd_numbers_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(["--model_name_or_path", "m", "--lora_r", "4", flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"finetune.py: error: argument {flag}: ") and value in err
 
 
 def test_bad_data_files_are_named(tmp_path):
@@ -410,10 +455,24 @@ def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_
             finetune.main(
                 [*common, "--max_steps", max_steps, "--output_dir", "again", "--resume_from_checkpoint", str(step)]
             )
-    with pytest.raises(ValueError, match="step_4 was saved by a run with other settings"):
-        finetune.main(
-            [*common, "--max_steps", "6", "--k", "8", "--output_dir", "again", "--resume_from_checkpoint", str(step)]
-        )
+    resume = [
+        "--max_steps",
+        "4",
+        "--output_dir",
+        "again",
+        "--resume_from_checkpoint",
+        str(text_files / "run" / "step_2"),
+    ]
+    for flags, differing in (
+        (["--k", "8"], "k 64 there, 8 here"),
+        (["--motif_bits", "8"], "motif_bits None there, 8 here"),
+        (["--learning_rate", "0.01", "--seed", "1"], "learning_rate 0.001 there, 0.01 here; seed 42 there, 1 here"),
+        (["--validation_split_percentage", "20"], "validation_split_percentage 10 there, 20 here"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"step_2 was saved by a run with other settings: {re.escape(differing)}$"
+        ):
+            finetune.main([*common, *flags, *resume])
     optimizer_file = next(p for p in step.iterdir() if p.name.startswith("optimizer"))
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:-8])
     with pytest.raises(ValueError, match="step_4 is corrupted"):
@@ -436,6 +495,7 @@ def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_
 def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
     from hub_server import HubServer
 
+    (text_files / "token.txt").write_text("hf_SECRET42\n")
     with HubServer() as hub:
         run = run_recipe(
             text_files,
@@ -458,15 +518,17 @@ def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
             "--push_to_hub",
             "--hub_model_id",
             "me/run",
-            "--hub_token",
-            "hf_SECRET42",
+            "--hub_token_file",
+            "token.txt",
             env={"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(text_files / "hf")},
         )
         out, err = finish(run)
         assert run.returncode == 0, err[-3000:]
+        assert "hf_SECRET42" not in out + err
         files = hub.state.repos["me/run"]
         assert hub.state.private["me/run"] and set(hub.state.tokens_seen) == {"hf_SECRET42"}
     written = [p for p in (text_files / "out").rglob("*") if p.is_file()]
+    assert (text_files / "token.txt").read_text() == "hf_SECRET42\n"
     assert any("events" in p.name for p in written)  # the tracker wrote its logs...
     assert not [p for p in written if b"hf_SECRET42" in p.read_bytes()]  # ...and no file holds the token
     weights = json.loads(files["config.json"])["quantization_config"]["weights"]
@@ -480,3 +542,133 @@ def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
         "tokenizer_config.json",
     }
     assert not any(b"hf_SECRET42" in data for data in files.values())
+
+
+@pytest.mark.parametrize("argv", [["--hub_token", "hf_SECRET42"], ["--hub_token=hf_SECRET42"], ["--hub_token"]])
+def test_a_token_on_the_command_line_is_refused_without_repeating_it(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(["--push_to_hub", "--hub_model_id", "me/x", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "hf_SECRET42" not in err
+    assert "--hub_token takes no value on the command line" in err and "HF_TOKEN" in err and "--hub_token_file" in err
+
+
+def test_token_files_are_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "two").write_text("hf_a hf_b\n")
+    for name, message in (
+        ("missing", "token file .*missing: No such file"),
+        ("empty", "token file .*empty does not hold one token"),
+        ("two", "token file .*two does not hold one token"),
+    ):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--push_to_hub", "--hub_model_id", "me/x", "--hub_token_file", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1 and "hf_a" not in err
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--hub_token_file", str(tmp_path / "two")])
+    assert "--hub_token_file is used with --push_to_hub only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_failed_accelerate_launch_prints_no_token(tmp_path):
+    """Accelerate prints a failed child's whole command line: with the token in a file, that line holds a path."""
+    (tmp_path / "token.txt").write_text("hf_SECRET42")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(RECIPE),
+            "--train_file",
+            "missing.txt",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/x",
+            "--hub_token_file",
+            "token.txt",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert done.returncode != 0 and "missing.txt is not a file" in done.stderr
+    assert "hf_SECRET42" not in done.stdout + done.stderr
+
+
+def test_lora_output_keeps_user_files_reruns_and_refuses_foreign_folders(text_files, monkeypatch):
+    from momos_hf import load_lora
+
+    monkeypatch.chdir(text_files)
+    common = ["--train_file", "train.txt", "--block_size", "64", "--max_eval_samples", "8", "--k", "64"]
+    finetune.main([*common, "--max_steps", "2", "--output_dir", "base"])
+    adapter = text_files / "adapter"
+    adapter.mkdir()
+    (adapter / "README.md").write_bytes(b"# my adapter notes\n")
+    (adapter / "notes.txt").write_bytes(b"mine")
+    lora = [*common, "--model_name_or_path", "base", "--lora_r", "4", "--max_steps", "2"]
+    finetune.main([*lora, "--output_dir", "adapter"])
+    finetune.main([*lora, "--output_dir", "adapter"])  # a rerun into its own output
+    assert (adapter / "README.md").read_bytes() == b"# my adapter notes\n"
+    assert (adapter / "notes.txt").read_bytes() == b"mine"
+    model = load_lora(AutoModelForCausalLM.from_pretrained("base"), adapter)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+    def never_loaded(args):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(finetune, "load_model_and_tokenizer", never_loaded)
+    with pytest.raises(ValueError, match="--output_dir base is the --model_name_or_path folder"):
+        finetune.main([*lora, "--output_dir", "base"])
+    with pytest.raises(ValueError, match="holds files a MoMos run would overwrite .*adapter_config.json"):
+        finetune.main([*common, "--max_steps", "2", "--output_dir", "adapter"])
+    (text_files / "mine").mkdir()
+    (text_files / "mine" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds files a LoRA run would overwrite \(tokenizer.json\)"):
+        finetune.main([*lora, "--output_dir", "mine"])
+    assert (text_files / "mine" / "tokenizer.json").read_text() == "{}"
+
+
+def test_an_adapter_card_says_what_the_base_is_and_how_to_load_it(text_files, monkeypatch):
+    monkeypatch.chdir(text_files)
+    common = ["--train_file", "train.txt", "--block_size", "64", "--max_eval_samples", "8", "--k", "64"]
+    finetune.main([*common, "--max_steps", "2", "--output_dir", "base"])
+    finetune.main([*common, "--model_name_or_path", "base", "--lora_r", "4", "--max_steps", "1", "--output_dir", "a"])
+    card = (text_files / "a" / "README.md").read_text()
+    assert "from momos_hf import load_lora" in card and "`base`" in card and "LlamaForCausalLM" in card
+    assert 'AutoModelForCausalLM.from_pretrained("base")' in card and "[More Information Needed]" not in card
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--model_name_or_path", "./no/such/model", "is neither a local path nor a Hub id"),
+        ("--tokenizer_name", "/no/such/tokenizer", "is neither a local path nor a Hub id"),
+        ("--dataset_name", "../no/such/data", "is neither a local path nor a Hub id"),
+        ("--model_config", "no-such-config.json", "--model_config no-such-config.json does not exist"),
+        ("--resume_from_checkpoint", "run/step_9", "--resume_from_checkpoint run/step_9 does not exist"),
+    ],
+)
+def test_missing_local_paths_are_one_line(flag, value, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args([flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.slow
+def test_a_missing_model_is_one_line_from_the_command_line(text_files):
+    run = run_recipe(text_files, "--model_name_or_path", "no-such-model", "--train_file", "train.txt")
+    out, err = finish(run)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("finetune.py: error:"), err
+    assert "no-such-model" in lines[0]

@@ -85,15 +85,17 @@ def test_cli_push_uploads_the_checkpoint_and_nothing_else(hub, tmp_path):
     (folder / "step_4" / "optimizer.bin").write_bytes(b"pickle")
     (folder / "hparams.yml").write_text("hub_token: hf_secret")
     (folder / "notes.txt").write_text("private notes")
+    (tmp_path / "token").write_text("hf_cli\n")
     out = run_client(
         hub.endpoint,
         f"""
         from momos_hf.app.cli import main
-        main(["push", r"{folder}", "me/bert-momos", "--token", "hf_cli", "--revision", "main"])
+        main(["push", r"{folder}", "me/bert-momos", "--token_file", r"{tmp_path / "token"}", "--revision", "main"])
     """,
         tmp_path,
     )
     assert "pushed" in out and "me/bert-momos" in out
+    assert hub.state.tokens_seen and set(hub.state.tokens_seen) == {"hf_cli"}
     files = hub.state.repos["me/bert-momos"]
     assert set(files) == {"config.json", weights, "README.md", "tokenizer_config.json"}
     assert files["README.md"].decode().endswith("# my own card\n")  # the user's card is kept

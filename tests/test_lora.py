@@ -141,3 +141,50 @@ def test_unsupported_requests_fail_with_one_line(checkpoint):
         )
     with pytest.raises(ValueError, match="the model has no MoMos layers"):
         get_lora_model(build(arch), LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_misplaced_and_damaged_adapters_are_refused_naming_the_problem(checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    arch, folder = checkpoint
+    model = get_lora_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="holds a MoMos checkpoint: save the adapter into a folder of its own"):
+        model.save_pretrained(folder)
+    assert not (folder / "adapter_config.json").exists() and not (folder / "adapter_model.safetensors").exists()
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+    with pytest.raises(ValueError, match="the model has no MoMos layers: load_lora puts adapters on a MoMos base"):
+        load_lora(build(arch), good)
+    with pytest.raises(ValueError, match="holds a MoMos checkpoint, not an adapter"):
+        load_lora(AutoModelForCausalLM.from_pretrained(folder), folder)
+    tensors = load_file(good / "adapter_model.safetensors")
+    first_a = next(k for k in tensors if ".lora_A." in k)
+    first_b = first_a.replace("lora_A", "lora_B")
+
+    def edited(name, **changes):
+        copy = tmp_path / name
+        shutil.copytree(good, copy)
+        weights = copy / "adapter_model.safetensors"
+        if "tensors" in changes:
+            save_file({k: v.contiguous() for k, v in changes["tensors"].items()}, weights)
+        if "weight_bytes" in changes:
+            weights.write_bytes(changes["weight_bytes"])
+        if "config_text" in changes:
+            (copy / "adapter_config.json").write_text(changes["config_text"])
+        return copy
+
+    nan = dict(tensors, **{first_a: torch.full_like(tensors[first_a], float("nan"))})
+    cases = {
+        "no_b": (edited("no_b", tensors={k: v for k, v in tensors.items() if k != first_b}), "has no lora_B weight"),
+        "int64": (edited("int64", tensors=dict(tensors, **{first_a: tensors[first_a].long()})), "torch.int64"),
+        "nan": (edited("nan", tensors=nan), "non-finite"),
+        "shape": (edited("shape", tensors=dict(tensors, **{first_a: tensors[first_a][:, :-1]})), "has lora_A"),
+        "cut": (edited("cut", weight_bytes=(good / "adapter_model.safetensors").read_bytes()[:-10]), "read whole"),
+        "json": (edited("json", config_text="{not json"), "adapter_config.json is not a readable adapter config"),
+    }
+    for name, (adapter, message) in cases.items():
+        with pytest.raises(ValueError, match=message) as info:
+            load_lora(AutoModelForCausalLM.from_pretrained(folder), adapter)
+        assert name in str(info.value) and "\n" not in str(info.value)  # names the file, on one line

@@ -2278,6 +2278,10 @@ def add_cli_cases() -> None:
             None,
         ),
         ("demo-k-0", lambda tmp: ["demo", "--k", "0", "--steps", "1"], r"\bk\b", None, None),
+        ("calibration-samples-huge", calibration("--calibration_samples", "100000000"), r"calibration", None, None),
+        ("finetune-lr-nan", calibration("--finetune_steps", "1", "--finetune_lr", "nan"), r"finetune_lr", None, None),
+        ("push-token-literal", lambda tmp: ["push", base("dense"), "me/x", "--token", SECRET], r"--token", None, None),
+        ("demo-flags-first", lambda tmp: ["--steps", "3"], r"momos-hf demo --steps 3", None, None),
     ]:
         add(
             "cli",
@@ -2448,6 +2452,28 @@ def add_recipe_cases() -> None:
     )
     for name, args, expect, check, cwd in [
         ("max-steps-0", lambda tmp: ["--max_steps", "0"], r"max_steps", None, None),
+        ("learning-rate-inf", lambda tmp: ["--learning_rate", "inf"], r"learning_rate", None, None),
+        (
+            "validation-split-negative",
+            lambda tmp: ["--validation_split_percentage=-10"],
+            r"validation_split",
+            None,
+            None,
+        ),
+        (
+            "hub-token-literal",
+            lambda tmp: ["--push_to_hub", "--hub_model_id", "me/x", "--hub_token", SECRET],
+            r"hub_token",
+            None,
+            None,
+        ),
+        (
+            "model-path-missing",
+            lambda tmp: ["--model_name_or_path", tmp / "no" / "model"],
+            r"model_name_or_path",
+            None,
+            None,
+        ),
         ("block-size-0", lambda tmp: ["--block_size", "0", "--max_steps", "1"], r"block_size", None, None),
         ("block-size-huge", lambda tmp: ["--block_size", "100000", "--max_steps", "1"], r"block_size", None, None),
         ("empty-train-file", text(b""), r"train\.txt.*empty", None, None),

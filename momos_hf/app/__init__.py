@@ -1,11 +1,13 @@
-"""The programs: the `momos-hf` command line (`cli`), the embedded demo (`demo`), text data helpers (`text`)."""
+"""The programs: the `momos-hf` command line (`cli`, its argument types in `args`), the embedded demo (`demo`),
+text data helpers (`text`)."""
 
-from .cli import OneLineParser
+from .args import OneLineParser, add_token_arguments
 from .demo import tiny_llama
 from .text import byte_tokenizer, calibration_batches, load_text_datasets, tokenize_and_group
 
 __all__ = [
     "OneLineParser",
+    "add_token_arguments",
     "byte_tokenizer",
     "calibration_batches",
     "load_text_datasets",

@@ -6,7 +6,6 @@ Every failure the user can fix ends in one line, `momos-hf: error: ...`, and exi
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,39 +18,26 @@ from ..checkpoint.info import checkpoint_info, format_info
 from ..config import FITS, SCOPES, MoMosConfig
 from ..convert.converter import DEFAULT_ACTIVATION_BYTES
 from ..fit.methods import NEEDS_INPUT_MOMENTS
-from ..integrations.hub import push_folder
+from ..integrations.hub import push_folder, read_token_file
 from ..integrations.quantizer import architecture_class
 from ..model import get_momos_model
 from ..report.complexity import complexity_report
 from ..train.distill import DEFAULT_FINETUNE_LR, finetune_to_teacher, teacher_targets
+from .args import (
+    OneLineParser,
+    add_token_arguments,
+    motif_bits_int,
+    non_negative_int,
+    number_in,
+    positive_int,
+    seed_int,
+)
 from .demo import run_demo, tiny_llama
-from .text import byte_tokenizer, calibration_batches
+from .text import byte_tokenizer, calibration_batches, check_calibration_size, check_text_file
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_ACTIVATION_MB = DEFAULT_ACTIVATION_BYTES // 2**20
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, `PROG: error: ...`, exit status 2 (`--help` shows usage)."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+DEMO_FLAGS = ("--steps", "--k", "--s", "--motif_scope", "--seed", "--layers")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +51,15 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fit", choices=FITS, default="kmeans", help="how motifs and mosaic are fitted (momos_hf.fit.methods)"
     )
-    parser.add_argument("--kmeans_iters", type=non_negative_int, default=15, help="Lloyd steps of the k-means fits")
+    parser.add_argument(
+        "--kmeans_iters",
+        type=number_in(int, 0, 10_000, name="kmeans_iters"),
+        default=15,
+        help="Lloyd steps of the k-means fits",
+    )
     parser.add_argument("--scale", action="store_true", help="learn a scale per output row")
     parser.add_argument(
-        "--motif_bits", type=int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
+        "--motif_bits", type=motif_bits_int, default=None, help="q-bit motifs, 2-16 (default: the motif dtype's width)"
     )
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument(
@@ -78,7 +69,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="module names, or all-linear (default: the attention and MLP projections)",
     )
     targets.add_argument("--target_regex", default=None, help="regular expression over full module names")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice of the fit")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of every random choice of the fit")
     parser.add_argument(
         "--torch_dtype",
         choices=TORCH_DTYPES,
@@ -126,27 +117,54 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--finetune_lr",
-        type=float,
+        type=number_in(float, 0, 1, low_open=True),
         default=None,
         help=f"peak learning rate of --finetune_steps (cosine to 0; default {DEFAULT_FINETUNE_LR})",
     )
 
 
-def calibration_from_args(args: argparse.Namespace, model, tokenizer):
-    """Calibration batches for `--fit data-aware` and `--finetune_steps` (`None` without them), checking the
-    flags agree."""
-    needed_by = [f"--fit {args.fit}"] * (args.fit in NEEDS_INPUT_MOMENTS) + ["--finetune_steps"] * (
-        args.finetune_steps > 0
-    )
-    if not needed_by:
-        if args.calibration_file:
-            raise ValueError("--calibration_file is used by --fit data-aware and --finetune_steps only")
-        return None
-    if not args.calibration_file:
+def calibration_users(args: argparse.Namespace) -> list[str]:
+    """The flags that need calibration windows."""
+    return [f"--fit {args.fit}"] * (args.fit in NEEDS_INPUT_MOMENTS) + ["--finetune_steps"] * (args.finetune_steps > 0)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that disagree, and calibration that cannot fit in memory, before anything is loaded."""
+    conversion_options(args), config_from_args(args)
+    if not args.finetune_steps and args.finetune_lr is not None:
+        raise ValueError("--finetune_lr is used with --finetune_steps only")
+    needed_by = calibration_users(args)
+    if not needed_by and args.calibration_file:
+        raise ValueError("--calibration_file is used by --fit data-aware and --finetune_steps only")
+    if needed_by and not args.calibration_file:
         raise ValueError(f"{needed_by[0]} needs --calibration_file TEXT")
+    if needed_by:
+        check_calibration_size(args.calibration_samples, args.calibration_seq_len)
+        check_text_file(args.calibration_file)
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir is not None and Path(output_dir).is_file():
+        raise ValueError(f"--output_dir {output_dir}: it is a file, not a folder")
+    if output_dir is not None and args.model_path and Path(output_dir).resolve() == Path(args.model_path).resolve():
+        raise ValueError(
+            f"--output_dir {output_dir} is the model folder: give the MoMos checkpoint a folder of its own"
+        )
+
+
+def calibration_from_args(args: argparse.Namespace, model, tokenizer):
+    """Calibration batches for `--fit data-aware` and `--finetune_steps` (`None` without them); `check_flags`
+    has checked the flags."""
+    needed_by = calibration_users(args)
+    if not needed_by:
+        return None
     if tokenizer is None:
         raise ValueError(f"{needed_by[0]} needs a tokenizer in the model folder to tokenize --calibration_file")
-    batches = calibration_batches(tokenizer, args.calibration_file, args.calibration_samples, args.calibration_seq_len)
+    batches = calibration_batches(
+        tokenizer,
+        args.calibration_file,
+        args.calibration_samples,
+        args.calibration_seq_len,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+    )
     if model.config.is_encoder_decoder:
         batches = [dict(b, decoder_input_ids=b["input_ids"]) for b in batches]
     return batches
@@ -191,11 +209,7 @@ def config_from_args(args: argparse.Namespace):
 def convert_from_args(args: argparse.Namespace, model, tokenizer):
     """Calibrate, convert and, with `--finetune_steps`, fine-tune towards the dense model, as the flags say."""
     options, config = conversion_options(args), config_from_args(args)
-    if not args.finetune_steps and args.finetune_lr is not None:
-        raise ValueError("--finetune_lr is used with --finetune_steps only")
     lr = DEFAULT_FINETUNE_LR if args.finetune_lr is None else args.finetune_lr
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"--finetune_lr must be a positive number, got {lr}")
     calibration = calibration_from_args(args, model, tokenizer)
     targets = teacher_targets(model, calibration) if args.finetune_steps else None
     mm = get_momos_model(model, config, calibration if args.fit in NEEDS_INPUT_MOMENTS else None, **options)
@@ -227,6 +241,7 @@ def load_tokenizer(path: Optional[str]):
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    check_flags(args)
     model = tiny_llama(args.seed) if args.model_path is None else load_model(args.model_path, args.torch_dtype)
     mm = convert_from_args(args, model, load_tokenizer(args.model_path))
     report = complexity_report(mm, mm.fit_errors, max_bytes=args.max_bytes)
@@ -236,6 +251,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
+    check_flags(args)
     model = load_model(args.model_path, args.torch_dtype)
     tokenizer = load_tokenizer(args.model_path)
     mm = convert_from_args(args, model, tokenizer)
@@ -252,7 +268,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         args.directory,
         args.repo_id,
         private=not args.public,
-        token=args.token,
+        token=read_token_file(args.token_file) if args.token_file else None,
         revision=args.revision,
         commit_message=args.commit_message,
     )
@@ -260,16 +276,12 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    parser = OneLineParser(
-        prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models", formatter_class=formatter
-    )
+    parser = OneLineParser(prog="momos-hf", description="Mosaic-of-Motifs compression for Hugging Face models")
     parser.add_argument("--version", action="version", version=f"momos-hf {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     demo = sub.add_parser(
         "demo",
-        formatter_class=formatter,
         help="convert a small Llama, train it on embedded text, print the report (default)",
     )
     demo.add_argument("--steps", type=positive_int, default=60, help="training steps")
@@ -278,13 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--motif_scope", choices=SCOPES, default="global", help="one dictionary for all layers, or one per layer"
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the model, the fit and the batches")
+    demo.add_argument("--seed", type=seed_int, default=0, help="seed of the model, the fit and the batches")
     demo.add_argument("--layers", action="store_true", help="print the per-layer table")
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser(
-        "report", formatter_class=formatter, help="convert a local model and print its size/complexity report"
-    )
+    report = sub.add_parser("report", help="convert a local model and print its size/complexity report")
     report.add_argument(
         "model_path", nargs="?", help="local Hugging Face model folder (default: a small Llama built from a config)"
     )
@@ -299,29 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--json", help="also write the report as JSON to this file")
     report.set_defaults(func=cmd_report)
 
-    compress = sub.add_parser(
-        "compress", formatter_class=formatter, help="convert a local model and save the compact MoMos checkpoint"
-    )
+    compress = sub.add_parser("compress", help="convert a local model and save the compact MoMos checkpoint")
     compress.add_argument("model_path", help="local Hugging Face model folder")
     compress.add_argument("--output_dir", required=True, help="folder of the MoMos checkpoint (created if needed)")
     add_fit_arguments(compress)
     compress.set_defaults(func=cmd_compress)
 
-    info = sub.add_parser(
-        "info", formatter_class=formatter, help="settings and sizes of a MoMos checkpoint folder (reads no weights)"
-    )
+    info = sub.add_parser("info", help="settings and sizes of a MoMos checkpoint folder (reads no weights)")
     info.add_argument("directory", help="MoMos checkpoint folder")
     info.set_defaults(func=cmd_info)
 
     push = sub.add_parser(
         "push",
-        formatter_class=formatter,
         help="upload a MoMos checkpoint folder to a Hub repository (HF_ENDPOINT); private unless --public",
     )
     push.add_argument("directory", help="MoMos checkpoint folder")
     push.add_argument("repo_id", help="repository, as owner/name")
     push.add_argument("--public", action="store_true", help="create the repository public (default: private)")
-    push.add_argument("--token", default=None, help="Hub token (default: the one huggingface_hub finds)")
+    add_token_arguments(push, "--token")
     push.add_argument("--revision", default=None, help="branch to commit to (created if needed)")
     push.add_argument("--commit_message", default="Upload MoMos model", help="commit message")
     push.set_defaults(func=cmd_push)
@@ -331,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
+    if (
+        argv and argv[0].split("=")[0] in DEMO_FLAGS
+    ):  # the demo is the default command, but its flags come after its name
+        parser.error(f"options go after a command: for the demo, `momos-hf demo {' '.join(argv)}`")
     args = parser.parse_args(argv or ["demo"])
     try:
         args.func(args)

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
+CALIBRATION_BUDGET_BYTES = 2**30  # token ids and masks of the calibration windows; the model's activations come on top
 
 
 def embedded_text() -> str:
@@ -116,11 +117,29 @@ def tokenize_and_group(
     return grouped
 
 
+def check_calibration_size(num_samples: int, seq_len: int, budget_bytes: int = CALIBRATION_BUDGET_BYTES) -> None:
+    """Refuse, before anything is allocated, calibration windows whose token ids and masks alone exceed
+    `budget_bytes`."""
+    needed = num_samples * seq_len * 2 * 8  # int64 input ids and attention mask per token
+    if needed > budget_bytes:
+        raise ValueError(
+            f"{num_samples} calibration windows of {seq_len} tokens need {needed / 2**30:.1f} GiB for their token ids "
+            f"alone, over the {budget_bytes / 2**30:.1f} GiB allowed: ask for fewer --calibration_samples"
+        )
+
+
 def calibration_batches(
-    tokenizer, text_file: str, num_samples: int = 128, seq_len: int = 128, batch_size: int = 8
+    tokenizer,
+    text_file: str,
+    num_samples: int = 128,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    vocab_size: Optional[int] = None,
 ) -> list[dict]:
     """`num_samples` windows of `seq_len` tokens, evenly spaced over a text file (loaded with `datasets`),
-    in batches of model inputs for `get_momos_model(..., calibration_data=...)`. Deterministic."""
+    in batches of model inputs for `get_momos_model(..., calibration_data=...)`. Deterministic. With `vocab_size`,
+    a tokenizer giving ids the model has no embedding for is refused."""
+    check_calibration_size(num_samples, seq_len)
     check_text_file(text_file)
     lines = load_dataset("text", data_files=text_file, split="train")["text"]
     # A copy: encoding without truncation switches off the tokenizer's own truncation and padding settings,
@@ -129,6 +148,16 @@ def calibration_batches(
     seq_len = min(seq_len, getattr(tokenizer, "model_max_length", seq_len) or seq_len)
     if len(ids) < seq_len:
         raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than one calibration window of {seq_len}")
+    if num_samples > len(ids) - seq_len + 1:
+        raise ValueError(
+            f"{text_file} gives {len(ids) - seq_len + 1} distinct windows of {seq_len} tokens, fewer than the "
+            f"{num_samples} calibration samples asked"
+        )
+    if vocab_size is not None and int(ids.max()) >= vocab_size:
+        raise ValueError(
+            f"the tokenizer gives token id {int(ids.max())} for {text_file}, and the model has {vocab_size} "
+            "embeddings: the tokenizer is not this model's"
+        )
     starts = torch.linspace(0, len(ids) - seq_len, num_samples).long()
     windows = torch.stack([ids[s : s + seq_len] for s in starts])
     return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]

@@ -44,6 +44,24 @@ UPLOADABLE = frozenset(
 )
 
 
+def read_token_file(path: Union[str, os.PathLike]) -> str:
+    """The Hub token stored in the file at `path` (surrounding whitespace removed). Tokens are read from files,
+    `HF_TOKEN` or huggingface_hub's login, never taken as command-line values, which process lists and launchers
+    (`accelerate launch` on a failure) show whole. Errors name the file, never its content."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(4097)
+    except OSError as err:
+        raise ValueError(f"token file {path}: {err.strerror or err}") from None
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = ""
+    if not token or len(data) > 4096 or not token.isprintable() or " " in token:
+        raise ValueError(f"token file {path} does not hold one token (one line of printable ASCII, no spaces)")
+    return token
+
+
 def files_to_push(directory: Union[str, os.PathLike]) -> list[Path]:
     """The files of a MoMos checkpoint folder that a push uploads, after checking the checkpoint whole
     (checksums included) and that each file is a regular file inside the folder (a link may point only

@@ -17,16 +17,24 @@ MoMos form (a low-rank update does not map onto the motifs); `merge_lora` offers
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from huggingface_hub import snapshot_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
+from ..checkpoint.schema import QUANT_METHOD
 from ..layer import MoMosLayer, assign_, momos_layers
 from ..mosaic import relative_error
+from ..report.card import CARD_MARKER, HUB_ID, is_generated_card, load_class_for
 
 __all__ = ["MoMosLoraLinear", "get_lora_model", "load_lora", "merge_lora"]
 
@@ -129,8 +137,6 @@ def _with_momos_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
     kinds = {type(layer) for layer in momos_layers(model).values() if layer.kind in ("linear", "conv1d")}
     config._register_custom_module({kind: MoMosLoraLinear for kind in kinds})
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        from transformers.pytorch_utils import Conv1D
-
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = {
             name.rsplit(".", 1)[-1]
@@ -141,6 +147,106 @@ def _with_momos_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
             raise ValueError("target_modules='all-linear' found no linear or MoMos matrix layer in the model")
         config.target_modules = names
     return config
+
+
+def write_adapter_card(folder: Union[str, os.PathLike], base_model: str, architecture: str) -> None:
+    """README.md of an adapter folder: what the MoMos base is and how to load the adapter onto it (PEFT's own card
+    is a blank template, and plain `PeftModel.from_pretrained` does not know MoMos layers). A README that momos-hf
+    did not write is the user's and is kept byte for byte."""
+    readme = Path(folder) / "README.md"
+    if readme.exists() and not is_generated_card(readme):
+        return
+    base_is_hub_id = bool(HUB_ID.match(base_model)) and not Path(base_model).exists()
+    metadata = f"base_model: {base_model}\n" if base_is_hub_id else ""
+    load_class = load_class_for(architecture)
+    readme.write_text(
+        f"---\nlibrary_name: peft\n{metadata}tags:\n- momos\n- mosaic-of-motifs\n- lora\n---\n\n"
+        f"# LoRA adapter on a MoMos base\n\n"
+        f"LoRA adapters (PEFT) trained on the frozen Mosaic-of-Motifs checkpoint `{base_model}` "
+        f"({architecture}). This folder holds the adapters only: load the MoMos base, then the adapter onto it "
+        f"with momos-hf, which tells PEFT how to adapt MoMos layers:\n\n"
+        f"```python\nfrom transformers import {load_class}\nfrom momos_hf import load_lora\n\n"
+        f'base = {load_class}.from_pretrained("{base_model}")\n'
+        f'model = load_lora(base, "PATH_OR_REPO_OF_THIS_ADAPTER")\n```\n\n'
+        f'`momos_hf.merge_lora(model, into="dense")` merges exactly into dense layers; `into="motifs"` keeps the '
+        f"compact form and reports the error of refitting the motifs.\n\n<!-- {CARD_MARKER} -->\n",
+        encoding="utf-8",
+    )
+
+
+def _is_momos_checkpoint(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+
+
+def _with_momos_card(model: PeftModel) -> PeftModel:
+    """`model`, whose `save_pretrained` refuses a MoMos checkpoint's folder (the adapter's config would stop the
+    base from loading) and writes `write_adapter_card` instead of PEFT's blank card (PEFT calls this hook first,
+    before any file is written)."""
+
+    def card(output_dir: str) -> None:
+        if _is_momos_checkpoint(Path(output_dir)):
+            raise ValueError(f"{output_dir} holds a MoMos checkpoint: save the adapter into a folder of its own")
+        config = model.peft_config[model.active_adapter]
+        architecture = (model.get_base_model().config.architectures or [type(model.get_base_model()).__name__])[0]
+        write_adapter_card(output_dir, config.base_model_name_or_path or "the MoMos checkpoint", architecture)
+
+    model.create_or_update_model_card = card
+    return model
+
+
+def check_adapter(model: nn.Module, folder: Union[str, os.PathLike]) -> None:
+    """Refuse, naming the file and the problem, an adapter folder that `load_lora` cannot put on `model` whole:
+    a MoMos checkpoint's folder, an unreadable adapter_config.json, a missing or damaged adapter_model.safetensors,
+    a `lora_A` without its `lora_B` (or the reverse), tensors that are not floating point or not finite, or
+    shapes other than the adapted layers'."""
+    folder = Path(folder)
+    if _is_momos_checkpoint(folder):
+        raise ValueError(f"{folder} holds a MoMos checkpoint, not an adapter: adapters live in a folder of their own")
+    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{config_file} is not a readable adapter config: {' '.join(str(err).split())}") from None
+    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+        raise ValueError(f"{config_file} is not the config of a LoRA adapter (peft_type LORA)")
+    try:
+        tensors = load_file(weights_file)
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{weights_file} cannot be read whole: {' '.join(str(err).split())}") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, sep, part = key.removeprefix("base_model.model.").partition(".lora_")
+        if not sep or part not in ("A.weight", "B.weight"):
+            raise ValueError(f"{weights_file}: tensor {key} is not a lora_A or lora_B weight")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ValueError(f"{weights_file}: tensor {key} is {tensor.dtype} with non-finite or non-float values")
+        pairs.setdefault(module, {})[part[0]] = tensor
+    if not pairs:
+        raise ValueError(f"{weights_file} holds no LoRA weights")
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            (missing,) = {"A", "B"} - set(pair)
+            raise ValueError(f"{weights_file}: {module} has no lora_{missing} weight")
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"{weights_file}: {module} is not a layer of the base model") from None
+        a, b = pair["A"], pair["B"]
+        # GPT-2's dense Conv1D keeps its weight as [in, out] and has no in_features/out_features
+        in_features, out_features = (
+            layer.weight.shape if isinstance(layer, Conv1D) else (layer.in_features, layer.out_features)
+        )
+        want_a, want_b = (a.shape[0], in_features), (out_features, a.shape[0])
+        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise ValueError(
+                f"{weights_file}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the layer "
+                f"takes {in_features} inputs to {out_features} outputs"
+            )
 
 
 def _base_of(model: nn.Module) -> nn.Module:
@@ -156,17 +262,31 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     model = _base_of(model)
     if not momos_layers(model):
         raise ValueError("the model has no MoMos layers: use peft.get_peft_model for a dense model")
-    return get_peft_model(model, _with_momos_layers(config, model), adapter_name=adapter_name, **kwargs)
+    return _with_momos_card(
+        get_peft_model(model, _with_momos_layers(config, model), adapter_name=adapter_name, **kwargs)
+    )
 
 
 def load_lora(
     model: nn.Module, adapter: Union[str, os.PathLike], adapter_name: str = "default", **kwargs: Any
 ) -> PeftModel:
-    """`PeftModel.from_pretrained` of an adapter saved from `get_lora_model` onto a freshly loaded MoMos base."""
+    """`PeftModel.from_pretrained` of an adapter saved from `get_lora_model` onto a freshly loaded MoMos base, after
+    checking the adapter whole (`check_adapter`; a Hub id is downloaded first)."""
     model = _base_of(model)
-    config = LoraConfig.from_pretrained(adapter, **{k: v for k, v in kwargs.items() if k in ("revision", "token")})
-    return PeftModel.from_pretrained(
-        model, adapter, adapter_name=adapter_name, config=_with_momos_layers(config, model), **kwargs
+    if not momos_layers(model):
+        raise ValueError(
+            "the model has no MoMos layers: load_lora puts adapters on a MoMos base (load the MoMos "
+            "checkpoint, or use peft.PeftModel.from_pretrained for a dense model)"
+        )
+    hub = {k: v for k, v in kwargs.items() if k in ("revision", "token")}
+    folder = Path(adapter) if Path(adapter).is_dir() else Path(snapshot_download(str(adapter), **hub))
+    check_adapter(model, folder)
+    config = LoraConfig.from_pretrained(str(folder))
+    rest = {k: v for k, v in kwargs.items() if k not in hub}
+    return _with_momos_card(
+        PeftModel.from_pretrained(
+            model, str(folder), adapter_name=adapter_name, config=_with_momos_layers(config, model), **rest
+        )
     )
 
 
