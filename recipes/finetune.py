@@ -49,18 +49,24 @@ from transformers import (
 
 from momos_hf import ComplexityTracker, MoMosConfig, complexity_report, get_lora_model, get_momos_model, momos_layers
 from momos_hf.app import (
+    UPLOADABLE,
     OneLineParser,
     add_token_arguments,
     byte_tokenizer,
     load_text_datasets,
+    motif_bits_int,
+    non_negative_int,
+    number_in,
+    positive_int,
+    push_folder,
+    read_token_file,
+    seed_int,
     tiny_llama,
     tokenize_and_group,
 )
-from momos_hf.app.args import motif_bits_int, non_negative_int, number_in, positive_int, seed_int
 from momos_hf.checkpoint import sha256_of
 from momos_hf.config import FITS, SCOPES, TRAIN_MODES
 from momos_hf.fit import NEEDS_INPUT_MOMENTS
-from momos_hf.integrations.hub import UPLOADABLE, push_folder, read_token_file
 from momos_hf.metrics import load_metric, token_losses
 from momos_hf.report import is_generated_card, render_card
 from momos_hf.train import (

@@ -25,6 +25,7 @@ def run_quick(script: str, tmp_path) -> object:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/shakespeare beside the repository")
 def test_fidelity_quick(tmp_path):
     rows = run_quick("fidelity.py", tmp_path)
@@ -41,6 +42,7 @@ def test_fidelity_quick(tmp_path):
         assert score[("data-aware", bits)] < score[("rtn", bits)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/shakespeare beside the repository")
 def test_llm_quality_quick(tmp_path):
     """Every method at 2 bits on a tiny random Llama, each in its own process: honest bit counts, finite
@@ -71,6 +73,7 @@ def test_llm_quality_quick(tmp_path):
         assert math.isfinite(row["perplexity"]) and row["conversion_s"] > 0 and row["peak_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_inference_quick(tmp_path):
     results = run_quick("inference.py", tmp_path)
     variants = [r["variant"] for r in results["layers"] if r["rows"] == 1]
@@ -91,6 +94,7 @@ def test_inference_quick(tmp_path):
     assert all(r["tokens_per_second"] > 0 for r in results["model"])
 
 
+@pytest.mark.slow
 def test_size_quick(tmp_path):
     rows = run_quick("size.py", tmp_path)
     assert len(rows) == 4
@@ -101,6 +105,7 @@ def test_size_quick(tmp_path):
         assert 0 <= row["entropy_saving"] < 0.2
 
 
+@pytest.mark.slow
 def test_conversion_quick(tmp_path):
     rows = run_quick("conversion.py", tmp_path)
     assert [(r["init"], r["layers"]) for r in rows] == [
@@ -118,6 +123,7 @@ def test_conversion_quick(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_trust_probe_quick(tmp_path):
     done = subprocess.run(
         [
@@ -141,6 +147,7 @@ def test_trust_probe_quick(tmp_path):
     assert {r["family"] for r in results} == {"config", "load", "save", "push", "cli", "recipe"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/shakespeare beside the repository")
 def test_lora_quick(tmp_path):
     """The four adaptations on a tiny Llama: trainable counts as designed, training lowers held-out perplexity."""

@@ -579,6 +579,7 @@ def test_save_from_a_gathered_state_dict(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_plain_call_without_momos_hf_fails_and_says_what_to_install(saved):
     # A fresh interpreter that never imports momos_hf: Transformers alone must not load random weights.
     code = (

@@ -9,6 +9,7 @@ from momos_hf.app.cli import main
 from momos_hf.app.text import byte_tokenizer, calibration_batches
 
 
+@pytest.mark.slow
 def test_demo_trains_and_reports(capsys):
     main(["demo", "--steps", "8", "--k", "64"])
     out = capsys.readouterr().out

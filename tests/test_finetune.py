@@ -72,6 +72,7 @@ def final_loss(output):
     return float(re.search(r"final: eval loss ([\d.]+)", output)[1])
 
 
+@pytest.mark.slow
 def test_two_processes_train_agree_save_and_resume(tmp_path):
     common = [
         "--max_steps",
@@ -110,6 +111,7 @@ def test_two_processes_train_agree_save_and_resume(tmp_path):
     assert final_loss(resumed) == final_loss(out)  # the same run, continued exactly
 
 
+@pytest.mark.slow
 def test_lora_adapters_on_a_momos_checkpoint_with_two_processes(tmp_path):
     from peft import PeftConfig
 
@@ -161,6 +163,7 @@ def text_files(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["motifs", "projected", "dense"])
 def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
     monkeypatch.chdir(text_files)
@@ -210,6 +213,7 @@ def test_recipe_modes_on_text_files(text_files, mode, monkeypatch):
     assert (text_files / "out" / "README.md").read_text() == "my own notes"
 
 
+@pytest.mark.slow
 def test_distillation_from_the_dense_model(text_files, monkeypatch):
     monkeypatch.chdir(text_files)
     # First a short dense run, then MoMos training distilled from it.
@@ -333,6 +337,7 @@ def test_bad_data_files_are_named(tmp_path):
         load_text_datasets(train_file=str(tmp_path / "missing.txt"))
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision(text_files, monkeypatch, capsys):
     from accelerate.state import AcceleratorState
 
@@ -391,6 +396,7 @@ def finish(process, timeout=600):
     return tuple(log.read_text() for log in process.logs)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_exactly(tmp_path):
     # 40 training blocks in batches of 4: 10 steps an epoch, so the 24 steps cross two epoch boundaries.
     common = [
@@ -445,6 +451,7 @@ def test_a_run_killed_mid_way_resumes_exactly(tmp_path):
     assert final_loss(resumed_out) == final_loss(out)  # the same run, continued exactly
 
 
+@pytest.mark.slow
 def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_files, monkeypatch):
     monkeypatch.chdir(text_files)
     common = ["--train_file", "train.txt", "--k", "64", "--block_size", "64", "--max_eval_samples", "8"]
@@ -492,6 +499,7 @@ def test_incomplete_corrupted_or_finished_training_checkpoints_are_refused(text_
         )
 
 
+@pytest.mark.slow
 def test_secrets_stay_local_and_push_uploads_only_the_checkpoint(text_files):
     from hub_server import HubServer
 
@@ -604,6 +612,7 @@ def test_a_failed_accelerate_launch_prints_no_token(tmp_path):
     assert "hf_SECRET42" not in done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_lora_output_keeps_user_files_reruns_and_refuses_foreign_folders(text_files, monkeypatch):
     from momos_hf import load_lora
 
@@ -637,6 +646,7 @@ def test_lora_output_keeps_user_files_reruns_and_refuses_foreign_folders(text_fi
     assert (text_files / "mine" / "tokenizer.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_an_adapter_card_says_what_the_base_is_and_how_to_load_it(text_files, monkeypatch):
     monkeypatch.chdir(text_files)
     common = ["--train_file", "train.txt", "--block_size", "64", "--max_eval_samples", "8", "--k", "64"]

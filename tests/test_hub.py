@@ -42,6 +42,7 @@ def hub():
         yield server
 
 
+@pytest.mark.slow
 def test_push_then_pull_gives_identical_logits(hub, tmp_path):
     out = run_client(
         hub.endpoint,
@@ -72,6 +73,7 @@ def test_push_then_pull_gives_identical_logits(hub, tmp_path):
     assert card.data.library_name == "transformers" and "momos" in card.data.tags
 
 
+@pytest.mark.slow
 def test_cli_push_uploads_the_checkpoint_and_nothing_else(hub, tmp_path):
     mm = get_momos_model(build("bert"), MoMosConfig(k=16, s=4, kmeans_iters=2))
     folder = tmp_path / "ckpt"
@@ -103,6 +105,7 @@ def test_cli_push_uploads_the_checkpoint_and_nothing_else(hub, tmp_path):
     assert hub.state.private["me/bert-momos"]  # private unless --public
 
 
+@pytest.mark.slow
 def test_push_checks_every_file_before_the_first_request(hub, tmp_path):
     mm = get_momos_model(build("bert"), MoMosConfig(k=16, s=4, kmeans_iters=2))
     folder = tmp_path / "ckpt"
@@ -110,9 +113,10 @@ def test_push_checks_every_file_before_the_first_request(hub, tmp_path):
     weights = folder / json.loads((folder / "config.json").read_text())["quantization_config"]["weights"]
     (tmp_path / "elsewhere.json").write_text("{}")
     (folder / "tokenizer.json").symlink_to(tmp_path / "elsewhere.json")  # a link out of the folder
+    (tmp_path / "token").write_text("hf_cli\n")
     code = f"""
         from momos_hf.app.cli import main
-        main(["push", r"{folder}", "me/bad", "--token", "hf_cli"])
+        main(["push", r"{folder}", "me/bad", "--token_file", r"{tmp_path / "token"}"])
     """
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "PYTHONPATH": TESTS}
     done = subprocess.run(
@@ -130,6 +134,7 @@ def test_push_checks_every_file_before_the_first_request(hub, tmp_path):
     assert hub.state.requests == [] and "me/bad" not in hub.state.repos
 
 
+@pytest.mark.slow
 def test_push_to_hub_creates_private_repositories_by_default(hub, tmp_path):
     run_client(
         hub.endpoint,

@@ -85,6 +85,7 @@ def build_into(cache, queue):
     queue.put(str(cpu.build(os.environ.get("CXX", "c++"))))
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_concurrent_builds_leave_one_whole_library(tmp_path):
     """Two processes building at once (as two ranks of a job would): both load the same complete file."""
@@ -103,6 +104,7 @@ def test_concurrent_builds_leave_one_whole_library(tmp_path):
     ctypes.CDLL(str(library))
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
     from momos_hf.kernels import cpu

@@ -47,6 +47,7 @@ def test_every_public_name_resolves():
             assert getattr(loaded, name) is not None, f"{module}.{name}"
 
 
+@pytest.mark.slow
 def test_loading_a_checkpoint_imports_no_hub_card_or_training_code():
     """`import momos_hf` (what a load needs) stays off the Hub client, the card renderer and the training code."""
     code = "import sys, momos_hf; print(sorted(m for m in sys.modules if m.startswith('momos_hf.')))"
@@ -55,6 +56,7 @@ def test_loading_a_checkpoint_imports_no_hub_card_or_training_code():
         assert module not in loaded
 
 
+@pytest.mark.slow
 def test_cuda_check_help_runs_without_cuda():
     script = ROOT / "benchmarks" / "cuda_check.py"
     helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)

@@ -103,6 +103,7 @@ def test_tracker_schedule_and_trainer(tmp_path):
     assert callback.history[-1]["loss"] is not None
 
 
+@pytest.mark.slow
 def test_reproduce_paper_quick(tmp_path):
     path = reproduce_paper.main(["--quick", "--output_dir", str(tmp_path)])
     report = path.read_text()

@@ -341,6 +341,7 @@ def check_whole(target, references, mine):
     assert (target / "tokenizer.json").exists()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_never_loses_a_checkpoint(tmp_path, two_checkpoints):
     target = tmp_path / "target"
     MoMosModel.from_pretrained(tmp_path / "model1").save_pretrained(target, tokenizer=byte_tokenizer())
@@ -361,6 +362,7 @@ def test_kill_9_at_random_points_never_loses_a_checkpoint(tmp_path, two_checkpoi
     check_whole(target, two_checkpoints, mine)
 
 
+@pytest.mark.slow
 def test_two_processes_saving_into_one_folder_take_turns(tmp_path, two_checkpoints):
     target = tmp_path / "target"
     target.mkdir()

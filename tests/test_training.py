@@ -283,6 +283,7 @@ def test_trainer_given_the_wrapper_is_refused(tmp_path):
         Trainer(model=mm, args=args, train_dataset=[], callbacks=[MoMosCallback()])
 
 
+@pytest.mark.slow
 def test_trainer_push_to_hub_is_refused_before_anything_is_uploaded(tmp_path):
     # Trainer creates the repository before any callback runs (Transformers' own step); the callback stops
     # it there, before the model or training_args.bin (which holds the token) could be uploaded.
