@@ -37,7 +37,6 @@ def load_hooks():
 @pytest.mark.parametrize(
     "path, code", EXAMPLES, ids=[f"{path.relative_to(ROOT)}:{i}" for i, (path, _) in enumerate(EXAMPLES)]
 )
-@pytest.mark.slow
 def test_example_runs(path, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples write checkpoints to relative paths
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
