@@ -1977,8 +1977,10 @@ def push_case(
 
 
 CLI_PUSH = """
+import pathlib
+pathlib.Path(r"{folder}.token").write_text("{secret}")  # the token in a file beside the folder, never an argument
 from momos_hf.app.cli import main
-main(["push", r"{folder}", "me/probe", "--token", "{secret}"%s])
+main(["push", r"{folder}", "me/probe", "--token_file", r"{folder}.token"%s])
 """
 
 
@@ -2075,7 +2077,8 @@ def add_push_cases() -> None:
 def push_unreachable(tmp: Path) -> Verdict:
     folder = copy_base("llama", tmp)
     env = {**ENV, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp / "hf-home")}
-    done = run([PY, "-m", "momos_hf.app.cli", "push", folder, "me/x", "--token", SECRET], tmp, env=env)
+    (tmp / "token").write_text(SECRET)
+    done = run([PY, "-m", "momos_hf.app.cli", "push", folder, "me/x", "--token_file", tmp / "token"], tmp, env=env)
     v = cli_verdict(done, "momos-hf: error:", r"connect|reach|network|127\.0\.0\.1")
     leak = ("leak", "the secret is in the output") if done and SECRET in done.stdout + done.stderr else None
     return worst(v or ("wrong", "exited 0"), leak)
